@@ -1,0 +1,362 @@
+"""The env worker: one process stepping a contiguous slice of a ProcessVectorEnv's envs.
+
+Observations, rewards and done flags go straight into shared memory; the pipe carries one
+short message per command (a tag byte), plus a pickle only for what cannot be batched in
+shared memory: non-empty infos, errors, ``call`` results and custom-space observations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from gymnasium.spaces.utils import is_space_dtype_shape_equiv
+from gymnasium.vector.utils import read_from_shared_memory
+from gymnasium.vector.vector_env import AutoresetMode
+
+from shoal.envs._spaces import make_reader, make_writer
+
+# Commands, parent -> worker (first byte of the message).
+STEP = b"S"  # step every env of the slice; actions are in shared memory (or pickled after)
+STEP_SOME = b"A"  # step the listed envs, answering DONE for each as it finishes
+RESET = b"R"
+CALL = b"C"
+SETATTR = b"T"
+CHECK = b"V"
+CLOSE = b"Q"
+
+# Replies, worker -> parent.
+OK = b"K"  # done, nothing else to say
+PAYLOAD = b"P"  # done, pickled payload follows
+ERROR = b"E"  # pickled (env_index, exception or None, type name, message, traceback text)
+DONE = b"D"  # one env of a STEP_SOME finished: 4-byte env index, then optional pickled info
+
+_INDEX = struct.Struct("<i")
+PARENT_POLL_S = 2.0  # how often an idle worker checks that its parent is still alive
+# After answering, a worker polls its pipe this long before sleeping in the kernel: the next
+# step usually follows within microseconds, and waking a sleeping process costs ~20-50 us.
+SPIN_S = 100e-6
+
+
+@dataclass
+class SharedBuffers:
+    """Shared arrays of a ProcessVectorEnv, created by the parent before workers start."""
+
+    num_envs: int
+    obs: Any  # gymnasium shared memory for observations, or None (pickled observations)
+    final_obs: Any  # same layout, for SAME_STEP autoreset's final observations, or None
+    actions: Any  # gymnasium shared memory for actions, or None (pickled actions)
+    rewards: Any  # RawArray of float64
+    terminations: Any  # RawArray of bool
+    truncations: Any  # RawArray of bool
+
+
+def arrays(buffers: SharedBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numpy views of the reward and done-flag arrays."""
+    return (
+        np.frombuffer(buffers.rewards, dtype=np.float64),
+        np.frombuffer(buffers.terminations, dtype=np.bool_),
+        np.frombuffer(buffers.truncations, dtype=np.bool_),
+    )
+
+
+class RemoteError(Exception):
+    """Carries an env worker's traceback text as the cause of the re-raised exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def encode_error(env_index: int | None, exc: BaseException) -> bytes:
+    tb = traceback.format_exc()
+    try:
+        exc_blob: BaseException | None = exc
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        exc_blob = None
+    return ERROR + pickle.dumps((env_index, exc_blob, type(exc).__name__, str(exc), tb))
+
+
+def worker_main(
+    worker_index: int,
+    env_fns: Any,
+    start: int,
+    conn: Any,
+    buffers: SharedBuffers,
+    autoreset_mode: AutoresetMode,
+    parent_pid: int,
+    inherited: list[Any],
+) -> None:
+    """Entry point of an env worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for other in inherited:  # fork copies the parent's ends of earlier workers' pipes
+        other.close()
+    envs: list[Any] = []
+    try:
+        envs = [fn() for fn in env_fns.fn]
+    except BaseException as exc:
+        conn.send_bytes(encode_error(None, exc))
+        _serve_until_close(conn, parent_pid)
+        return
+    try:
+        _EnvSlice(envs, start, conn, buffers, autoreset_mode, parent_pid).serve()
+    finally:
+        for env in envs:
+            with contextlib.suppress(Exception):
+                env.close()
+        conn.close()
+
+
+def _serve_until_close(conn: Any, parent_pid: int) -> None:
+    """After a failed start, answer every command with an error until told to close."""
+    while True:
+        try:
+            if not conn.poll(PARENT_POLL_S):
+                if os.getppid() != parent_pid:
+                    return
+                continue
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if msg[:1] == CLOSE:
+            conn.send_bytes(OK)
+            return
+        err = RuntimeError("the env worker failed to create its environments")
+        conn.send_bytes(encode_error(None, err))
+
+
+class _EnvSlice:
+    """Envs ``start .. start+len(envs)`` of the vector env, stepped in this process."""
+
+    def __init__(
+        self,
+        envs: list[Any],
+        start: int,
+        conn: Any,
+        buffers: SharedBuffers,
+        autoreset_mode: AutoresetMode,
+        parent_pid: int,
+    ) -> None:
+        self.envs = envs
+        self.start = start
+        self.conn = conn
+        self.mode = autoreset_mode
+        self.parent_pid = parent_pid
+        self.spin_s = SPIN_S
+        self.autoreset = [False] * len(envs)
+        self.last_obs: list[Any] = [None] * len(envs)  # only used without shared memory
+        n = buffers.num_envs
+        self.rewards, self.terminations, self.truncations = arrays(buffers)
+        obs_space = envs[0].observation_space
+        act_space = envs[0].action_space
+        self.write_obs = None
+        self.write_final_obs = None
+        if buffers.obs is not None:
+            views = read_from_shared_memory(obs_space, buffers.obs, n=n)
+            self.write_obs = make_writer(obs_space, views, buffers.obs)
+        if buffers.final_obs is not None:
+            views = read_from_shared_memory(obs_space, buffers.final_obs, n=n)
+            self.write_final_obs = make_writer(obs_space, views, buffers.final_obs)
+        self.read_action = None
+        if buffers.actions is not None:
+            views = read_from_shared_memory(act_space, buffers.actions, n=n)
+            self.read_action = make_reader(act_space, views)
+
+    # -- the loop -------------------------------------------------------------------------
+    def serve(self) -> None:
+        conn = self.conn
+        handlers = {
+            STEP: self._step_all,
+            STEP_SOME: self._step_some,
+            RESET: self._reset,
+            CALL: self._call,
+            SETATTR: self._setattr,
+            CHECK: self._check,
+        }
+        poll, clock, spin = conn.poll, time.perf_counter, self.spin_s
+        yield_cpu = getattr(os, "sched_yield", lambda: None)
+        while True:
+            try:
+                spin_until = clock() + spin
+                while not poll() and clock() < spin_until:
+                    yield_cpu()  # let the parent run here if it was waiting for a core
+                if not poll(PARENT_POLL_S):
+                    if os.getppid() != self.parent_pid:
+                        return  # orphaned: the parent died without closing us
+                    continue
+                msg = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            tag = msg[:1]
+            if tag == CLOSE:
+                conn.send_bytes(OK)
+                return
+            self._current = None
+            try:
+                reply = handlers[tag](msg[1:])
+            except BaseException as exc:  # report everything, die of nothing
+                reply = encode_error(self._current, exc)
+            if reply is not None:
+                conn.send_bytes(reply)
+
+    # -- stepping -------------------------------------------------------------------------
+    def _step_one(self, k: int, action: Any) -> Any:
+        """Step env ``k`` of the slice with gymnasium's autoreset semantics; return its info."""
+        i = self.start + k
+        self._current = i
+        env = self.envs[k]
+        mode = self.mode
+        final = False
+        if mode is AutoresetMode.NEXT_STEP and self.autoreset[k]:
+            obs, info = env.reset()
+            reward, terminated, truncated = 0.0, False, False
+        else:
+            if mode is AutoresetMode.DISABLED and self.autoreset[k]:
+                raise AssertionError(
+                    f"env {i} was stepped after its episode ended with autoreset_mode=DISABLED;"
+                    " reset it first with reset(options={'reset_mask': ...})"
+                )
+            obs, reward, terminated, truncated, info = env.step(action)
+            if mode is AutoresetMode.SAME_STEP and (terminated or truncated):
+                reset_obs, reset_info = env.reset()
+                if self.write_final_obs is not None:
+                    self.write_final_obs(i, obs)
+                    final = True
+                    info = {"final_info": info, **reset_info}
+                else:
+                    info = {"final_info": info, "final_obs": obs, **reset_info}
+                obs = reset_obs
+        self.autoreset[k] = bool(terminated or truncated)
+        self.rewards[i] = reward
+        self.terminations[i] = terminated
+        self.truncations[i] = truncated
+        if self.write_obs is not None:
+            self.write_obs(i, obs)
+        else:
+            self.last_obs[k] = obs
+        return (info, final) if (info or final) else None
+
+    def _actions(self, blob: bytes) -> Any:
+        """Per-env action getter: shared memory, or a pickled list when the space needs it."""
+        if self.read_action is not None:
+            read, start = self.read_action, self.start
+            return lambda k: read(start + k)
+        actions = pickle.loads(blob)
+        return lambda k: actions[k]
+
+    def _step_all(self, blob: bytes) -> bytes:
+        action_of = self._actions(blob)
+        infos = []
+        for k in range(len(self.envs)):
+            info = self._step_one(k, action_of(k))
+            if info is not None:
+                infos.append((self.start + k, *info))
+        if self.write_obs is None:
+            return PAYLOAD + pickle.dumps((infos, self.last_obs))
+        if infos:
+            return PAYLOAD + pickle.dumps((infos, None))
+        return OK
+
+    def _step_some(self, blob: bytes) -> None:
+        """Step the listed envs one by one, telling the parent as each one finishes."""
+        (count,) = _INDEX.unpack_from(blob)
+        end = _INDEX.size * (count + 1)
+        ids = np.frombuffer(blob[_INDEX.size : end], dtype=np.int32)
+        rest = blob[end:]
+        if self.read_action is not None:
+            read = self.read_action
+            action_of = lambda i: read(i)  # noqa: E731
+        else:
+            actions = pickle.loads(rest)
+            action_of = lambda i: actions[i]  # noqa: E731
+        conn = self.conn
+        for i in ids.tolist():
+            try:
+                info = self._step_one(i - self.start, action_of(i))
+            except BaseException as exc:
+                conn.send_bytes(encode_error(i, exc))
+                continue
+            head = DONE + _INDEX.pack(i)
+            if info is None and self.write_obs is not None:
+                conn.send_bytes(head)
+            else:
+                obs = None if self.write_obs is not None else self.last_obs[i - self.start]
+                conn.send_bytes(head + pickle.dumps((info, obs)))
+        return None
+
+    # -- everything else ------------------------------------------------------------------
+    def _reset(self, blob: bytes) -> bytes:
+        seeds, options, mask = pickle.loads(blob)
+        infos = []
+        for k, env in enumerate(self.envs):
+            if mask is not None and not mask[k]:
+                continue
+            i = self.start + k
+            self._current = i
+            obs, info = env.reset(seed=seeds[k], options=options)
+            self.autoreset[k] = False
+            self.rewards[i] = 0.0
+            self.terminations[i] = False
+            self.truncations[i] = False
+            if self.write_obs is not None:
+                self.write_obs(i, obs)
+            else:
+                self.last_obs[k] = obs
+            if info:
+                infos.append((i, info, False))
+        if self.write_obs is None:
+            return PAYLOAD + pickle.dumps((infos, self.last_obs))
+        return PAYLOAD + pickle.dumps((infos, None)) if infos else OK
+
+    def _call(self, blob: bytes) -> bytes:
+        name, args, kwargs = pickle.loads(blob)
+        if name in ("reset", "step", "close", "_setattr", "_check_spaces"):
+            raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
+        results = []
+        for k, env in enumerate(self.envs):
+            self._current = self.start + k
+            attr = env.get_wrapper_attr(name)
+            results.append(attr(*args, **kwargs) if callable(attr) else attr)
+        return PAYLOAD + pickle.dumps(results)
+
+    def _setattr(self, blob: bytes) -> bytes:
+        name, values = pickle.loads(blob)
+        for k, env in enumerate(self.envs):
+            self._current = self.start + k
+            env.set_wrapper_attr(name, values[k])
+        return OK
+
+    def _check(self, blob: bytes) -> bytes:
+        obs_mode, single_obs_space, single_action_space = pickle.loads(blob)
+        result = []
+        for k, env in enumerate(self.envs):
+            if obs_mode == "same":
+                same_obs = single_obs_space == env.observation_space
+            else:
+                same_obs = is_space_dtype_shape_equiv(single_obs_space, env.observation_space)
+            result.append((self.start + k, same_obs, single_action_space == env.action_space))
+        return PAYLOAD + pickle.dumps(result)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'killed by SIGKILL', 'exited with code 1', ... for an error message."""
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"

@@ -1,0 +1,161 @@
+"""make_vec: one call from an env id (or a callable) to a seeded vector env."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import gymnasium as gym
+from gymnasium.vector import SyncVectorEnv, VectorEnv
+
+from shoal.envs.process_vector_env import ProcessVectorEnv
+
+log = logging.getLogger("shoal")
+if not log.handlers:  # say what "auto" picked, unless the user configured logging
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("shoal: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+# A process step costs about this much more than an in-process one, whatever the env
+# (two pipe messages and two wake-ups per worker; measured by benchmarks/vector_envs.py).
+PROCESS_OVERHEAD_S = 60e-6
+
+Vectorization = Literal["auto", "sync", "process"]
+
+
+class SeededEnv(gym.Wrapper):
+    """Seeds its env's first reset (and its spaces) with a fixed seed, unless one is given.
+
+    This is what makes ``make_vec(..., seed=s)`` reproducible without the caller passing the
+    seed to ``reset``: env ``i`` always starts from ``s + i``.
+    """
+
+    def __init__(self, env: gym.Env, seed: int) -> None:
+        super().__init__(env)
+        self._first_seed: int | None = seed
+        env.action_space.seed(seed)
+        env.observation_space.seed(seed)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        if seed is None and self._first_seed is not None:
+            seed = self._first_seed
+        self._first_seed = None
+        return self.env.reset(seed=seed, options=options)
+
+
+class _EnvFactory:
+    """Picklable env constructor (env ``index`` of a vector env)."""
+
+    def __init__(
+        self,
+        env: str | Callable[..., gym.Env],
+        index: int,
+        seed: int | None,
+        wrappers: Sequence[Callable[[gym.Env], gym.Env]],
+        env_kwargs: dict[str, Any],
+    ) -> None:
+        self.env, self.index, self.seed = env, index, seed
+        self.wrappers, self.env_kwargs = tuple(wrappers), env_kwargs
+
+    def __call__(self) -> gym.Env:
+        if isinstance(self.env, str):
+            env = gym.make(self.env, **self.env_kwargs)
+        else:
+            env = self.env(**self.env_kwargs)
+        for wrap in self.wrappers:
+            env = wrap(env)
+        if self.seed is not None:
+            env = SeededEnv(env, self.seed + self.index)
+        return env
+
+
+def _step_time(make_env: Callable[[], gym.Env], budget_s: float = 0.05) -> float:
+    """Median-free quick estimate of one env step's cost, in seconds."""
+    env = make_env()
+    try:
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        steps, start = 0, time.perf_counter()
+        while steps < 2000 and time.perf_counter() - start < budget_s:
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            if terminated or truncated:
+                env.reset()
+            steps += 1
+        return (time.perf_counter() - start) / max(steps, 1)
+    finally:
+        env.close()
+
+
+def choose_vectorization(step_s: float, num_envs: int, num_workers: int) -> str:
+    """'process' when splitting the envs over workers saves more than processes cost."""
+    if num_workers < 2 or num_envs < 2:
+        return "sync"
+    serial = step_s * num_envs
+    parallel = step_s * math.ceil(num_envs / num_workers) + PROCESS_OVERHEAD_S
+    return "process" if parallel < 0.8 * serial else "sync"
+
+
+def make_vec(
+    env: str | Callable[..., gym.Env],
+    num_envs: int,
+    *,
+    seed: int | None = None,
+    num_workers: int | Literal["auto"] = "auto",
+    vectorization: Vectorization = "auto",
+    wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (),
+    vector_kwargs: dict[str, Any] | None = None,
+    **env_kwargs: Any,
+) -> VectorEnv:
+    """Make ``num_envs`` copies of an env, stepped in-process or by worker processes.
+
+    Args:
+        env: a registered env id, or a callable returning a gymnasium env.
+        num_envs: how many envs.
+        seed: env ``i`` is seeded with ``seed + i`` at its first reset, so a seed gives
+            the same trajectories whatever ``num_workers`` and ``vectorization``.
+        num_workers: env worker processes for ``"process"`` (``"auto"``: one per core).
+        vectorization: ``"sync"`` (one process), ``"process"`` (:class:`ProcessVectorEnv`),
+            or ``"auto"``: times one env briefly and picks processes only if they pay off.
+        wrappers: applied to each env, innermost first.
+        vector_kwargs: passed to the vector env (e.g. ``autoreset_mode``, ``copy``).
+        **env_kwargs: passed to ``gym.make`` (or to the callable).
+    """
+    if not isinstance(num_envs, int) or num_envs < 1:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+    if vectorization not in ("auto", "sync", "process"):
+        raise ValueError(f"vectorization must be 'auto', 'sync' or 'process', got {vectorization!r}")
+    if num_workers == "auto":
+        num_workers = min(num_envs, os.cpu_count() or 1)
+    elif not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer or 'auto', got {num_workers!r}")
+    if isinstance(env, str) and env not in gym.registry:
+        import difflib
+
+        close = difflib.get_close_matches(env, list(gym.registry), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown env id {env!r}{hint}")
+    fns = [_EnvFactory(env, i, seed, wrappers, env_kwargs) for i in range(num_envs)]
+    name = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
+    if vectorization == "auto":
+        step_s = _step_time(_EnvFactory(env, 0, None, wrappers, env_kwargs))
+        vectorization = choose_vectorization(step_s, num_envs, num_workers)  # type: ignore[assignment]
+        detail = f" with {min(num_workers, num_envs)} env workers" if vectorization == "process" else ""
+        log.info(
+            f"make_vec({name!r}, {num_envs}): vectorization='auto' picked {vectorization!r}"
+            f"{detail} (one env step takes {step_s * 1e6:.0f} us)"
+        )
+    kwargs = dict(vector_kwargs or {})
+    if vectorization == "process":
+        vec: VectorEnv = ProcessVectorEnv(fns, num_workers=num_workers, **kwargs)
+    else:
+        vec = SyncVectorEnv(fns, **kwargs)
+    if seed is not None:
+        vec.action_space.seed(seed)
+        vec.observation_space.seed(seed)
+    return vec
