@@ -339,7 +339,7 @@ class ProcessVectorEnv(VectorEnv):
             )
         replies = self._gather(timeout, "reset_wait")
         infos = self._merge(replies)
-        return (deepcopy(self.observations) if self.copy else self.observations), infos
+        return self._returned_obs(), infos
 
     # -- step ----------------------------------------------------------------------------
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -379,7 +379,7 @@ class ProcessVectorEnv(VectorEnv):
         replies = self._gather(timeout, "step_wait")
         infos = self._merge(replies)
         return (
-            deepcopy(self.observations) if self.copy else self.observations,
+            self._returned_obs(),
             np.copy(self._rewards),
             np.copy(self._terminations),
             np.copy(self._truncations),
@@ -669,6 +669,13 @@ class ProcessVectorEnv(VectorEnv):
             for i, info, final in env_infos:
                 infos = self._add_info(infos, self._info_of(i, info, final), i)
         return infos
+
+    def _returned_obs(self) -> Any:
+        """The batch of observations, copied unless ``copy=False`` asked for the live view."""
+        if not self.copy:
+            return self.observations
+        obs = self.observations
+        return obs.copy() if type(obs) is np.ndarray else deepcopy(obs)
 
     def _info_of(self, i: int, info: dict[str, Any], final: bool) -> dict[str, Any]:
         if final:  # the final observation waits in shared memory
