@@ -40,6 +40,11 @@ ERROR = b"E"  # pickled (env_index, exception or None, type name, message, trace
 DONE = b"D"  # one env of a STEP_SOME finished: 4-byte env index, then optional pickled info
 
 _INDEX = struct.Struct("<i")
+
+# One-byte codes in shared memory for the hot path (see Channel).
+CODE_PIPE = 0  # the message is in the pipe
+CODE_STEP = 1  # parent -> worker: STEP, actions in shared memory
+CODE_OK = 2  # worker -> parent: OK, no message
 PARENT_POLL_S = 2.0  # how often an idle worker checks that its parent is still alive
 # After answering, a worker polls its pipe this long before sleeping in the kernel: the next
 # step usually follows within microseconds, and waking a sleeping process costs ~20-50 us.
@@ -89,11 +94,66 @@ def encode_error(env_index: int | None, exc: BaseException) -> bytes:
     return ERROR + pickle.dumps((env_index, exc_blob, type(exc).__name__, str(exc), tb))
 
 
+class Channel:
+    """The worker's end of its link to the parent.
+
+    Messages travel through a pipe, but wake-ups go through two POSIX semaphores: ``go``
+    (parent -> worker, one token per command) and ``done`` (worker -> parent, one token per
+    reply). Waking a process blocked on a semaphore is markedly cheaper than waking one
+    blocked on a pipe read here, and a worker can spin on ``go`` without a system call.
+
+    The hot path skips the pipe altogether: a one-byte code in shared memory (``codes[0]``
+    written by the parent, ``codes[1]`` by the worker) says "step, the actions are in shared
+    memory" or "done, nothing to add". Only exclusive commands (never two outstanding) use
+    these codes, so a code is always read for the message it belongs to.
+    """
+
+    def __init__(self, conn: Any, go: Any, done: Any, codes: np.ndarray, parent_pid: int) -> None:
+        self.conn, self.go, self.done, self.parent_pid = conn, go, done, parent_pid
+        self.codes = codes
+
+    def next_command(self, spin_s: float = 0.0) -> bytes | None:
+        """Block until the parent sends a command; None when the parent is gone."""
+        take, clock = self.go.acquire, time.perf_counter
+        got = take(False)
+        if not got and spin_s > 0:
+            yield_cpu = getattr(os, "sched_yield", _noop)
+            spin_until = clock() + spin_s
+            while not got and clock() < spin_until:
+                yield_cpu()  # let the parent run here if it is waiting for a core
+                got = take(False)
+        while not got:
+            got = take(True, PARENT_POLL_S)
+            if not got and os.getppid() != self.parent_pid:
+                return None  # orphaned: the parent died without closing us
+        if self.codes[0] == CODE_STEP:
+            return STEP
+        try:
+            return self.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
+
+    def reply(self, blob: bytes) -> None:
+        if blob == OK:
+            self.codes[1] = CODE_OK
+        else:
+            self.codes[1] = CODE_PIPE
+            self.conn.send_bytes(blob)
+        self.done.release()
+
+
+def _noop() -> None:
+    return None
+
+
 def worker_main(
     worker_index: int,
     env_fns: Any,
     start: int,
     conn: Any,
+    go: Any,
+    done: Any,
+    codes: Any,
     buffers: SharedBuffers,
     autoreset_mode: AutoresetMode,
     parent_pid: int,
@@ -103,15 +163,17 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     for other in inherited:  # fork copies the parent's ends of earlier workers' pipes
         other.close()
+    code_view = np.frombuffer(codes, dtype=np.uint8)[2 * worker_index : 2 * worker_index + 2]
+    channel = Channel(conn, go, done, code_view, parent_pid)
     envs: list[Any] = []
     try:
         envs = [fn() for fn in env_fns.fn]
     except BaseException as exc:
-        conn.send_bytes(encode_error(None, exc))
-        _serve_until_close(conn, parent_pid)
+        channel.reply(encode_error(None, exc))
+        _serve_until_close(channel)
         return
     try:
-        _EnvSlice(envs, start, conn, buffers, autoreset_mode, parent_pid).serve()
+        _EnvSlice(envs, start, channel, buffers, autoreset_mode).serve()
     finally:
         for env in envs:
             with contextlib.suppress(Exception):
@@ -119,22 +181,13 @@ def worker_main(
         conn.close()
 
 
-def _serve_until_close(conn: Any, parent_pid: int) -> None:
+def _serve_until_close(channel: Channel) -> None:
     """After a failed start, answer every command with an error until told to close."""
-    while True:
-        try:
-            if not conn.poll(PARENT_POLL_S):
-                if os.getppid() != parent_pid:
-                    return
-                continue
-            msg = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
+    while (msg := channel.next_command()) is not None:
         if msg[:1] == CLOSE:
-            conn.send_bytes(OK)
+            channel.reply(OK)
             return
-        err = RuntimeError("the env worker failed to create its environments")
-        conn.send_bytes(encode_error(None, err))
+        channel.reply(encode_error(None, RuntimeError("the env worker failed to create its envs")))
 
 
 class _EnvSlice:
@@ -144,17 +197,14 @@ class _EnvSlice:
         self,
         envs: list[Any],
         start: int,
-        conn: Any,
+        channel: Channel,
         buffers: SharedBuffers,
         autoreset_mode: AutoresetMode,
-        parent_pid: int,
     ) -> None:
         self.envs = envs
         self.start = start
-        self.conn = conn
+        self.channel = channel
         self.mode = autoreset_mode
-        self.parent_pid = parent_pid
-        self.spin_s = SPIN_S
         self.autoreset = [False] * len(envs)
         self.last_obs: list[Any] = [None] * len(envs)  # only used without shared memory
         n = buffers.num_envs
@@ -176,7 +226,7 @@ class _EnvSlice:
 
     # -- the loop -------------------------------------------------------------------------
     def serve(self) -> None:
-        conn = self.conn
+        channel = self.channel
         handlers = {
             STEP: self._step_all,
             STEP_SOME: self._step_some,
@@ -185,23 +235,10 @@ class _EnvSlice:
             SETATTR: self._setattr,
             CHECK: self._check,
         }
-        poll, clock, spin = conn.poll, time.perf_counter, self.spin_s
-        yield_cpu = getattr(os, "sched_yield", lambda: None)
-        while True:
-            try:
-                spin_until = clock() + spin
-                while not poll() and clock() < spin_until:
-                    yield_cpu()  # let the parent run here if it was waiting for a core
-                if not poll(PARENT_POLL_S):
-                    if os.getppid() != self.parent_pid:
-                        return  # orphaned: the parent died without closing us
-                    continue
-                msg = conn.recv_bytes()
-            except (EOFError, OSError):
-                return
+        while (msg := channel.next_command(SPIN_S)) is not None:
             tag = msg[:1]
             if tag == CLOSE:
-                conn.send_bytes(OK)
+                channel.reply(OK)
                 return
             self._current = None
             try:
@@ -209,7 +246,7 @@ class _EnvSlice:
             except BaseException as exc:  # report everything, die of nothing
                 reply = encode_error(self._current, exc)
             if reply is not None:
-                conn.send_bytes(reply)
+                channel.reply(reply)
 
     # -- stepping -------------------------------------------------------------------------
     def _step_one(self, k: int, action: Any) -> Any:
@@ -281,19 +318,19 @@ class _EnvSlice:
         else:
             actions = pickle.loads(rest)
             action_of = lambda i: actions[i]  # noqa: E731
-        conn = self.conn
+        reply = self.channel.reply
         for i in ids.tolist():
             try:
                 info = self._step_one(i - self.start, action_of(i))
             except BaseException as exc:
-                conn.send_bytes(encode_error(i, exc))
+                reply(encode_error(i, exc))
                 continue
             head = DONE + _INDEX.pack(i)
             if info is None and self.write_obs is not None:
-                conn.send_bytes(head)
+                reply(head)
             else:
                 obs = None if self.write_obs is not None else self.last_obs[i - self.start]
-                conn.send_bytes(head + pickle.dumps((info, obs)))
+                reply(head + pickle.dumps((info, obs)))
         return None
 
     # -- everything else ------------------------------------------------------------------

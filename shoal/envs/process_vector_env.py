@@ -69,6 +69,9 @@ class _InfoBatch:
         self.num_envs = n
 
 
+DEATH_CHECK_S = 0.1  # how often a waiting parent checks that its workers are alive
+
+
 def _split(num_envs: int, num_workers: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal slices: worker k steps envs [lo, hi)."""
     bounds = np.linspace(0, num_envs, num_workers + 1).round().astype(int)
@@ -232,6 +235,10 @@ class ProcessVectorEnv(VectorEnv):
         )
         self.parent_pipes: list[Any] = []
         self.processes: list[Any] = []
+        self._go = [ctx.Semaphore(0) for _ in self.slices]  # one token per command
+        self._done = [ctx.Semaphore(0) for _ in self.slices]  # one token per reply
+        codes = ctx.RawArray(ctypes.c_uint8, 2 * self.num_workers)  # see _worker.Channel
+        self._codes = np.frombuffer(codes, dtype=np.uint8).reshape(self.num_workers, 2)
         self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.parent_pipes)
         fork = ctx.get_start_method() == "fork"
         with clear_mpi_env_vars():
@@ -245,6 +252,9 @@ class ProcessVectorEnv(VectorEnv):
                         CloudpickleWrapper(list(env_fns[lo:hi])),
                         lo,
                         child,
+                        self._go[k],
+                        self._done[k],
+                        codes,
                         buffers,
                         self.autoreset_mode,
                         os.getpid(),
@@ -259,6 +269,7 @@ class ProcessVectorEnv(VectorEnv):
         self.closed = False
         self._dead: str | None = None  # why the env can no longer be used
         self._state = _State.DEFAULT
+        self._slowest = 0  # the worker whose reply the parent waited for last
         self._late = [0] * self.num_workers  # replies owed after a timed-out wait
         self._in_flight = np.zeros(self.num_envs, dtype=bool)  # envs sent but not received
         self._ready: list[tuple[int, Any]] = []  # (env, info) received, not yet returned
@@ -360,7 +371,9 @@ class ProcessVectorEnv(VectorEnv):
         if self._action_views is not None:
             assign_batch(self.single_action_space, self._action_views, actions)
             for k in range(self.num_workers):
-                self._send(k, w.STEP)
+                self._drain_late(k)
+                self._codes[k, 0] = w.CODE_STEP  # no pipe message: see _worker.Channel
+                self._go[k].release()
         else:
             per_env = _iterate(self.action_space, actions, self.num_envs)
             for k, (lo, hi) in enumerate(self.slices):
@@ -442,7 +455,7 @@ class ProcessVectorEnv(VectorEnv):
         while len(self._ready) < n:
             busy = [self.parent_pipes[k] for k in np.unique(self._owner[self._in_flight])]
             left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            ready = self._wait_for(busy, left)
+            ready = wait(busy, left)
             if not ready:
                 raise mp.TimeoutError(f"The call to `recv` has timed out after {timeout} second(s).")
             for conn in ready:
@@ -536,13 +549,13 @@ class ProcessVectorEnv(VectorEnv):
             deadline = None if timeout is None else time.perf_counter() + timeout
             try:
                 for k in range(self.num_workers):
-                    self.parent_pipes[k].send_bytes(w.CLOSE)
+                    self._send(k, w.CLOSE)
                 for k in range(self.num_workers):
-                    left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-                    if not self.parent_pipes[k].poll(left):
+                    if not self._take(k, deadline):
                         break
-                    self.parent_pipes[k].recv_bytes()
-            except (EOFError, OSError):
+                    if self._codes[k, 1] != w.CODE_OK:
+                        self.parent_pipes[k].recv_bytes()
+            except (EnvWorkerError, EOFError, OSError):
                 pass
             for proc in self.processes:
                 left = 5.0 if deadline is None else max(0.1, deadline - time.perf_counter())
@@ -587,12 +600,41 @@ class ProcessVectorEnv(VectorEnv):
 
     def _send(self, k: int, blob: bytes) -> None:
         self._drain_late(k)
+        self._codes[k, 0] = w.CODE_PIPE
         try:
             self.parent_pipes[k].send_bytes(blob)
         except (BrokenPipeError, EOFError, OSError) as e:
             raise self._broken(k, "send") from e
+        self._go[k].release()
+
+    def _take(self, k: int, deadline: float | None) -> bool:
+        """Wait for worker ``k``'s next reply token; False at the deadline.
+
+        Semaphores do not notice a dead worker, so the wait is cut in slices and a worker
+        found dead raises EnvWorkerError within ``DEATH_CHECK_S``.
+        """
+        done = self._done[k]
+        if done.acquire(False):
+            return True
+        self._slowest = k
+        while True:
+            wait_s = DEATH_CHECK_S
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - time.perf_counter())
+                if wait_s <= 0:
+                    return False
+            if done.acquire(True, wait_s):
+                return True
+            if not self.processes[k].is_alive():
+                if done.acquire(False):  # it answered just before it died
+                    return True
+                raise self._broken(k, self._state.value)
 
     def _recv(self, k: int) -> bytes:
+        """The next reply of worker ``k`` (waits for it)."""
+        self._take(k, None)
+        if self._codes[k, 1] == w.CODE_OK:
+            return w.OK
         try:
             return self.parent_pipes[k].recv_bytes()
         except (EOFError, OSError, ConnectionResetError) as e:
@@ -613,32 +655,26 @@ class ProcessVectorEnv(VectorEnv):
                 if index is not None:
                     self._in_flight[index] = False
 
-    def _wait_for(self, conns: list[Any], timeout: float | None) -> list[Any]:
-        return wait(conns, timeout)
-
     def _gather(self, timeout: float | None, what: str) -> dict[int, bytes]:
         """Collect one reply from each waiting worker; raise remote errors after all arrive."""
         waiting = self._waiting
         replies: dict[int, bytes] = {}
         if timeout is None:
-            for k in waiting:
+            # Wait first for the worker that finished last the previous time: when it is done
+            # the others usually are too, and the parent is woken once instead of each time.
+            slowest = self._slowest
+            for k in sorted(waiting, key=lambda k: k != slowest):
                 replies[k] = self._recv(k)
         else:
             deadline = time.perf_counter() + timeout
-            left = list(waiting)
-            while left:
-                ready = self._wait_for(
-                    [self.parent_pipes[k] for k in left], max(0.0, deadline - time.perf_counter())
-                )
-                if not ready:
-                    for k in left:
-                        self._late[k] += 1
+            for n, k in enumerate(waiting):
+                if not self._take(k, deadline):
+                    for late in waiting[n:]:
+                        self._late[late] += 1
                     self._state = _State.DEFAULT
                     raise mp.TimeoutError(f"The call to `{what}` has timed out after {timeout} second(s).")
-                for conn in ready:
-                    k = self.parent_pipes.index(conn)
-                    replies[k] = self._recv(k)
-                    left.remove(k)
+                self._done[k].release()  # _recv takes the token again
+                replies[k] = self._recv(k)
         self._state = _State.DEFAULT
         errors = [k for k in waiting if replies[k][:1] == w.ERROR]
         if errors:
