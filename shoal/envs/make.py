@@ -23,8 +23,8 @@ if not log.handlers:  # say what "auto" picked, unless the user configured loggi
     log.propagate = False
 
 # A process step costs about this much more than an in-process one, whatever the env
-# (two pipe messages and two wake-ups per worker; measured by benchmarks/vector_envs.py).
-PROCESS_OVERHEAD_S = 60e-6
+# (two semaphore wake-ups per step; measured with benchmarks/vector_envs.py).
+PROCESS_OVERHEAD_S = 30e-6
 
 Vectorization = Literal["auto", "sync", "process"]
 
