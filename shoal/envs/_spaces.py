@@ -62,7 +62,7 @@ def make_reader(space: spaces.Space, views: Any, copy: bool = False) -> Callable
     """Return ``read(i)`` giving env ``i``'s value, shaped as gymnasium's ``iterate`` yields it."""
     if isinstance(space, _BASE):
         if copy:
-            return lambda i: np.copy(views[i])
+            return lambda i: views[i].copy()  # a numpy scalar stays a scalar
         return lambda i: views[i]
     if isinstance(space, spaces.Dict):
         subs = [(key, make_reader(sub, views[key], copy)) for key, sub in space.spaces.items()]

@@ -56,6 +56,8 @@ class SharedBuffers:
     """Shared arrays of a ProcessVectorEnv, created by the parent before workers start."""
 
     num_envs: int
+    obs_space: Any  # the vector env's single observation space (the buffers' layout)
+    action_space: Any  # its single action space
     obs: Any  # gymnasium shared memory for observations, or None (pickled observations)
     final_obs: Any  # same layout, for SAME_STEP autoreset's final observations, or None
     actions: Any  # gymnasium shared memory for actions, or None (pickled actions)
@@ -173,7 +175,13 @@ def worker_main(
         _serve_until_close(channel)
         return
     try:
-        _EnvSlice(envs, start, channel, buffers, autoreset_mode).serve()
+        try:
+            env_slice = _EnvSlice(envs, start, channel, buffers, autoreset_mode)
+        except BaseException as exc:
+            channel.reply(encode_error(None, exc))
+            _serve_until_close(channel)
+            return
+        env_slice.serve()
     finally:
         for env in envs:
             with contextlib.suppress(Exception):
@@ -209,8 +217,8 @@ class _EnvSlice:
         self.last_obs: list[Any] = [None] * len(envs)  # only used without shared memory
         n = buffers.num_envs
         self.rewards, self.terminations, self.truncations = arrays(buffers)
-        obs_space = envs[0].observation_space
-        act_space = envs[0].action_space
+        obs_space = buffers.obs_space
+        act_space = buffers.action_space
         self.write_obs = None
         self.write_final_obs = None
         if buffers.obs is not None:

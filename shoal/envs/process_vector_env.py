@@ -197,7 +197,7 @@ class ProcessVectorEnv(VectorEnv):
                     self.single_observation_space
                 ):
                     final_shm = create_shared_memory(self.single_observation_space, self.num_envs, ctx)
-            except CustomSpaceError as e:
+            except (CustomSpaceError, TypeError) as e:  # custom or dynamic-shape spaces
                 raise ValueError(
                     "Using `ProcessVectorEnv(..., shared_memory=True)` caused an error, you can "
                     "disable this feature with `shared_memory=False` however this is slower."
@@ -220,6 +220,8 @@ class ProcessVectorEnv(VectorEnv):
             self._action_views = None
         buffers = w.SharedBuffers(
             num_envs=self.num_envs,
+            obs_space=self.single_observation_space,
+            action_space=self.single_action_space,
             obs=obs_shm,
             final_obs=final_shm,
             actions=act_shm,

@@ -1,0 +1,51 @@
+"""Shared fixtures: every test must leave no child process behind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds 127.0.0.1 only
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids that still run (zombies count as gone: they hold no resources but a slot)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Wait until none of ``pids`` runs; return those still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (left := alive(pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _ours(proc: psutil.Process) -> bool:
+    """Children we start; multiprocessing's own long-lived helpers are not ours to stop."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return "resource_tracker" not in cmdline and "forkserver" not in cmdline
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children():
+    """Fail a test that leaves a child process of ours running."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    new = [p.pid for p in me.children(recursive=True) if p.pid not in before and _ours(p)]
+    left = wait_gone(new, timeout=5.0)
+    assert not left, f"test left child processes running: {left}"
