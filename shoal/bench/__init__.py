@@ -1,0 +1,1 @@
+"""Benchmarks shipped with shoal (``shoal bench ...``); thin runners live in ``benchmarks/``."""

@@ -1,0 +1,235 @@
+"""Env steps/s of vector envs, shoal's against the ones users would otherwise pick.
+
+Every implementation steps the same envs with random actions pre-sampled outside the timed
+loop. Within one (env, num_envs) cell all implementations are kept open and timed
+round-robin, one window each per repeat, in an order rotated every repeat, so a burst of
+machine noise hits them alike; the table reports medians over the repeats. Processes of the other libraries
+are created with ``fork``; shoal's with the platform default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from shoal.envs import ProcessVectorEnv, make_vec  # also registers shoal/HeavyCartPole-v1
+
+IMPLEMENTATIONS = ["gym-sync", "gym-async", "sb3-subproc", "envpool", "shoal-process", "shoal-auto"]
+ENVS = ["CartPole-v1", "shoal/HeavyCartPole-v1"]
+
+
+class _Stepper:
+    """One open vector env behind a uniform ``step(actions)``."""
+
+    def __init__(self, name: str, env_id: str, num_envs: int, workers: int) -> None:
+        self.name, self.detail = name, ""
+        make_one: Callable[[], gym.Env] = lambda: gym.make(env_id)  # noqa: E731
+        if name == "gym-sync":
+            self.env = gym.vector.SyncVectorEnv([make_one] * num_envs)
+        elif name == "gym-async":
+            self.env = gym.vector.AsyncVectorEnv([make_one] * num_envs, shared_memory=True, context="fork")
+        elif name == "sb3-subproc":
+            from stable_baselines3.common.vec_env import SubprocVecEnv
+
+            self.env = SubprocVecEnv([make_one] * num_envs, start_method="fork")
+        elif name == "envpool":
+            import envpool
+
+            self.env = envpool.make_gymnasium(env_id, num_envs=num_envs)
+        elif name == "shoal-process":
+            self.env = ProcessVectorEnv([make_one] * num_envs, num_workers=workers)
+            self.detail = f"{self.env.num_workers} workers"
+        elif name == "shoal-auto":
+            self.env = make_vec(env_id, num_envs, seed=0, num_workers=workers)
+            picked = "process" if isinstance(self.env, ProcessVectorEnv) else "sync"
+            self.detail = f"auto -> {picked}"
+        else:
+            raise ValueError(f"unknown implementation {name!r}")
+        if name == "sb3-subproc":
+            self.env.seed(0)
+            self.env.reset()
+        else:
+            self.env.reset(seed=0)
+
+    def run(self, actions: np.ndarray) -> float:
+        """Step through ``actions`` (steps x envs); return env steps per second."""
+        step = self.env.step
+        start = time.perf_counter()
+        for a in actions:
+            step(a)
+        return actions.size / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def available(name: str, env_id: str) -> str | None:
+    """Why ``name`` cannot run ``env_id`` here, or None."""
+    if name == "envpool":
+        if env_id.startswith("shoal/"):
+            return "EnvPool has no such env"
+        try:
+            import envpool  # noqa: F401
+        except ImportError:
+            return "envpool not installed"
+    if name == "sb3-subproc":
+        try:
+            import stable_baselines3  # noqa: F401
+        except ImportError:
+            return "stable-baselines3 not installed"
+    return None
+
+
+def measure_cell(
+    env_id: str, num_envs: int, impls: list[str], repeats: int, seconds: float, workers: int
+) -> dict[str, dict[str, Any]]:
+    """All implementations on one (env, num_envs) cell, round-robin; steps/s per repeat."""
+    rng = np.random.default_rng(0)
+    results: dict[str, dict[str, Any]] = {}
+    steppers: dict[str, _Stepper] = {}
+    try:
+        for name in impls:
+            why = available(name, env_id)
+            if why:
+                results[name] = {"skipped": why}
+                continue
+            steppers[name] = _Stepper(name, env_id, num_envs, workers)
+        # Size the windows from a warm-up so that each takes about `seconds`.
+        lengths = {}
+        for name, s in steppers.items():
+            sps = s.run(rng.integers(0, 2, (20, num_envs)))
+            lengths[name] = max(5, int(sps * seconds / num_envs))
+        runs: dict[str, list[float]] = {name: [] for name in steppers}
+        order = list(steppers)
+        for r in range(repeats):
+            # Rotate the order each repeat and pause between windows, so that whatever one
+            # implementation leaves behind (threads winding down, cold caches) hits all alike.
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                time.sleep(0.1)
+                runs[name].append(steppers[name].run(rng.integers(0, 2, (lengths[name], num_envs))))
+        for name, sps in runs.items():
+            results[name] = {
+                "median": statistics.median(sps),
+                "min": min(sps),
+                "max": max(sps),
+                "runs": sps,
+                "detail": steppers[name].detail,
+            }
+    finally:
+        for s in steppers.values():
+            s.close()
+    return results
+
+
+def _fmt(cell: dict[str, Any]) -> str:
+    if "median" not in cell:
+        return "n/a"
+    v = cell["median"]
+    return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+
+
+def table(results: dict[str, Any], envs: list[str], sizes: list[int], impls: list[str]) -> str:
+    """Markdown table of medians: one row per implementation, one column per cell."""
+    cols = [(e, n) for e in envs for n in sizes]
+    head = "| steps/s (median) | " + " | ".join(f"{e.split('/')[-1]} x{n}" for e, n in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for name in impls:
+        cells = [_fmt(results[e][str(n)].get(name, {})) for e, n in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
+    """The claims the README makes, as (what, measured ratio, target)."""
+
+    def ratio(env: str, n: int, a: str, b: str) -> float | None:
+        cell = results.get(env, {}).get(str(n), {})
+        if "median" in cell.get(a, {}) and "median" in cell.get(b, {}):
+            return cell[a]["median"] / cell[b]["median"]
+        return None
+
+    return [
+        (
+            "shoal-process / gym-async, CartPole x32",
+            ratio("CartPole-v1", 32, "shoal-process", "gym-async"),
+            8.0,
+        ),
+        (
+            "shoal-process / gym-sync, CartPole x32",
+            ratio("CartPole-v1", 32, "shoal-process", "gym-sync"),
+            1.2,
+        ),
+        (
+            "shoal-process / gym-sync, HeavyCartPole x8",
+            ratio("shoal/HeavyCartPole-v1", 8, "shoal-process", "gym-sync"),
+            1.8,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shoal bench envs", description=__doc__.split("\n")[0])
+    parser.add_argument("--envs", nargs="+", default=ENVS, help="env ids")
+    parser.add_argument("--num-envs", nargs="+", type=int, default=[8, 32, 128], help="vector sizes")
+    parser.add_argument("--impls", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows per implementation")
+    parser.add_argument("--seconds", type=float, default=0.5, help="length of one timed window")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shoal env workers")
+    parser.add_argument("--out", default="benchmarks/results/vector_envs.json", help="JSON output")
+    parser.add_argument("--quick", action="store_true", help="8 and 32 envs, 3 short repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_envs, args.repeats, args.seconds = [n for n in args.num_envs if n <= 32], 3, 0.2
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for env_id in args.envs:
+        results[env_id] = {}
+        for n in args.num_envs:
+            print(f"measuring {env_id} x{n} ...", flush=True)
+            results[env_id][str(n)] = measure_cell(
+                env_id, n, args.impls, args.repeats, args.seconds, args.workers
+            )
+    md = table(results, args.envs, args.num_envs, args.impls)
+    claims = ratios(results)
+    lines = [md, ""]
+    for what, value, target in claims:
+        if value is not None:
+            verdict = "ok" if value >= target else "BELOW TARGET"
+            lines.append(f"- {what}: **{value:.2f}x** (target >= {target}x, {verdict})")
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    report = {
+        "benchmark": "vector_envs",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "gymnasium": gym.__version__,
+            "torch": torch.__version__,
+        },
+        "settings": {k: v for k, v in vars(args).items()},
+        "results": results,
+        "ratios": [{"what": w, "ratio": v, "target": t} for w, v, t in claims],
+        "seconds": time.perf_counter() - started,
+    }
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')} in {report['seconds']:.0f} s")
+    return 0
