@@ -1,0 +1,111 @@
+"""The Python API: ``shoal.PPO("CartPole-v1", num_envs=8, seed=1).learn(100_000)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from shoal import checkpoint as ckpt
+from shoal.algos import ALGORITHMS
+from shoal.config import TrainConfig
+from shoal.trainer import Trainer, config_dict, spaces_of
+
+
+def make_config(algo: str, env: str, overrides: dict[str, Any], *, presets: bool = True) -> TrainConfig:
+    """Defaults < the algorithm's preset for ``env`` < ``overrides``; unknown keys refused."""
+    cls = ALGORITHMS[algo]
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    for key in overrides:
+        if key not in fields:
+            near = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(f"{algo} has no setting {key!r}{hint}")
+    values = dict(cls.presets.get(env, {})) if presets else {}
+    values.update(overrides)
+    values["env"] = env
+    if isinstance(values.get("hidden"), list):
+        values["hidden"] = tuple(values["hidden"])
+    return cls.config_class(**values)
+
+
+class Agent:
+    """One algorithm, its config and its learned weights."""
+
+    def __init__(
+        self,
+        algo: str,
+        env: str | Callable[..., gym.Env],
+        config: TrainConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        env_id = env if isinstance(env, str) else getattr(env, "__name__", "custom")
+        self.algo_name = algo
+        self.env_fn = None if isinstance(env, str) else env
+        self.config = config or make_config(algo, env_id, overrides)
+        self.trainer = Trainer(ALGORITHMS[algo], self.config, env_fn=self.env_fn)
+        self.algorithm = self.trainer.algo
+        self.summary: dict[str, Any] = {}
+
+    def learn(self, total_steps: int | None = None, *, progress: bool = True) -> Agent:
+        """Train (to ``total_steps`` env steps, default the config's) and evaluate greedily."""
+        if total_steps is not None:
+            self.config.total_steps = int(total_steps)
+        self.trainer.progress = progress
+        self.summary = self.trainer.train()
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.trainer.run_dir
+
+    def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
+        """Actions for one observation or a batch (greedy unless ``deterministic=False``)."""
+        obs = np.asarray(obs)
+        single = obs.shape == self.algorithm.obs_space.shape
+        actions = self.algorithm.predict(obs[None] if single else obs, deterministic)
+        return actions[0] if single else actions
+
+    def save(self, path: str | Path) -> Path:
+        """Weights (safetensors) + config (JSON) under ``path``; load with :func:`shoal.load`."""
+        self.trainer.run_dir = Path(path)
+        return self.trainer.save_checkpoint()
+
+
+def load(path: str | Path, env: Callable[..., gym.Env] | None = None) -> Agent:
+    """An agent from a saved path, a run directory or a checkpoint file (never unpickles)."""
+    arrays, meta = ckpt.load(path)
+    algo = meta["algo"]
+    values = dict(meta["config"])
+    env_id = values.pop("env")
+    config = make_config(algo, env_id, values, presets=False)
+    agent = Agent.__new__(Agent)
+    agent.algo_name, agent.env_fn, agent.config, agent.summary = algo, env, config, {}
+    spaces_of(env or env_id)  # fail early, and clearly, for an unknown env
+    agent.trainer = Trainer(ALGORITHMS[algo], config, env_fn=env)
+    agent.trainer.load_checkpoint(path)
+    agent.algorithm = agent.trainer.algo
+    return agent
+
+
+def PPO(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Proximal Policy Optimization (see :mod:`shoal.algos.ppo` for every setting)."""
+    return Agent("ppo", env, **config)
+
+
+def A2C(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Advantage Actor-Critic (see :mod:`shoal.algos.a2c`)."""
+    return Agent("a2c", env, **config)
+
+
+def DQN(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Deep Q-Network with double-DQN targets (see :mod:`shoal.algos.dqn`)."""
+    return Agent("dqn", env, **config)
+
+
+__all__ = ["Agent", "PPO", "A2C", "DQN", "load", "make_config", "config_dict"]

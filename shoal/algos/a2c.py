@@ -1,0 +1,139 @@
+"""Advantage Actor-Critic (Mnih et al., 2016), the synchronous variant.
+
+Read top to bottom: short rollouts (``num_steps`` per env), advantages by GAE (lambda 1
+gives the paper's n-step returns), then ONE gradient step on policy loss, value loss and
+entropy bonus, with RMSprop as in the paper. Run with ``--strategy a3c`` (distributed
+training) it becomes A3C: workers apply these same gradients asynchronously.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from shoal.algos.base import Algorithm
+from shoal.buffers import RolloutBuffer, gae
+from shoal.config import TrainConfig, opt
+from shoal.nn import ActorCritic
+
+
+@dataclass
+class A2CConfig(TrainConfig):
+    num_steps: int = opt(5, "steps per env between updates")
+    learning_rate: float = opt(7e-4, "RMSprop learning rate")
+    anneal_lr: bool = opt(False, "decay the learning rate linearly to 0 over training")
+    gamma: float = opt(0.99, "discount factor")
+    gae_lambda: float = opt(1.0, "GAE lambda (1.0: plain n-step returns)")
+    norm_adv: bool = opt(False, "normalise advantages over each rollout")
+    ent_coef: float = opt(0.0, "entropy bonus coefficient")
+    vf_coef: float = opt(0.5, "value loss coefficient")
+    max_grad_norm: float = opt(0.5, "gradient norm clip")
+    rms_alpha: float = opt(0.99, "RMSprop smoothing constant")
+    rms_eps: float = opt(1e-5, "RMSprop epsilon")
+    hidden: tuple[int, ...] = opt((64, 64), "hidden layer sizes of actor and critic")
+    log_std_init: float = opt(0.0, "initial log standard deviation (continuous actions)")
+
+
+class A2C(Algorithm):
+    name = "a2c"
+    config_class = A2CConfig
+
+    def __init__(self, config: A2CConfig, obs_space, action_space, device, strategy=None) -> None:
+        super().__init__(config, obs_space, action_space, device, strategy)
+        c = config
+        self.net = ActorCritic(obs_space, action_space, c.hidden, nn.Tanh, c.log_std_init).to(device)
+        self.optimizer = torch.optim.RMSprop(
+            self.net.parameters(), lr=c.learning_rate, alpha=c.rms_alpha, eps=c.rms_eps
+        )
+        discrete = isinstance(action_space, spaces.Discrete)
+        self.buffer = RolloutBuffer(
+            c.num_steps,
+            c.num_envs,
+            obs_space.shape,
+            torch.as_tensor(obs_space.sample()).dtype,
+            () if discrete else action_space.shape,
+            torch.long if discrete else torch.float32,
+            device,
+        )
+        self.total_updates = max(1, c.total_steps // (c.num_steps * c.num_envs))
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs_t = self._obs(obs)
+        with torch.inference_mode():
+            action, logprob = self.net.sample(obs_t)
+            value = self.net.value(obs_t)
+        self._last = (obs_t, action, logprob, value)
+        return self._to_env(action)
+
+    def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:
+        self.buffer.add(*self._last, rewards, terminated, truncated, valid)
+
+    def ready(self) -> bool:
+        return self.buffer.full
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        with torch.inference_mode():
+            action, _ = self.net.sample(self._obs(obs), deterministic)
+        return self._to_env(action)
+
+    def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
+        c, b, net = self.config, self.buffer, self.net
+        lr = c.learning_rate * (1.0 - self.updates / self.total_updates) if c.anneal_lr else c.learning_rate
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.no_grad():
+            next_value = net.value(self._obs(next_obs))
+            advantages = gae(b.rewards, b.values, next_value, b.terminated, b.done, c.gamma, c.gae_lambda)
+            returns = advantages + b.values
+        valid = b.valid.reshape(-1)
+        obs = b.obs.reshape(-1, *b.obs.shape[2:])[valid]
+        actions = b.actions.reshape(-1, *b.actions.shape[2:])[valid]
+        advantages = advantages.reshape(-1)[valid]
+        returns = returns.reshape(-1)[valid]
+        if c.norm_adv and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        logprob, entropy, value = net.evaluate(obs, actions)
+        pg_loss = -(advantages * logprob).mean()
+        v_loss = 0.5 * ((returns - value) ** 2).mean()
+        ent = entropy.mean()
+        loss = pg_loss - c.ent_coef * ent + c.vf_coef * v_loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.strategy.reduce_gradients(net)
+        nn.utils.clip_grad_norm_(net.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        self.strategy.after_update(net, self.optimizer)
+        self.updates += 1
+        b.t = 0
+        pg, vl, en = torch.stack([pg_loss, v_loss, ent]).tolist()
+        return {"policy_loss": pg, "value_loss": vl, "entropy": en, "learning_rate": lr}
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+
+PRESETS: dict[str, dict] = {
+    "CartPole-v1": dict(num_envs=8, ent_coef=0.0, total_steps=500_000),
+    "Acrobot-v1": dict(num_envs=16, ent_coef=0.0, norm_adv=False, total_steps=500_000),
+    "Pendulum-v1": dict(
+        num_envs=8,
+        num_steps=8,
+        gae_lambda=0.9,
+        gamma=0.9,
+        ent_coef=0.0,
+        max_grad_norm=0.5,
+        learning_rate=7e-4,
+        log_std_init=-2.0,
+        total_steps=1_000_000,
+    ),
+}
+A2C.presets = PRESETS

@@ -1,0 +1,98 @@
+"""What the shared training loop needs from an algorithm, and nothing more.
+
+The loop (``shoal.trainer``) steps the vector env and, each step, calls ``act`` then
+``record``; when ``ready()`` it calls ``update``. Everything else of an algorithm (its
+networks, buffers and losses) lives in its own module and reads top to bottom there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from shoal.config import TrainConfig
+from shoal.strategy import LocalStrategy, Strategy
+
+
+class Algorithm:
+    """Base class: holds the config, spaces, device and strategy of one learner."""
+
+    name = "algorithm"
+    config_class: type[TrainConfig] = TrainConfig
+    presets: dict[str, dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        obs_space: spaces.Space,
+        action_space: spaces.Space,
+        device: torch.device,
+        strategy: Strategy | None = None,
+    ) -> None:
+        self.config = config
+        self.obs_space, self.action_space = obs_space, action_space
+        self.device = device
+        self.strategy = strategy or LocalStrategy()
+        self.updates = 0
+
+    # -- the loop's interface --------------------------------------------------------------
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Actions to send to the envs for a batch of observations (exploring)."""
+        raise NotImplementedError
+
+    def record(
+        self,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        next_obs: np.ndarray,
+        valid: np.ndarray,
+        env_steps: int,
+    ) -> None:
+        """Store the step that followed the last ``act``."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether ``update`` should run now."""
+        raise NotImplementedError
+
+    def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
+        """Learn from the stored experience; return metrics to log."""
+        raise NotImplementedError
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        """Actions for evaluation or deployment (greedy by default)."""
+        raise NotImplementedError
+
+    def on_new_episodes(self) -> None:
+        """The loop is about to reset every env (a checkpoint boundary)."""
+
+    # -- state, for checkpoints -----------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Networks to save (their weights are all an agent needs to act)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays and JSON-able values beyond weights and optimizers (buffers, RNGs)."""
+        return {}, {}
+
+    def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        pass
+
+    def _to_env(self, actions: torch.Tensor) -> np.ndarray:
+        """Network actions as the env takes them: Box actions clipped to the bounds."""
+        out = actions.cpu().numpy()
+        if isinstance(self.action_space, spaces.Box):
+            out = np.clip(
+                out.reshape((-1, *self.action_space.shape)), self.action_space.low, self.action_space.high
+            ).astype(self.action_space.dtype)
+        return out
+
+    def _obs(self, obs: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(obs, device=self.device)

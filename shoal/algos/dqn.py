@@ -1,0 +1,215 @@
+"""Deep Q-Network (Mnih et al., 2015) with a double-DQN target (van Hasselt et al., 2016).
+
+Read top to bottom: epsilon-greedy acting with a linearly decaying epsilon, transitions
+into a replay buffer (optionally as n-step returns), and every ``train_freq`` env steps
+``gradient_steps`` minibatch updates of the Huber loss against
+``r + discount * Q_target(s', argmax_a Q(s', a))``; the target network is copied (or
+Polyak-averaged with ``tau < 1``) every ``target_update_interval`` env steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+from torch.nn import functional as F
+
+from shoal.algos.base import Algorithm
+from shoal.buffers import ReplayBuffer
+from shoal.config import TrainConfig, opt
+from shoal.nn import QNetwork
+
+
+def td_target(
+    q: nn.Module,
+    q_target: nn.Module,
+    returns: torch.Tensor,
+    next_obs: torch.Tensor,
+    discounts: torch.Tensor,
+    double_q: bool,
+) -> torch.Tensor:
+    """``R + discount * Q_target(s', a*)``: a* from the online net (double DQN) or the target."""
+    next_q = q_target(next_obs)
+    best = (q(next_obs) if double_q else next_q).argmax(-1, keepdim=True)
+    return returns + discounts * next_q.gather(-1, best).squeeze(-1)
+
+
+@dataclass
+class DQNConfig(TrainConfig):
+    learning_rate: float = opt(1e-4, "Adam learning rate")
+    buffer_size: int = opt(100_000, "replay buffer capacity (transitions)")
+    learning_starts: int = opt(1_000, "env steps of pure exploration before learning")
+    batch_size: int = opt(64, "transitions per gradient step")
+    gamma: float = opt(0.99, "discount factor")
+    n_step: int = opt(1, "n-step returns (1: plain one-step targets)")
+    train_freq: int = opt(4, "env steps between training phases")
+    gradient_steps: int = opt(1, "gradient steps per training phase")
+    target_update_interval: int = opt(1_000, "env steps between target network updates")
+    tau: float = opt(1.0, "target update rate (1.0: hard copy)")
+    double_q: bool = opt(True, "double-DQN target")
+    exploration_fraction: float = opt(0.1, "fraction of training over which epsilon decays")
+    exploration_initial_eps: float = opt(1.0, "epsilon at the start")
+    exploration_final_eps: float = opt(0.05, "epsilon after the decay")
+    max_grad_norm: float = opt(10.0, "gradient norm clip")
+    hidden: tuple[int, ...] = opt((64, 64), "hidden layer sizes of the Q-network")
+
+
+class DQN(Algorithm):
+    name = "dqn"
+    config_class = DQNConfig
+
+    def __init__(self, config: DQNConfig, obs_space, action_space, device, strategy=None) -> None:
+        if not isinstance(action_space, spaces.Discrete):
+            raise ValueError(f"DQN needs a Discrete action space, got {action_space}; use PPO or A2C")
+        super().__init__(config, obs_space, action_space, device, strategy)
+        c = config
+        self.q = QNetwork(obs_space, action_space, c.hidden).to(device)
+        self.q_target = copy.deepcopy(self.q)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=c.learning_rate)
+        sample = np.asarray(obs_space.sample())
+        self.replay = ReplayBuffer(
+            c.buffer_size, c.num_envs, sample.shape, sample.dtype, (), np.int64, c.n_step, c.gamma
+        )
+        self.rng = np.random.default_rng(self.strategy.worker_seed(c.seed))
+        self.env_steps = 0
+        self.last_train = 0  # env steps at the last training phase
+        self.last_target = 0  # env steps at the last target update
+
+    def epsilon(self) -> float:
+        c = self.config
+        frac = min(1.0, self.env_steps / max(1.0, c.exploration_fraction * c.total_steps))
+        return c.exploration_initial_eps + frac * (c.exploration_final_eps - c.exploration_initial_eps)
+
+    # -- acting ---------------------------------------------------------------------------
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        greedy = self.predict(obs)
+        explore = self.rng.random(len(greedy)) < self.epsilon()
+        actions = np.where(explore, self.rng.integers(0, self.action_space.n, len(greedy)), greedy)
+        self._last = (obs, actions)
+        return actions
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        with torch.inference_mode():
+            return self.q(self._obs(obs)).argmax(-1).cpu().numpy()
+
+    def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:
+        obs, actions = self._last
+        self.replay.add(obs, actions, rewards, next_obs, terminated, truncated, valid)
+        self.env_steps = env_steps
+        c = self.config
+        if env_steps - self.last_target >= c.target_update_interval:
+            self.last_target = env_steps
+            with torch.no_grad():
+                for target, online in zip(self.q_target.parameters(), self.q.parameters()):
+                    target.lerp_(online, c.tau)
+
+    def ready(self) -> bool:
+        c = self.config
+        return self.env_steps >= c.learning_starts and self.env_steps - self.last_train >= c.train_freq
+
+    # -- learning -------------------------------------------------------------------------
+    def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
+        c = self.config
+        self.last_train = env_steps
+        losses, q_means = [], []
+        for _ in range(c.gradient_steps):
+            obs, actions, returns, next_o, discounts = (
+                torch.as_tensor(x, device=self.device) for x in self.replay.sample(c.batch_size, self.rng)
+            )
+            with torch.no_grad():
+                target = td_target(self.q, self.q_target, returns, next_o, discounts, c.double_q)
+            q = self.q(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+            loss = F.smooth_l1_loss(q, target)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.strategy.reduce_gradients(self.q)
+            nn.utils.clip_grad_norm_(self.q.parameters(), c.max_grad_norm)
+            self.optimizer.step()
+            self.strategy.after_update(self.q, self.optimizer)
+            losses.append(loss.detach())
+            q_means.append(q.detach().mean())
+        self.updates += 1
+        loss_mean, q_mean = torch.stack([torch.stack(losses).mean(), torch.stack(q_means).mean()]).tolist()
+        return {
+            "q_loss": loss_mean,
+            "q_mean": q_mean,
+            "epsilon": self.epsilon(),
+            "learning_rate": c.learning_rate,
+        }
+
+    def on_new_episodes(self) -> None:
+        self.replay.clear_pending()
+
+    # -- state ----------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"q": self.q, "q_target": self.q_target}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+    def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = self.replay.state()
+        return (
+            {f"replay/{k}": v for k, v in arrays.items()},
+            {
+                "replay": meta,
+                "rng": self.rng.bit_generator.state,
+                "env_steps": self.env_steps,
+                "last_train": self.last_train,
+                "last_target": self.last_target,
+            },
+        )
+
+    def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.replay.load(
+            {k.removeprefix("replay/"): v for k, v in arrays.items() if k.startswith("replay/")},
+            meta["replay"],
+        )
+        self.rng.bit_generator.state = meta["rng"]
+        self.env_steps, self.last_train, self.last_target = (
+            meta["env_steps"],
+            meta["last_train"],
+            meta["last_target"],
+        )
+
+
+PRESETS: dict[str, dict] = {
+    # RL-Baselines3-Zoo's CartPole hyperparameters.
+    "CartPole-v1": dict(
+        num_envs=1,
+        learning_rate=2.3e-3,
+        batch_size=64,
+        buffer_size=100_000,
+        learning_starts=1_000,
+        gamma=0.99,
+        target_update_interval=10,
+        train_freq=256,
+        gradient_steps=128,
+        exploration_fraction=0.16,
+        exploration_final_eps=0.04,
+        hidden=(256, 256),
+        total_steps=50_000,
+    ),
+    "Acrobot-v1": dict(
+        num_envs=1,
+        learning_rate=6.3e-4,
+        batch_size=128,
+        buffer_size=50_000,
+        learning_starts=0,
+        gamma=0.99,
+        target_update_interval=250,
+        train_freq=4,
+        gradient_steps=4,
+        exploration_fraction=0.12,
+        exploration_final_eps=0.1,
+        hidden=(256, 256),
+        total_steps=100_000,
+    ),
+}
+DQN.presets = PRESETS

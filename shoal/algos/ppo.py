@@ -1,0 +1,208 @@
+"""Proximal Policy Optimization (Schulman et al., 2017), clipped objective.
+
+Read top to bottom: the config, acting (sample an action, remember its log-probability and
+the state's value), recording the step, then the update: advantages by GAE, normalised,
+and several epochs of minibatch steps on the clipped surrogate, the (optionally clipped)
+value loss and an entropy bonus, with gradient-norm clipping and a linearly annealed
+learning rate (and, optionally, clip range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from shoal.algos.base import Algorithm
+from shoal.buffers import RolloutBuffer, gae
+from shoal.config import TrainConfig, opt
+from shoal.nn import ActorCritic
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    num_steps: int = opt(128, "steps per env between updates (rollout length)")
+    learning_rate: float = opt(2.5e-4, "Adam learning rate")
+    anneal_lr: bool = opt(True, "decay the learning rate linearly to 0 over training")
+    gamma: float = opt(0.99, "discount factor")
+    gae_lambda: float = opt(0.95, "GAE lambda")
+    num_minibatches: int = opt(4, "minibatches per epoch")
+    update_epochs: int = opt(4, "passes over each rollout")
+    norm_adv: bool = opt(True, "normalise advantages within each minibatch")
+    clip_coef: float = opt(0.2, "surrogate clipping range")
+    anneal_clip: bool = opt(False, "decay the clipping range linearly to 0 over training")
+    clip_vloss: bool = opt(True, "clip the value loss like the policy")
+    ent_coef: float = opt(0.01, "entropy bonus coefficient")
+    vf_coef: float = opt(0.5, "value loss coefficient")
+    max_grad_norm: float = opt(0.5, "gradient norm clip")
+    target_kl: float | None = opt(None, "stop the epochs early past this KL (None: never)")
+    hidden: tuple[int, ...] = opt((64, 64), "hidden layer sizes of actor and critic")
+    log_std_init: float = opt(0.0, "initial log standard deviation (continuous actions)")
+
+
+class PPO(Algorithm):
+    name = "ppo"
+    config_class = PPOConfig
+
+    def __init__(self, config: PPOConfig, obs_space, action_space, device, strategy=None) -> None:
+        super().__init__(config, obs_space, action_space, device, strategy)
+        c = config
+        self.net = ActorCritic(obs_space, action_space, c.hidden, nn.Tanh, c.log_std_init).to(device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.learning_rate, eps=1e-5)
+        discrete = isinstance(action_space, spaces.Discrete)
+        self.buffer = RolloutBuffer(
+            c.num_steps,
+            c.num_envs,
+            obs_space.shape,
+            torch.as_tensor(obs_space.sample()).dtype,
+            () if discrete else action_space.shape,
+            torch.long if discrete else torch.float32,
+            device,
+        )
+        self.total_updates = max(1, c.total_steps // (c.num_steps * c.num_envs))
+
+    # -- acting ---------------------------------------------------------------------------
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs_t = self._obs(obs)
+        with torch.inference_mode():
+            action, logprob = self.net.sample(obs_t)
+            value = self.net.value(obs_t)
+        self._last = (obs_t, action, logprob, value)
+        return self._to_env(action)
+
+    def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:
+        self.buffer.add(*self._last, rewards, terminated, truncated, valid)
+
+    def ready(self) -> bool:
+        return self.buffer.full
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        with torch.inference_mode():
+            action, _ = self.net.sample(self._obs(obs), deterministic)
+        return self._to_env(action)
+
+    # -- learning -------------------------------------------------------------------------
+    def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
+        c, b, net = self.config, self.buffer, self.net
+        frac = 1.0 - self.updates / self.total_updates
+        lr = c.learning_rate * frac if c.anneal_lr else c.learning_rate
+        clip = c.clip_coef * frac if c.anneal_clip else c.clip_coef
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.no_grad():
+            next_value = net.value(self._obs(next_obs))
+            advantages = gae(b.rewards, b.values, next_value, b.terminated, b.done, c.gamma, c.gae_lambda)
+            returns = advantages + b.values
+        # Train on real transitions only (not the reset steps of next-step autoreset).
+        valid = b.valid.reshape(-1)
+        obs = b.obs.reshape(-1, *b.obs.shape[2:])[valid]
+        actions = b.actions.reshape(-1, *b.actions.shape[2:])[valid]
+        old_logprobs = b.logprobs.reshape(-1)[valid]
+        old_values = b.values.reshape(-1)[valid]
+        advantages = advantages.reshape(-1)[valid]
+        returns = returns.reshape(-1)[valid]
+
+        n = len(obs)
+        size = max(1, -(-n // c.num_minibatches))
+        stats = torch.zeros(5, device=self.device)  # pg loss, v loss, entropy, kl, clipfrac
+        count = 0
+        for _ in range(c.update_epochs):
+            perm = torch.randperm(n, device=self.device)
+            for start in range(0, n, size):
+                idx = perm[start : start + size]
+                logprob, entropy, value = net.evaluate(obs[idx], actions[idx])
+                log_ratio = logprob - old_logprobs[idx]
+                ratio = log_ratio.exp()
+                adv = advantages[idx]
+                if c.norm_adv and len(idx) > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+
+                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+                if c.clip_vloss:
+                    clipped = old_values[idx] + (value - old_values[idx]).clamp(-clip, clip)
+                    v_loss = (
+                        0.5 * torch.max((value - returns[idx]) ** 2, (clipped - returns[idx]) ** 2).mean()
+                    )
+                else:
+                    v_loss = 0.5 * ((value - returns[idx]) ** 2).mean()
+                ent = entropy.mean()
+                loss = pg_loss - c.ent_coef * ent + c.vf_coef * v_loss
+
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.strategy.reduce_gradients(net)
+                nn.utils.clip_grad_norm_(net.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                self.strategy.after_update(net, self.optimizer)
+
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance estimator
+                    clipfrac = ((ratio - 1).abs() > clip).float().mean()
+                    stats += torch.stack([pg_loss, v_loss, ent, approx_kl, clipfrac])
+                count += 1
+            if c.target_kl is not None and approx_kl.item() > c.target_kl:
+                break
+        self.updates += 1
+        b.t = 0
+        pg, vl, ent, kl, cf = (stats / max(count, 1)).tolist()
+        var = returns.var()
+        explained = float(1 - (returns - old_values).var() / var) if var > 0 else float("nan")
+        return {
+            "policy_loss": pg,
+            "value_loss": vl,
+            "entropy": ent,
+            "approx_kl": kl,
+            "clip_fraction": cf,
+            "explained_variance": explained,
+            "learning_rate": lr,
+        }
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+
+# Tuned defaults per env (RL-Baselines3-Zoo's, which shoal's tests and benchmarks check).
+PRESETS: dict[str, dict] = {
+    "CartPole-v1": dict(
+        num_envs=8,
+        num_steps=32,
+        num_minibatches=1,
+        update_epochs=20,
+        gae_lambda=0.8,
+        gamma=0.98,
+        ent_coef=0.0,
+        learning_rate=1e-3,
+        anneal_clip=True,
+        total_steps=100_000,
+    ),
+    "Acrobot-v1": dict(
+        num_envs=16,
+        num_steps=256,
+        gae_lambda=0.94,
+        gamma=0.99,
+        update_epochs=4,
+        ent_coef=0.0,
+        total_steps=200_000,
+    ),
+    "Pendulum-v1": dict(
+        num_envs=4,
+        num_steps=1024,
+        gae_lambda=0.95,
+        gamma=0.9,
+        update_epochs=10,
+        ent_coef=0.0,
+        learning_rate=1e-3,
+        num_minibatches=64,
+        clip_coef=0.2,
+        log_std_init=-0.7,
+        total_steps=200_000,
+    ),
+}
+PPO.presets = PRESETS

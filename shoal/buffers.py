@@ -1,0 +1,175 @@
+"""Experience storage: a rollout buffer for on-policy methods, a replay buffer for DQN.
+
+Vector envs reset with gymnasium's next-step autoreset: the step after an episode ends
+returns the first observation of the next episode, with reward 0, and ignores the action.
+Such steps are stored with ``valid=False`` and never trained on; the observation stored
+right after a truncated step is its final observation, which is what a truncated
+episode's value bootstrap needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_value: torch.Tensor,
+    terminated: torch.Tensor,
+    done: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> torch.Tensor:
+    """Generalised advantage estimates over a (T, N) rollout.
+
+    ``values[t + 1]`` (or ``next_value`` at the end) is the value of the observation that
+    step ``t`` returned: zero after a termination, a bootstrap after a truncation. The
+    recursion stops at every episode end (``done``), so nothing leaks across episodes.
+    """
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(steps)):
+        following = next_value if t == steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * following * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * lam * (1.0 - done[t]) * last
+        advantages[t] = last
+    return advantages
+
+
+class RolloutBuffer:
+    """``steps`` x ``num_envs`` transitions, preallocated on the learner's device."""
+
+    def __init__(
+        self,
+        steps: int,
+        num_envs: int,
+        obs_shape: tuple,
+        obs_dtype: torch.dtype,
+        action_shape: tuple,
+        action_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros((steps, num_envs, *shape), dtype=dtype, device=device)
+
+        self.steps, self.num_envs = steps, num_envs
+        self.obs = zeros(*obs_shape, dtype=obs_dtype)
+        self.actions = zeros(*action_shape, dtype=action_dtype)
+        self.logprobs = zeros()
+        self.values = zeros()
+        self.rewards = zeros()
+        self.terminated = zeros()
+        self.done = zeros()
+        self.valid = zeros(dtype=torch.bool)
+        self.t = 0
+
+    @property
+    def full(self) -> bool:
+        return self.t == self.steps
+
+    def add(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        logprobs: torch.Tensor,
+        values: torch.Tensor,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        t = self.t
+        self.obs[t] = obs
+        self.actions[t] = actions
+        self.logprobs[t] = logprobs
+        self.values[t] = values
+        self.rewards[t] = torch.as_tensor(rewards, dtype=torch.float32)
+        self.terminated[t] = torch.as_tensor(terminated, dtype=torch.float32)
+        self.done[t] = torch.as_tensor(terminated | truncated, dtype=torch.float32)
+        self.valid[t] = torch.as_tensor(valid)
+        self.t += 1
+
+
+class ReplayBuffer:
+    """A ring buffer of (obs, action, n-step return, next obs, discount) transitions.
+
+    n-step returns are assembled per env as transitions arrive: a transition enters the
+    ring once its ``n`` rewards are known, or earlier when its episode ends. ``discount``
+    is ``gamma**k`` for a bootstrap ``k`` steps ahead, or 0 after a termination.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: tuple,
+        obs_dtype: np.dtype,
+        action_shape: tuple,
+        action_dtype: np.dtype,
+        n_step: int,
+        gamma: float,
+    ) -> None:
+        self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
+        self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        self.next_obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
+        self.returns = np.zeros(capacity, dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.pos, self.size = 0, 0
+        self.pending: list[list[tuple]] = [[] for _ in range(num_envs)]  # per env, oldest first
+
+    def _store(self, obs: Any, action: Any, ret: float, next_obs: Any, discount: float) -> None:
+        i = self.pos
+        self.obs[i], self.actions[i], self.next_obs[i] = obs, action, next_obs
+        self.returns[i], self.discounts[i] = ret, discount
+        self.pos = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def add(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """One vector step; invalid (autoreset) steps are skipped."""
+        for e in np.flatnonzero(valid):
+            queue = self.pending[e]
+            queue.append((obs[e], actions[e], float(rewards[e])))
+            ended = bool(terminated[e] or truncated[e])
+            while queue and (len(queue) == self.n_step or ended):
+                ret = sum(r * self.gamma**k for k, (_, _, r) in enumerate(queue))
+                discount = 0.0 if terminated[e] else self.gamma ** len(queue)
+                first_obs, first_action, _ = queue.pop(0)
+                self._store(first_obs, first_action, ret, next_obs[e], discount)
+
+    def clear_pending(self) -> None:
+        """Drop partial n-step transitions (their episodes are being cut short)."""
+        for queue in self.pending:
+            queue.clear()
+
+    def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        idx = rng.integers(0, self.size, batch)
+        return self.obs[idx], self.actions[idx], self.returns[idx], self.next_obs[idx], self.discounts[idx]
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays (for safetensors) and scalars (for JSON) of the whole buffer."""
+        arrays = {
+            k: getattr(self, k)[: self.size] for k in ("obs", "next_obs", "actions", "returns", "discounts")
+        }
+        return arrays, {"pos": self.pos, "size": self.size, "pending": [len(q) for q in self.pending]}
+
+    def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if any(meta["pending"]):
+            raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
+        for key, value in arrays.items():
+            getattr(self, key)[: len(value)] = value
+        self.pos, self.size = int(meta["pos"]), int(meta["size"])

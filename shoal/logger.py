@@ -1,0 +1,106 @@
+"""Run logging: metrics.jsonl (survives crashes), TensorBoard scalars, and progress.
+
+Progress is a live rich bar on a terminal, and periodic plain lines otherwise (CI logs,
+files), so a run is never silent and never floods a log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLogger:
+    """Writes one JSON row per ``log`` call and shows progress towards ``total_steps``."""
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        total_steps: int,
+        *,
+        progress: bool = True,
+        tensorboard: bool = True,
+        start_step: int = 0,
+        plain_every_s: float = 5.0,
+    ) -> None:
+        self.total, self.start = total_steps, start_step
+        self.file = None
+        self.writer = None
+        if run_dir is not None:
+            path = Path(run_dir) / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if start_step > 0 and path.exists():  # a resumed run: drop rows past the checkpoint
+                rows = [
+                    r for r in path.read_text().splitlines() if r and json.loads(r)["env_steps"] <= start_step
+                ]
+                path.write_text("".join(r + "\n" for r in rows))
+            self.file = open(path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+        self.bar = None
+        self.plain = progress and not sys.stdout.isatty()
+        self.plain_every_s = plain_every_s
+        self._last_plain = 0.0
+        self.recent_return = math.nan
+        if progress and sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,}/{task.total:,} steps"),
+                TextColumn("{task.fields[sps]} sps"),
+                TextColumn("return {task.fields[ret]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task(
+                "training", total=total_steps, completed=start_step, sps="-", ret="-"
+            )
+            self.bar.start()
+
+    def log(self, env_steps: int, metrics: dict[str, float]) -> None:
+        row: dict[str, Any] = {"env_steps": env_steps, **metrics}
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, env_steps)
+        if "episode_return" in metrics:
+            self.recent_return = metrics["episode_return"]
+        sps = metrics.get("sps", math.nan)
+        ret = "-" if math.isnan(self.recent_return) else f"{self.recent_return:.1f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=env_steps, sps=f"{sps:,.0f}", ret=ret)
+        elif self.plain:
+            now = time.monotonic()
+            if now - self._last_plain >= self.plain_every_s or env_steps >= self.total:
+                self._last_plain = now
+                pct = 100 * env_steps / max(1, self.total)
+                eta = (self.total - env_steps) / sps if sps and sps > 0 else math.nan
+                eta_s = "-" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+                extra = "".join(
+                    f" | {k} {metrics[k]:.3g}" for k in ("policy_lag", "bytes_sent") if k in metrics
+                )
+                print(
+                    f"shoal: step {env_steps:,}/{self.total:,} ({pct:.0f}%) | {sps:,.0f} sps | return {ret}"
+                    f"{extra} | eta {eta_s}",
+                    flush=True,
+                )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None

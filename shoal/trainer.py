@@ -1,0 +1,258 @@
+"""The training loop every algorithm shares: envs -> experience -> learner -> checkpoints.
+
+Exact resume: environment state cannot be saved in general, so checkpoints are taken at
+update boundaries every ``checkpoint_every`` env steps, and at each boundary EVERY run,
+interrupted or not, starts fresh episodes with ``reset(seed=derived_seed(seed, k))``. A run
+resumed from checkpoint ``k`` therefore sees exactly the environments, random streams and
+weights the uninterrupted run saw, and ends with the same parameters. At a boundary the
+last rollout has already been used (and bootstrapped from its final values), so cutting
+episodes there costs an on-policy learner nothing; DQN keeps its replay buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import yaml
+
+from shoal import checkpoint as ckpt
+from shoal.algos.base import Algorithm
+from shoal.config import TrainConfig
+from shoal.envs import make_vec
+from shoal.logger import RunLogger
+from shoal.strategy import LocalStrategy, Strategy
+
+EVAL_SEED_OFFSET = 1_000_000_007  # evaluation envs never share seeds with training envs
+
+
+def derived_seed(seed: int, k: int) -> int:
+    """Seed of the episodes started at checkpoint boundary ``k``."""
+    return seed + 10_007 * k
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain YAML/JSON values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def default_run_dir(algo: str, config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.env.replace('/', '_')}-{algo}-s{config.seed}-{stamp}"
+
+
+def spaces_of(env: str | Callable[..., gym.Env]) -> tuple[gym.Space, gym.Space]:
+    probe = gym.make(env) if isinstance(env, str) else env()
+    try:
+        return probe.observation_space, probe.action_space
+    finally:
+        probe.close()
+
+
+class Trainer:
+    """Runs one algorithm on one vector env, writing a run directory."""
+
+    def __init__(
+        self,
+        algo_class: type[Algorithm],
+        config: TrainConfig,
+        *,
+        env_fn: Callable[..., gym.Env] | None = None,
+        strategy: Strategy | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.algo_class, self.config = algo_class, config
+        self.env_fn = env_fn
+        self.strategy = strategy or LocalStrategy()
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        torch.set_num_threads(max(1, config.torch_threads))
+        torch.manual_seed(self.strategy.worker_seed(config.seed))
+        obs_space, action_space = spaces_of(env_fn or config.env)
+        self.algo = algo_class(config, obs_space, action_space, self.device, self.strategy)
+        self.env_steps = 0
+        self.boundary = 0  # index of the last checkpoint boundary
+        self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo_class.name, config)
+
+    @property
+    def checkpoint_every(self) -> int:
+        c = self.config
+        return c.checkpoint_every if c.checkpoint_every > 0 else max(1, c.total_steps // 10)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {"algo": self.algo_class.name, "config": config_dict(self.config)}
+        for name, module in self.algo.modules().items():
+            arrays.update(ckpt.module_tensors(f"model/{name}", module))
+        optim_meta = {}
+        for name, optimizer in self.algo.optimizers().items():
+            tensors, optim_meta[name] = ckpt.optimizer_state(f"optim/{name}", optimizer)
+            arrays.update(tensors)
+        extra_arrays, extra_meta = self.algo.extra_state()
+        arrays.update({f"extra/{k}": v for k, v in extra_arrays.items()})
+        arrays["rng/torch"] = torch.get_rng_state().numpy()
+        meta.update(
+            optimizers=optim_meta,
+            extra=extra_meta,
+            updates=self.algo.updates,
+            boundary=self.boundary,
+            env_steps=self.env_steps,
+        )
+        return ckpt.save(self.run_dir / "checkpoints", self.env_steps, arrays, meta)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        arrays, meta = ckpt.load(path)
+        if meta.get("algo") != self.algo_class.name:
+            raise ckpt.CheckpointError(
+                f"{path} holds a {meta.get('algo')} checkpoint, not {self.algo_class.name}"
+            )
+        for name, module in self.algo.modules().items():
+            ckpt.load_module(f"model/{name}", module, arrays)
+        for name, optimizer in self.algo.optimizers().items():
+            ckpt.load_optimizer(f"optim/{name}", optimizer, arrays, meta["optimizers"][name])
+        extra = {k.removeprefix("extra/"): v for k, v in arrays.items() if k.startswith("extra/")}
+        self.algo.load_extra_state(extra, meta["extra"])
+        torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+        self.algo.updates = meta["updates"]
+        self.boundary = meta["boundary"]
+        self.env_steps = meta["env_steps"]
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(
+        self, *, resume: str | Path | None = None, stop_after_checkpoints: int | None = None
+    ) -> dict[str, Any]:
+        """Train to ``total_steps``; return the summary (final evaluation included)."""
+        c = self.config
+        if resume is not None:
+            self.load_checkpoint(resume)
+        chief = self.strategy.is_chief
+        if chief:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False)
+            )
+        seed = self.strategy.worker_seed(c.seed)
+        envs = make_vec(
+            self.env_fn or c.env,
+            c.num_envs,
+            seed=seed,
+            vectorization=c.vectorization,
+            num_workers=c.env_workers or "auto",
+        )
+        logger = RunLogger(
+            self.run_dir if chief else None,
+            c.total_steps,
+            progress=self.progress and chief,
+            start_step=self.env_steps,
+        )
+        saved = 0
+        start_time, start_steps = time.perf_counter(), self.env_steps
+        try:
+            obs, _ = envs.reset(seed=derived_seed(seed, self.boundary))
+            autoreset = np.zeros(c.num_envs, dtype=bool)
+            ep_return = np.zeros(c.num_envs)
+            ep_length = np.zeros(c.num_envs, dtype=np.int64)
+            returns: list[float] = []
+            lengths: list[int] = []
+            last_log = self.env_steps
+            metrics: dict[str, float] = {}
+            while self.env_steps < c.total_steps:
+                actions = self.algo.act(obs)
+                next_obs, rewards, terminated, truncated, _ = envs.step(actions)
+                self.env_steps += c.num_envs
+                valid = ~autoreset
+                self.algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
+                ep_return += np.where(valid, rewards, 0.0)
+                ep_length += valid
+                done = (terminated | truncated) & valid
+                for e in np.flatnonzero(done):
+                    returns.append(float(ep_return[e]))
+                    lengths.append(int(ep_length[e]))
+                ep_return[done] = 0.0
+                ep_length[done] = 0
+                autoreset = terminated | truncated
+                obs = next_obs
+
+                if self.algo.ready():
+                    metrics = self.algo.update(next_obs, self.env_steps)
+                    if (
+                        self.env_steps >= (self.boundary + 1) * self.checkpoint_every
+                        and self.env_steps < c.total_steps
+                    ):
+                        # A checkpoint boundary: save, then every run starts fresh episodes here.
+                        self.boundary += 1
+                        self.algo.on_new_episodes()
+                        if chief:
+                            self.save_checkpoint()
+                        saved += 1
+                        if stop_after_checkpoints is not None and saved >= stop_after_checkpoints:
+                            return {"stopped_at": self.env_steps}
+                        obs, _ = envs.reset(seed=derived_seed(seed, self.boundary))
+                        autoreset[:] = False
+                        ep_return[:] = 0.0
+                        ep_length[:] = 0
+                if self.env_steps - last_log >= c.log_every or self.env_steps >= c.total_steps:
+                    last_log = self.env_steps
+                    wall = time.perf_counter() - start_time
+                    row = {
+                        "wall_time": wall,
+                        "sps": (self.env_steps - start_steps) / max(wall, 1e-9),
+                        **metrics,
+                    }
+                    if returns:
+                        row["episode_return"] = float(np.mean(returns))
+                        row["episode_length"] = float(np.mean(lengths))
+                        returns.clear()
+                        lengths.clear()
+                    logger.log(self.env_steps, row)
+        finally:
+            logger.close()
+            envs.close()
+        wall = time.perf_counter() - start_time
+        summary: dict[str, Any] = {"env_steps": self.env_steps, "wall_time": wall}
+        if chief:
+            self.save_checkpoint()
+            summary.update(evaluate(self.algo, self.env_fn or c.env, c.eval_episodes, c.seed))
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def evaluate(algo: Algorithm, env: str | Callable[..., gym.Env], episodes: int, seed: int) -> dict[str, Any]:
+    """Greedy (deterministic) returns of ``episodes`` episodes on a fresh, separately seeded env."""
+    one = gym.make(env) if isinstance(env, str) else env()
+    results = []
+    try:
+        for k in range(episodes):
+            obs, _ = one.reset(seed=seed + EVAL_SEED_OFFSET + k)
+            total, done = 0.0, False
+            while not done:
+                action = algo.predict(np.asarray(obs)[None])[0]
+                obs, reward, terminated, truncated, _ = one.step(action)
+                total += float(reward)
+                done = terminated or truncated
+            results.append(total)
+    finally:
+        one.close()
+    return {
+        "mean_return": float(np.mean(results)) if results else math.nan,
+        "std_return": float(np.std(results)) if results else math.nan,
+        "episodes": len(results),
+    }

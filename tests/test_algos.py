@@ -1,0 +1,109 @@
+"""The math of the algorithms, checked against hand-computed values and torch references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from shoal.algos import DQN, PPO, DQNConfig, PPOConfig
+from shoal.algos.dqn import td_target
+from shoal.buffers import ReplayBuffer, gae
+from shoal.nn import ActorCritic, NatureCNN, QNetwork, gaussian_log_prob
+
+
+def test_gae_matches_a_hand_computed_rollout():
+    # One env, 4 steps: step 1 terminates, step 2 is the autoreset step, step 3 is truncated.
+    gamma, lam = 0.9, 0.5
+    rewards = torch.tensor([[1.0], [2.0], [0.0], [3.0]])
+    values = torch.tensor([[0.5], [1.0], [4.0], [2.0]])
+    terminated = torch.tensor([[0.0], [1.0], [0.0], [0.0]])
+    done = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    next_value = torch.tensor([7.0])  # value of the final obs of the truncated episode
+    adv = gae(rewards, values, next_value, terminated, done, gamma, lam).squeeze(1)
+    d3 = 3.0 + gamma * 7.0 - 2.0  # truncation bootstraps from the final observation
+    d2 = 0.0 + gamma * 2.0 - 4.0
+    a2 = d2 + gamma * lam * d3
+    d1 = 2.0 - 1.0  # termination: no bootstrap, and nothing flows back from step 2
+    d0 = 1.0 + gamma * 1.0 - 0.5
+    a0 = d0 + gamma * lam * d1
+    torch.testing.assert_close(adv, torch.tensor([a0, d1, a2, d3]))
+
+
+def test_gaussian_log_prob_matches_torch_normal():
+    mean, log_std = torch.randn(5, 3), torch.randn(3) * 0.3
+    x = torch.randn(5, 3)
+    ref = torch.distributions.Normal(mean, log_std.exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, log_std), ref)
+
+
+def test_categorical_evaluate_matches_torch():
+    net = ActorCritic(spaces.Box(-1, 1, (4,)), spaces.Discrete(3))
+    obs = torch.randn(6, 4)
+    actions = torch.tensor([0, 1, 2, 0, 1, 2])
+    logp, entropy, _ = net.evaluate(obs, actions)
+    dist = torch.distributions.Categorical(logits=net.policy(obs))
+    torch.testing.assert_close(logp, dist.log_prob(actions))
+    torch.testing.assert_close(entropy, dist.entropy())
+
+
+def test_continuous_actions_are_clipped_for_the_env_only():
+    space = spaces.Box(-0.5, 0.5, (2,), np.float32)
+    cfg = PPOConfig(env="Pendulum-v1", num_envs=3, num_steps=4, log_std_init=2.0)
+    algo = PPO(cfg, spaces.Box(-1, 1, (3,), np.float32), space, torch.device("cpu"))
+    env_actions = algo.act(np.zeros((3, 3), dtype=np.float32))
+    raw = algo._last[1]
+    assert env_actions.shape == (3, 2) and env_actions.dtype == np.float32
+    assert np.all(env_actions <= 0.5) and np.all(env_actions >= -0.5)
+    assert (raw.abs() > 0.5).any()  # the stored action (for the log-prob) is not clipped
+
+
+def test_cnn_scales_uint8_frames_inside_the_network():
+    for shape in [(84, 84, 4), (4, 84, 84)]:
+        space = spaces.Box(0, 255, shape, np.uint8)
+        net = NatureCNN(space)
+        frames = torch.from_numpy(np.stack([space.sample() for _ in range(2)]))
+        assert net(frames).shape == (2, 512)
+        ac = ActorCritic(space, spaces.Discrete(6))
+        logp, ent, value = ac.evaluate(frames, torch.tensor([1, 5]))
+        assert logp.shape == ent.shape == value.shape == (2,)
+
+
+def test_dqn_refuses_continuous_actions():
+    with pytest.raises(ValueError, match="Discrete action space"):
+        DQN(DQNConfig(), spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (1,)), torch.device("cpu"))
+
+
+def test_n_step_returns_stop_at_episode_ends():
+    buf = ReplayBuffer(100, 1, (1,), np.float32, (), np.int64, n_step=3, gamma=0.5)
+    o = lambda v: np.array([[float(v)]], dtype=np.float32)  # noqa: E731
+    f, t = np.array([False]), np.array([True])
+    buf.add(o(0), np.array([0]), np.array([1.0]), o(1), f, f, t)
+    buf.add(o(1), np.array([1]), np.array([2.0]), o(2), f, f, t)
+    assert buf.size == 0  # waits for 3 rewards
+    buf.add(o(2), np.array([0]), np.array([4.0]), o(3), f, f, t)
+    assert buf.size == 1
+    assert buf.returns[0] == 1 + 0.5 * 2 + 0.25 * 4 and buf.discounts[0] == 0.125 and buf.next_obs[0, 0] == 3
+    buf.add(o(3), np.array([1]), np.array([8.0]), o(4), t, f, t)  # terminates: flush all, no bootstrap
+    assert buf.size == 4
+    np.testing.assert_allclose(buf.returns[1:4], [2 + 0.5 * 4 + 0.25 * 8, 4 + 0.5 * 8, 8])
+    np.testing.assert_array_equal(buf.discounts[1:4], [0, 0, 0])
+    buf.add(o(5), np.array([1]), np.array([9.0]), o(6), f, f, np.array([False]))  # autoreset step: skipped
+    assert buf.size == 4
+
+
+def test_double_dqn_target_uses_online_argmax_and_target_values():
+    net = lambda: QNetwork(spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(2), (4,))  # noqa: E731
+    online, target = net(), net()
+    with torch.no_grad():
+        for p in [*online.parameters(), *target.parameters()]:
+            p.zero_()
+        online.head.bias.copy_(torch.tensor([1.0, 0.0]))  # online prefers action 0
+        target.head.bias.copy_(torch.tensor([10.0, 100.0]))  # target would prefer action 1
+    obs = torch.zeros((2, 2))
+    returns, discounts = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.0])
+    double = td_target(online, target, returns, obs, discounts, double_q=True)
+    torch.testing.assert_close(double, torch.tensor([1.0 + 0.5 * 10.0, 1.0]))  # not 1 + 0.5 * 100
+    vanilla = td_target(online, target, returns, obs, discounts, double_q=False)
+    torch.testing.assert_close(vanilla, torch.tensor([1.0 + 0.5 * 100.0, 1.0]))
