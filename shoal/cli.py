@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(run=_plot)
 
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
-    bench.add_argument("which", choices=["envs"], help="envs: vector-env steps/s vs other libraries")
+    bench.add_argument(
+        "which",
+        choices=["envs", "sb3"],
+        help="envs: vector-env steps/s vs other libraries; sb3: PPO vs Stable-Baselines3",
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help)")
     bench.set_defaults(run=_bench)
     return parser
@@ -145,6 +149,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.which == "sb3":
+        from shoal.bench import sb3
+
+        return sb3.main(args.args)
     from shoal.bench import vector_envs
 
     return vector_envs.main(args.args)

@@ -137,9 +137,16 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def train(
-        self, *, resume: str | Path | None = None, stop_after_checkpoints: int | None = None
+        self,
+        *,
+        resume: str | Path | None = None,
+        stop_after_checkpoints: int | None = None,
+        on_update: Callable[[Trainer], bool] | None = None,
     ) -> dict[str, Any]:
-        """Train to ``total_steps``; return the summary (final evaluation included)."""
+        """Train to ``total_steps``; return the summary (final evaluation included).
+
+        ``on_update`` is called after every update; returning True stops training early.
+        """
         c = self.config
         if resume is not None:
             self.load_checkpoint(resume)
@@ -193,6 +200,8 @@ class Trainer:
 
                 if self.algo.ready():
                     metrics = self.algo.update(next_obs, self.env_steps)
+                    if on_update is not None and on_update(self):
+                        break
                     if (
                         self.env_steps >= (self.boundary + 1) * self.checkpoint_every
                         and self.env_steps < c.total_steps

@@ -17,6 +17,11 @@ from shoal.config import TrainConfig
 from shoal.strategy import LocalStrategy, Strategy
 
 
+def fused_ok(device: torch.device) -> bool:
+    """Whether the optimizer can use its fused kernel (one call instead of several per tensor)."""
+    return device.type in ("cpu", "cuda")
+
+
 class Algorithm:
     """Base class: holds the config, spaces, device and strategy of one learner."""
 

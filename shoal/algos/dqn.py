@@ -19,7 +19,7 @@ from gymnasium import spaces
 from torch import nn
 from torch.nn import functional as F
 
-from shoal.algos.base import Algorithm
+from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import ReplayBuffer
 from shoal.config import TrainConfig, opt
 from shoal.nn import QNetwork
@@ -42,6 +42,7 @@ def td_target(
 @dataclass
 class DQNConfig(TrainConfig):
     learning_rate: float = opt(1e-4, "Adam learning rate")
+    anneal_lr: bool = opt(False, "decay the learning rate linearly to 0 over training")
     buffer_size: int = opt(100_000, "replay buffer capacity (transitions)")
     learning_starts: int = opt(1_000, "env steps of pure exploration before learning")
     batch_size: int = opt(64, "transitions per gradient step")
@@ -70,7 +71,7 @@ class DQN(Algorithm):
         c = config
         self.q = QNetwork(obs_space, action_space, c.hidden).to(device)
         self.q_target = copy.deepcopy(self.q)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=c.learning_rate)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=c.learning_rate, fused=fused_ok(device))
         sample = np.asarray(obs_space.sample())
         self.replay = ReplayBuffer(
             c.buffer_size, c.num_envs, sample.shape, sample.dtype, (), np.int64, c.n_step, c.gamma
@@ -116,6 +117,9 @@ class DQN(Algorithm):
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c = self.config
         self.last_train = env_steps
+        lr = c.learning_rate * max(0.0, 1.0 - env_steps / c.total_steps) if c.anneal_lr else c.learning_rate
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         losses, q_means = [], []
         for _ in range(c.gradient_steps):
             obs, actions, returns, next_o, discounts = (
@@ -140,7 +144,7 @@ class DQN(Algorithm):
             "q_loss": loss_mean,
             "q_mean": q_mean,
             "epsilon": self.epsilon(),
-            "learning_rate": c.learning_rate,
+            "learning_rate": lr,
         }
 
     def on_new_episodes(self) -> None:

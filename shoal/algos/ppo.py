@@ -16,7 +16,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from shoal.algos.base import Algorithm
+from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import RolloutBuffer, gae
 from shoal.config import TrainConfig, opt
 from shoal.nn import ActorCritic
@@ -51,7 +51,9 @@ class PPO(Algorithm):
         super().__init__(config, obs_space, action_space, device, strategy)
         c = config
         self.net = ActorCritic(obs_space, action_space, c.hidden, nn.Tanh, c.log_std_init).to(device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=c.learning_rate, eps=1e-5, fused=fused_ok(device)
+        )
         discrete = isinstance(action_space, spaces.Discrete)
         self.buffer = RolloutBuffer(
             c.num_steps,
