@@ -67,3 +67,22 @@ def test_agent_save_load_act(tmp_path):
     assert loaded.act(obs[0]).shape == ()  # a single observation gives a single action
     with pytest.raises(TypeError, match="did you mean 'learning_rate'"):
         shoal.PPO("CartPole-v1", learning_rat=1e-3)
+
+
+def test_custom_env_by_callable(tmp_path):
+    import gymnasium as gym
+
+    def make_pendulum() -> gym.Env:
+        return gym.make("Pendulum-v1", g=9.0)
+
+    agent = shoal.A2C(
+        make_pendulum, seed=0, total_steps=400, num_envs=2, run_dir=str(tmp_path), eval_episodes=1
+    )
+    agent.learn(progress=False)
+    assert agent.summary["episodes"] == 1
+    action = agent.act(np.zeros(3, dtype=np.float32))
+    assert action.shape == (1,) and -2.0 <= action[0] <= 2.0  # clipped to the Box bounds
+    loaded = shoal.load(tmp_path, env=make_pendulum)
+    np.testing.assert_array_equal(
+        loaded.act(np.ones(3, dtype=np.float32)), agent.act(np.ones(3, dtype=np.float32))
+    )
