@@ -72,6 +72,15 @@ class RolloutBuffer:
     def full(self) -> bool:
         return self.t == self.steps
 
+    def valid_samples(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """``tensors`` (each T x N x ...) flattened to the real transitions only.
+
+        Reset steps of next-step autoreset (``valid=False``) are dropped: their action was
+        ignored by the env, so there is nothing to learn from them.
+        """
+        valid = self.valid.reshape(-1)
+        return [x.reshape(-1, *x.shape[2:])[valid] for x in tensors]
+
     def add(
         self,
         obs: torch.Tensor,

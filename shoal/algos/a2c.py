@@ -12,13 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gymnasium import spaces
 from torch import nn
 
-from shoal.algos.base import Algorithm
-from shoal.buffers import RolloutBuffer, gae
+from shoal.algos.base import ActorCriticAlgorithm
+from shoal.buffers import gae
 from shoal.config import TrainConfig, opt
-from shoal.nn import ActorCritic
 
 
 @dataclass
@@ -38,47 +36,15 @@ class A2CConfig(TrainConfig):
     log_std_init: float = opt(0.0, "initial log standard deviation (continuous actions)")
 
 
-class A2C(Algorithm):
+class A2C(ActorCriticAlgorithm):
     name = "a2c"
     config_class = A2CConfig
 
     def __init__(self, config: A2CConfig, obs_space, action_space, device, strategy=None) -> None:
         super().__init__(config, obs_space, action_space, device, strategy)
-        c = config
-        self.net = ActorCritic(obs_space, action_space, c.hidden, nn.Tanh, c.log_std_init).to(device)
         self.optimizer = torch.optim.RMSprop(
-            self.net.parameters(), lr=c.learning_rate, alpha=c.rms_alpha, eps=c.rms_eps
+            self.net.parameters(), lr=config.learning_rate, alpha=config.rms_alpha, eps=config.rms_eps
         )
-        discrete = isinstance(action_space, spaces.Discrete)
-        self.buffer = RolloutBuffer(
-            c.num_steps,
-            c.num_envs,
-            obs_space.shape,
-            torch.as_tensor(obs_space.sample()).dtype,
-            () if discrete else action_space.shape,
-            torch.long if discrete else torch.float32,
-            device,
-        )
-        self.total_updates = max(1, c.total_steps // (c.num_steps * c.num_envs))
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        obs_t = self._obs(obs)
-        with torch.inference_mode():
-            action, logprob = self.net.sample(obs_t)
-            value = self.net.value(obs_t)
-        self._last = (obs_t, action, logprob, value)
-        return self._to_env(action)
-
-    def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:
-        self.buffer.add(*self._last, rewards, terminated, truncated, valid)
-
-    def ready(self) -> bool:
-        return self.buffer.full
-
-    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        with torch.inference_mode():
-            action, _ = self.net.sample(self._obs(obs), deterministic)
-        return self._to_env(action)
 
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c, b, net = self.config, self.buffer, self.net
@@ -89,11 +55,7 @@ class A2C(Algorithm):
             next_value = net.value(self._obs(next_obs))
             advantages = gae(b.rewards, b.values, next_value, b.terminated, b.done, c.gamma, c.gae_lambda)
             returns = advantages + b.values
-        valid = b.valid.reshape(-1)
-        obs = b.obs.reshape(-1, *b.obs.shape[2:])[valid]
-        actions = b.actions.reshape(-1, *b.actions.shape[2:])[valid]
-        advantages = advantages.reshape(-1)[valid]
-        returns = returns.reshape(-1)[valid]
+        obs, actions, advantages, returns = b.valid_samples(b.obs, b.actions, advantages, returns)
         if c.norm_adv and len(advantages) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
@@ -113,12 +75,6 @@ class A2C(Algorithm):
         b.t = 0
         pg, vl, en = torch.stack([pg_loss, v_loss, ent]).tolist()
         return {"policy_loss": pg, "value_loss": vl, "entropy": en, "learning_rate": lr}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"optimizer": self.optimizer}
 
 
 PRESETS: dict[str, dict] = {

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from shoal.buffers import RolloutBuffer
 from shoal.config import TrainConfig
+from shoal.nn import ActorCritic
 from shoal.strategy import LocalStrategy, Strategy
 
 
@@ -101,3 +103,60 @@ class Algorithm:
 
     def _obs(self, obs: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(obs, device=self.device)
+
+
+class ActorCriticAlgorithm(Algorithm):
+    """Acting and rollout storage shared by PPO and A2C; each defines only its update.
+
+    Its config needs ``num_steps``, ``hidden`` and ``log_std_init`` besides the common fields.
+    """
+
+    optimizer: torch.optim.Optimizer
+
+    def __init__(
+        self,
+        config: Any,
+        obs_space: spaces.Space,
+        action_space: spaces.Space,
+        device: torch.device,
+        strategy: Strategy | None = None,
+    ) -> None:
+        super().__init__(config, obs_space, action_space, device, strategy)
+        c = config
+        self.net = ActorCritic(obs_space, action_space, c.hidden, torch.nn.Tanh, c.log_std_init).to(device)
+        discrete = isinstance(action_space, spaces.Discrete)
+        self.buffer = RolloutBuffer(
+            c.num_steps,
+            c.num_envs,
+            obs_space.shape,
+            torch.as_tensor(obs_space.sample()).dtype,
+            () if discrete else action_space.shape,
+            torch.long if discrete else torch.float32,
+            device,
+        )
+        self.total_updates = max(1, c.total_steps // (c.num_steps * c.num_envs))
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs_t = self._obs(obs)
+        with torch.inference_mode():
+            action, logprob = self.net.sample(obs_t)
+            value = self.net.value(obs_t)
+        self._last = (obs_t, action, logprob, value)
+        return self._to_env(action)
+
+    def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:  # noqa: ANN001
+        self.buffer.add(*self._last, rewards, terminated, truncated, valid)
+
+    def ready(self) -> bool:
+        return self.buffer.full
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        with torch.inference_mode():
+            action, _ = self.net.sample(self._obs(obs), deterministic)
+        return self._to_env(action)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"net": self.net}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}

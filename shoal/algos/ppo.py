@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gymnasium import spaces
 from torch import nn
 
-from shoal.algos.base import Algorithm, fused_ok
-from shoal.buffers import RolloutBuffer, gae
+from shoal.algos.base import ActorCriticAlgorithm, fused_ok
+from shoal.buffers import gae
 from shoal.config import TrainConfig, opt
-from shoal.nn import ActorCritic
 
 
 @dataclass
@@ -43,48 +41,15 @@ class PPOConfig(TrainConfig):
     log_std_init: float = opt(0.0, "initial log standard deviation (continuous actions)")
 
 
-class PPO(Algorithm):
+class PPO(ActorCriticAlgorithm):
     name = "ppo"
     config_class = PPOConfig
 
     def __init__(self, config: PPOConfig, obs_space, action_space, device, strategy=None) -> None:
         super().__init__(config, obs_space, action_space, device, strategy)
-        c = config
-        self.net = ActorCritic(obs_space, action_space, c.hidden, nn.Tanh, c.log_std_init).to(device)
         self.optimizer = torch.optim.Adam(
-            self.net.parameters(), lr=c.learning_rate, eps=1e-5, fused=fused_ok(device)
+            self.net.parameters(), lr=config.learning_rate, eps=1e-5, fused=fused_ok(device)
         )
-        discrete = isinstance(action_space, spaces.Discrete)
-        self.buffer = RolloutBuffer(
-            c.num_steps,
-            c.num_envs,
-            obs_space.shape,
-            torch.as_tensor(obs_space.sample()).dtype,
-            () if discrete else action_space.shape,
-            torch.long if discrete else torch.float32,
-            device,
-        )
-        self.total_updates = max(1, c.total_steps // (c.num_steps * c.num_envs))
-
-    # -- acting ---------------------------------------------------------------------------
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        obs_t = self._obs(obs)
-        with torch.inference_mode():
-            action, logprob = self.net.sample(obs_t)
-            value = self.net.value(obs_t)
-        self._last = (obs_t, action, logprob, value)
-        return self._to_env(action)
-
-    def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:
-        self.buffer.add(*self._last, rewards, terminated, truncated, valid)
-
-    def ready(self) -> bool:
-        return self.buffer.full
-
-    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        with torch.inference_mode():
-            action, _ = self.net.sample(self._obs(obs), deterministic)
-        return self._to_env(action)
 
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
@@ -99,15 +64,9 @@ class PPO(Algorithm):
             next_value = net.value(self._obs(next_obs))
             advantages = gae(b.rewards, b.values, next_value, b.terminated, b.done, c.gamma, c.gae_lambda)
             returns = advantages + b.values
-        # Train on real transitions only (not the reset steps of next-step autoreset).
-        valid = b.valid.reshape(-1)
-        obs = b.obs.reshape(-1, *b.obs.shape[2:])[valid]
-        actions = b.actions.reshape(-1, *b.actions.shape[2:])[valid]
-        old_logprobs = b.logprobs.reshape(-1)[valid]
-        old_values = b.values.reshape(-1)[valid]
-        advantages = advantages.reshape(-1)[valid]
-        returns = returns.reshape(-1)[valid]
-
+        obs, actions, old_logprobs, old_values, advantages, returns = b.valid_samples(
+            b.obs, b.actions, b.logprobs, b.values, advantages, returns
+        )
         n = len(obs)
         size = max(1, -(-n // c.num_minibatches))
         stats = torch.zeros(5, device=self.device)  # pg loss, v loss, entropy, kl, clipfrac
@@ -163,12 +122,6 @@ class PPO(Algorithm):
             "learning_rate": lr,
         }
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"optimizer": self.optimizer}
-
 
 # Tuned defaults per env (RL-Baselines3-Zoo's, which shoal's tests and benchmarks check).
 PRESETS: dict[str, dict] = {
@@ -182,6 +135,7 @@ PRESETS: dict[str, dict] = {
         ent_coef=0.0,
         learning_rate=1e-3,
         anneal_clip=True,
+        clip_vloss=False,  # with an annealed clip range, a clipped value loss stops learning late
         total_steps=100_000,
     ),
     "Acrobot-v1": dict(
