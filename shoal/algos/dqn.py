@@ -184,10 +184,11 @@ class DQN(Algorithm):
 
 
 PRESETS: dict[str, dict] = {
-    # RL-Baselines3-Zoo's CartPole hyperparameters.
+    # RL-Baselines3-Zoo's CartPole hyperparameters, but a learning rate of 1e-3 instead of
+    # 2.3e-3: 4 of seeds 1-5 then solve (5 of seeds 1-7), against 1 of 5 with 2.3e-3.
     "CartPole-v1": dict(
         num_envs=1,
-        learning_rate=2.3e-3,
+        learning_rate=1e-3,
         batch_size=64,
         buffer_size=100_000,
         learning_starts=1_000,
