@@ -39,6 +39,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups: dict[str, list[tuple[dict, np.ndarray, np.ndarray]]] = {}
     for run in run_dirs:
@@ -57,6 +58,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         line = ax.plot(grid, curves.mean(0), label=f"{label} ({len(curves)} seeds, min-max)")[0]
         ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("env steps")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
     ax.set_ylabel("episode return")
     ax.grid(alpha=0.3)
     ax.legend()

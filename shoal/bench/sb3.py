@@ -259,6 +259,7 @@ def _plot_curves(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
     for ax, (env_id, res) in zip(np.atleast_1d(axes), results.items()):
@@ -273,6 +274,7 @@ def _plot_curves(results: dict[str, Any], path: Path) -> None:
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
         ax.set_title(f"PPO on {env_id}")
         ax.set_xlabel("env steps")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
         ax.set_ylabel("greedy return")
         ax.grid(alpha=0.3)
         ax.legend()
