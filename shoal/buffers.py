@@ -30,15 +30,17 @@ def gae(
     step ``t`` returned: zero after a termination, a bootstrap after a truncation. The
     recursion stops at every episode end (``done``), so nothing leaks across episodes.
     """
-    steps = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
-    for t in reversed(range(steps)):
-        following = next_value if t == steps - 1 else values[t + 1]
-        delta = rewards[t] + gamma * following * (1.0 - terminated[t]) - values[t]
-        last = delta + gamma * lam * (1.0 - done[t]) * last
+    # A short sequential loop over (T, N) arrays: numpy's per-op cost is a fraction of torch's.
+    r, v, term, d = (x.detach().cpu().numpy() for x in (rewards, values, terminated, done))
+    following = np.concatenate([v[1:], next_value.detach().cpu().numpy()[None]], axis=0)
+    deltas = r + gamma * following * (1.0 - term) - v
+    carry = gamma * lam * (1.0 - d)
+    advantages = np.zeros_like(r)
+    last = np.zeros_like(r[0])
+    for t in reversed(range(r.shape[0])):
+        last = deltas[t] + carry[t] * last
         advantages[t] = last
-    return advantages
+    return torch.from_numpy(advantages).to(rewards.device)
 
 
 class RolloutBuffer:
@@ -62,15 +64,37 @@ class RolloutBuffer:
         self.actions = zeros(*action_shape, dtype=action_dtype)
         self.logprobs = zeros()
         self.values = zeros()
-        self.rewards = zeros()
-        self.terminated = zeros()
-        self.done = zeros()
-        self.valid = zeros(dtype=torch.bool)
+        # Per-step scalars arrive as numpy arrays: keep them in numpy (one cheap copy per
+        # step) and hand them to torch once per update.
+        self._rewards = np.zeros((steps, num_envs), dtype=np.float32)
+        self._terminated = np.zeros((steps, num_envs), dtype=np.float32)
+        self._done = np.zeros((steps, num_envs), dtype=np.float32)
+        self._valid = np.zeros((steps, num_envs), dtype=bool)
+        self.device = device
         self.t = 0
 
     @property
     def full(self) -> bool:
         return self.t == self.steps
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
+
+    @property
+    def rewards(self) -> torch.Tensor:
+        return self._tensor(self._rewards)
+
+    @property
+    def terminated(self) -> torch.Tensor:
+        return self._tensor(self._terminated)
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self._tensor(self._done)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._tensor(self._valid)
 
     def valid_samples(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """``tensors`` (each T x N x ...) flattened to the real transitions only.
@@ -97,10 +121,10 @@ class RolloutBuffer:
         self.actions[t] = actions
         self.logprobs[t] = logprobs
         self.values[t] = values
-        self.rewards[t] = torch.as_tensor(rewards, dtype=torch.float32)
-        self.terminated[t] = torch.as_tensor(terminated, dtype=torch.float32)
-        self.done[t] = torch.as_tensor(terminated | truncated, dtype=torch.float32)
-        self.valid[t] = torch.as_tensor(valid)
+        self._rewards[t] = rewards
+        self._terminated[t] = terminated
+        self._done[t] = terminated | truncated
+        self._valid[t] = valid
         self.t += 1
 
 

@@ -107,3 +107,33 @@ def test_double_dqn_target_uses_online_argmax_and_target_values():
     torch.testing.assert_close(double, torch.tensor([1.0 + 0.5 * 10.0, 1.0]))  # not 1 + 0.5 * 100
     vanilla = td_target(online, target, returns, obs, discounts, double_q=False)
     torch.testing.assert_close(vanilla, torch.tensor([1.0 + 0.5 * 100.0, 1.0]))
+
+
+def test_clip_grad_norm_matches_torch_bitwise():
+    from torch import nn
+
+    from shoal.nn import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    for params in (ours, ref):
+        sum((p**3).sum() for p in params).backward()
+    assert torch.equal(clip_grad_norm(ours, 0.5), nn.utils.clip_grad_norm_(ref, 0.5))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, ref))
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours])) <= 0.5 + 1e-6
+
+
+def test_twin_mlp_is_two_independent_mlps():
+    from shoal.nn import TwinMLP
+
+    twin = TwinMLP(4, (8, 8), torch.nn.Tanh)
+    x = torch.randn(5, 4)
+    actor, critic = twin(x)
+    for k, out in enumerate((actor, critic)):
+        h = x
+        for w, b in zip(twin.weights, twin.biases):
+            h = torch.tanh(h @ w[k] + b[k])
+        torch.testing.assert_close(out, h)
+    critic.sum().backward()  # the critic's loss must not reach the actor's weights
+    assert all(w.grad[0].abs().sum() == 0 and w.grad[1].abs().sum() > 0 for w in twin.weights)

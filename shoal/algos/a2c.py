@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
 from shoal.config import TrainConfig, opt
+from shoal.nn import clip_grad_norm
 
 
 @dataclass
@@ -68,7 +68,7 @@ class A2C(ActorCriticAlgorithm):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.strategy.reduce_gradients(net)
-        nn.utils.clip_grad_norm_(net.parameters(), c.max_grad_norm)
+        clip_grad_norm(net.parameters(), c.max_grad_norm)
         self.optimizer.step()
         self.strategy.after_update(net, self.optimizer)
         self.updates += 1

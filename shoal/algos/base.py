@@ -139,8 +139,8 @@ class ActorCriticAlgorithm(Algorithm):
     def act(self, obs: np.ndarray) -> np.ndarray:
         obs_t = self._obs(obs)
         with torch.inference_mode():
-            action, logprob = self.net.sample(obs_t)
-            value = self.net.value(obs_t)
+            out, value = self.net.heads(obs_t)
+            action, logprob = self.net.sample_from(out)
         self._last = (obs_t, action, logprob, value)
         return self._to_env(action)
 

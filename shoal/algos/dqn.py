@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import ReplayBuffer
 from shoal.config import TrainConfig, opt
-from shoal.nn import QNetwork
+from shoal.nn import QNetwork, clip_grad_norm
 
 
 def td_target(
@@ -133,7 +133,7 @@ class DQN(Algorithm):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.strategy.reduce_gradients(self.q)
-            nn.utils.clip_grad_norm_(self.q.parameters(), c.max_grad_norm)
+            clip_grad_norm(self.q.parameters(), c.max_grad_norm)
             self.optimizer.step()
             self.strategy.after_update(self.q, self.optimizer)
             losses.append(loss.detach())

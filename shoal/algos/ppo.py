@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from shoal.algos.base import ActorCriticAlgorithm, fused_ok
 from shoal.buffers import gae
 from shoal.config import TrainConfig, opt
+from shoal.nn import clip_grad_norm
 
 
 @dataclass
@@ -72,14 +72,14 @@ class PPO(ActorCriticAlgorithm):
         stats = torch.zeros(5, device=self.device)  # pg loss, v loss, entropy, kl, clipfrac
         count = 0
         for _ in range(c.update_epochs):
-            perm = torch.randperm(n, device=self.device)
-            for start in range(0, n, size):
-                idx = perm[start : start + size]
+            # A single minibatch is the whole rollout, whose gradient does not depend on order.
+            minibatches = torch.randperm(n, device=self.device).split(size) if size < n else [slice(None)]
+            for idx in minibatches:
                 logprob, entropy, value = net.evaluate(obs[idx], actions[idx])
                 log_ratio = logprob - old_logprobs[idx]
                 ratio = log_ratio.exp()
                 adv = advantages[idx]
-                if c.norm_adv and len(idx) > 1:
+                if c.norm_adv and len(adv) > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
 
                 pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
@@ -96,7 +96,7 @@ class PPO(ActorCriticAlgorithm):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.strategy.reduce_gradients(net)
-                nn.utils.clip_grad_norm_(net.parameters(), c.max_grad_norm)
+                clip_grad_norm(net.parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 self.strategy.after_update(net, self.optimizer)
 
