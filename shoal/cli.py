@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from shoal import launch
     from shoal.configio import ConfigError, check_env_fits, load_config_file, resolve
-    from shoal.trainer import Trainer
 
     algo = ALGORITHMS[args.algo]
     fields = [f for f in vars(args) if f in algo.config_class.__dataclass_fields__]
@@ -105,11 +105,10 @@ def _train(args: argparse.Namespace) -> int:
         file_values.update(load_config_file(args.config))
     config = resolve(algo.config_class, algo.presets, file_values, flags)
     check_env_fits(args.algo, config)
-    trainer = Trainer(algo, config, progress=not args.quiet)
-    summary = trainer.train(resume=resume)
+    summary, run_dir = launch.train(args.algo, config, resume=resume, progress=not args.quiet)
     print(
         f"shoal: {args.algo} on {config.env}: mean greedy return {summary['mean_return']:.1f} "
-        f"+- {summary['std_return']:.1f} over {summary['episodes']} episodes; run in {trainer.run_dir}"
+        f"+- {summary['std_return']:.1f} over {summary['episodes']} episodes; run in {run_dir}"
     )
     return 0
 

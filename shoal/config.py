@@ -32,3 +32,6 @@ class TrainConfig:
     checkpoint_every: int = opt(0, "env steps between checkpoints (0: 10 per run)")
     log_every: int = opt(2_000, "env steps between metric rows")
     torch_threads: int = opt(1, "torch CPU threads of the learner (small nets are fastest on 1)")
+    backend: str = opt("local", "where training workers run: local (this process) | mp (processes here)")
+    strategy: str = opt("sync", "how workers cooperate (backend mp): sync (all-reduced gradients)")
+    num_workers: int = opt(1, "training workers (backend mp); each has num_envs envs and a model copy")

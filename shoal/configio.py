@@ -177,6 +177,7 @@ def resolve(
 
 
 POSITIVE = (
+    "num_workers",
     "num_envs",
     "total_steps",
     "num_steps",
@@ -218,6 +219,14 @@ def validate(config: TrainConfig, algo: str | None = None) -> None:
         value = getattr(config, name, 0.5)
         if not 0 <= value <= 1:
             raise ConfigError(f"{name} must be in [0, 1], got {value}")
+    from shoal.launch import BACKENDS, STRATEGIES
+
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    if config.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}")
+    if config.backend == "local" and config.num_workers > 1:
+        raise ConfigError(f"num_workers {config.num_workers} needs --backend mp (local runs one learner)")
     if config.vectorization not in ("auto", "sync", "process"):
         raise ConfigError(f"vectorization must be auto, sync or process, got {config.vectorization!r}")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):

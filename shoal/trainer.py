@@ -87,6 +87,8 @@ class Trainer:
         torch.manual_seed(self.strategy.worker_seed(config.seed))
         obs_space, action_space = spaces_of(env_fn or config.env)
         self.algo = algo_class(config, obs_space, action_space, self.device, self.strategy)
+        for module in self.algo.modules().values():
+            self.strategy.start(module)  # e.g. every worker starts from rank 0's weights
         self.env_steps = 0
         self.boundary = 0  # index of the last checkpoint boundary
         self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo_class.name, config)
@@ -184,7 +186,7 @@ class Trainer:
             while self.env_steps < c.total_steps:
                 actions = self.algo.act(obs)
                 next_obs, rewards, terminated, truncated, _ = envs.step(actions)
-                self.env_steps += c.num_envs
+                self.env_steps += c.num_envs * self.strategy.world_size  # workers step in lockstep
                 valid = ~autoreset
                 self.algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
                 ep_return += np.where(valid, rewards, 0.0)
@@ -225,6 +227,7 @@ class Trainer:
                         "wall_time": wall,
                         "sps": (self.env_steps - start_steps) / max(wall, 1e-9),
                         **metrics,
+                        **self.strategy.metrics(),
                     }
                     if returns:
                         row["episode_return"] = float(np.mean(returns))

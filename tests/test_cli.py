@@ -25,6 +25,10 @@ BAD = [
     (["train", "a2c", "--config", "/nonexistent.yaml"], "does not exist"),
     (["train", "ppo", "--resume", "/nonexistent-run"], "no config.yaml"),
     (["eval", "/nonexistent-run"], "is not a directory"),
+    (["train", "ppo", "--backend", "mp", "--strategy", "gossip"], "strategy must be one of sync"),
+    (["train", "ppo", "--backend", "cloud"], "backend must be one of local, mp"),
+    (["train", "ppo", "--num-workers", "2"], "needs --backend mp"),
+    (["train", "ppo", "--backend", "mp", "--num-workers", "0"], "num_workers must be a positive integer"),
 ]
 
 

@@ -67,7 +67,7 @@ class A2C(ActorCriticAlgorithm):
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.strategy.reduce_gradients(net)
+        self.strategy.reduce_gradients(net, samples=len(advantages))
         clip_grad_norm(net.parameters(), c.max_grad_norm)
         self.optimizer.step()
         self.strategy.after_update(net, self.optimizer)

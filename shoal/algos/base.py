@@ -134,7 +134,8 @@ class ActorCriticAlgorithm(Algorithm):
             torch.long if discrete else torch.float32,
             device,
         )
-        self.total_updates = max(1, c.total_steps // (c.num_steps * c.num_envs))
+        per_update = c.num_steps * c.num_envs * self.strategy.world_size  # env steps of all workers
+        self.total_updates = max(1, c.total_steps // per_update)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         obs_t = self._obs(obs)

@@ -132,7 +132,7 @@ class DQN(Algorithm):
 
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.strategy.reduce_gradients(self.q)
+            self.strategy.reduce_gradients(self.q, samples=c.batch_size)
             clip_grad_norm(self.q.parameters(), c.max_grad_norm)
             self.optimizer.step()
             self.strategy.after_update(self.q, self.optimizer)

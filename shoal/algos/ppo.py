@@ -95,7 +95,7 @@ class PPO(ActorCriticAlgorithm):
 
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self.strategy.reduce_gradients(net)
+                self.strategy.reduce_gradients(net, samples=len(adv))
                 clip_grad_norm(net.parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 self.strategy.after_update(net, self.optimizer)
@@ -105,7 +105,7 @@ class PPO(ActorCriticAlgorithm):
                     clipfrac = ((ratio - 1).abs() > clip).float().mean()
                     stats += torch.stack([pg_loss, v_loss, ent, approx_kl, clipfrac])
                 count += 1
-            if c.target_kl is not None and approx_kl.item() > c.target_kl:
+            if c.target_kl is not None and self.strategy.mean(approx_kl.item()) > c.target_kl:
                 break
         self.updates += 1
         b.t = 0
