@@ -32,6 +32,18 @@ class TrainConfig:
     checkpoint_every: int = opt(0, "env steps between checkpoints (0: 10 per run)")
     log_every: int = opt(2_000, "env steps between metric rows")
     torch_threads: int = opt(1, "torch CPU threads of the learner (small nets are fastest on 1)")
-    backend: str = opt("local", "where training workers run: local (this process) | mp (processes here)")
-    strategy: str = opt("sync", "how workers cooperate (backend mp): sync (all-reduced gradients)")
-    num_workers: int = opt(1, "training workers (backend mp); each has num_envs envs and a model copy")
+    backend: str = opt(
+        "local", "where training workers run: local | mp (processes here) | ray (a Ray cluster)"
+    )
+    strategy: str = opt("sync", "how workers cooperate: sync | a3c | param-avg | param-server")
+    num_workers: int = opt(1, "training workers (backend mp or ray); each has num_envs envs and a model copy")
+    ps_mode: str = opt("async", "param-server: sync (the server waits for all workers) | async")
+    max_policy_lag: int = opt(10, "a3c, async param-server: drop gradients more than this many updates stale")
+    sync_every: int = opt(10, "param-avg: optimizer steps between parameter averages (K)")
+    compress: str = opt("none", "what gradients/parameters travel as: none | fp16 | topk")
+    topk_ratio: float = opt(0.01, "compress topk: fraction of entries sent; the rest is carried forward")
+    ray_address: str | None = opt(
+        None, "backend ray: join this cluster (auto or HOST:PORT); default: a local Ray"
+    )
+    ray_cpus_per_worker: float = opt(1.0, "backend ray: CPUs each training worker reserves")
+    ray_gpus_per_worker: float = opt(0.0, "backend ray: GPUs each training worker reserves")

@@ -178,6 +178,7 @@ def resolve(
 
 POSITIVE = (
     "num_workers",
+    "sync_every",
     "num_envs",
     "total_steps",
     "num_steps",
@@ -226,7 +227,32 @@ def validate(config: TrainConfig, algo: str | None = None) -> None:
     if config.strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}")
     if config.backend == "local" and config.num_workers > 1:
-        raise ConfigError(f"num_workers {config.num_workers} needs --backend mp (local runs one learner)")
+        raise ConfigError(
+            f"num_workers {config.num_workers} needs --backend mp or ray (local runs one learner)"
+        )
+    if config.backend == "local" and config.strategy != "sync":
+        raise ConfigError(
+            f"strategy {config.strategy} needs several workers: add --backend mp (or ray) --num-workers 2"
+        )
+    if config.ps_mode not in ("sync", "async"):
+        raise ConfigError(f"ps_mode must be sync or async, got {config.ps_mode!r}")
+    from shoal.compress import MODES
+
+    if config.compress not in MODES:
+        raise ConfigError(f"compress must be one of {', '.join(MODES)}, got {config.compress!r}")
+    if not 0 < config.topk_ratio <= 1:
+        raise ConfigError(f"topk_ratio must be in (0, 1], got {config.topk_ratio}")
+    if config.max_policy_lag < 0:
+        raise ConfigError(f"max_policy_lag must be >= 0, got {config.max_policy_lag}")
+    if config.ray_cpus_per_worker < 0 or config.ray_gpus_per_worker < 0:
+        raise ConfigError("ray_cpus_per_worker and ray_gpus_per_worker must be >= 0")
+    if config.ray_address is not None and config.backend != "ray":
+        raise ConfigError(f"ray_address is for --backend ray, not {config.backend}")
+    if config.backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("backend ray needs Ray: pip install 'shoal[ray]' (or use --backend mp)")
     if config.vectorization not in ("auto", "sync", "process"):
         raise ConfigError(f"vectorization must be auto, sync or process, got {config.vectorization!r}")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):

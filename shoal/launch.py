@@ -1,6 +1,13 @@
-"""Backends: where training workers run. ``local`` is one learner in this process; ``mp``
-starts ``num_workers`` processes on this machine joined in a torch.distributed (gloo) group
-on 127.0.0.1, each with its own envs and model copy, cooperating through the strategy.
+"""Backends: where training workers run.
+
+- ``local``: one learner in this process.
+- ``mp``: ``num_workers`` processes on this machine.
+- ``ray``: ``num_workers`` Ray actors, placed by Ray on any machine of the cluster.
+
+On ``mp`` and ``ray`` the workers (plus, for ``a3c`` and ``param-server``, the parameter
+server as one more rank) join one torch.distributed group and run the same code:
+:func:`run_worker` and :func:`run_server`. The backend only decides where those functions
+run; the strategy decides how the workers cooperate; the algorithm knows neither.
 """
 
 from __future__ import annotations
@@ -9,99 +16,141 @@ import dataclasses
 import multiprocessing as mp
 import os
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from shoal.config import TrainConfig
+from shoal.strategy import ParamAvgStrategy, ServerStrategy, Strategy, SyncStrategy
 
-STRATEGIES = ("sync",)
-BACKENDS = ("local", "mp")
+STRATEGIES = ("sync", "a3c", "param-avg", "param-server")
+BACKENDS = ("local", "mp", "ray")
+SERVER_STRATEGIES = ("a3c", "param-server")
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the group's rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the group's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def make_strategy(name: str, rank: int, world_size: int) -> Any:
-    from shoal.strategy import SyncStrategy
+def group_size(config: TrainConfig) -> int:
+    """Ranks in the torch.distributed group: the workers, and the parameter server if any."""
+    return config.num_workers + (config.strategy in SERVER_STRATEGIES)
 
-    if name == "sync":
-        return SyncStrategy(rank, world_size)
-    raise ValueError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
+
+def make_strategy(config: TrainConfig, rank: int) -> Strategy:
+    n, compress, ratio = config.num_workers, config.compress, config.topk_ratio
+    if config.strategy == "sync":
+        return SyncStrategy(rank, n, compress, ratio)
+    if config.strategy == "param-avg":
+        return ParamAvgStrategy(rank, n, config.sync_every, compress, ratio)
+    if config.strategy in SERVER_STRATEGIES:
+        return ServerStrategy(rank, n, compress, ratio)
+    raise ValueError(f"unknown strategy {config.strategy!r}; available: {', '.join(STRATEGIES)}")
 
 
 def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool = True) -> tuple[dict, str]:
     """Train with the config's backend; return (the chief's summary, the run directory)."""
     from shoal.algos import ALGORITHMS
-    from shoal.trainer import Trainer
+    from shoal.trainer import Trainer, default_run_dir
 
     if config.backend == "local":
         trainer = Trainer(ALGORITHMS[algo], config, progress=progress)
         return trainer.train(resume=resume), str(trainer.run_dir)
-    return _train_mp(algo, config, resume, progress)
+    # Every worker (and, on a cluster, every machine) must agree on one absolute run directory.
+    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo, config)
+    config = dataclasses.replace(config, run_dir=str(run_dir.resolve()))
+    job = dict(algo=algo, config=config, resume=str(resume) if resume else None)
+    results = _train_mp(job, progress) if config.backend == "mp" else _train_ray(job, progress)
+    summary = results[0]
+    if config.strategy in SERVER_STRATEGIES:
+        import json
+
+        summary["parameter_server"] = results["server"]
+        (Path(config.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary, config.run_dir
 
 
-def _train_mp(algo: str, config: TrainConfig, resume: Any, progress: bool) -> tuple[dict, str]:
-    from shoal.trainer import default_run_dir
+# -- what runs in every worker, whatever the backend -----------------------------------------
+def _join_group(rank: int, size: int, addr: str, port: int, loopback: bool) -> None:
+    import torch.distributed as dist
 
-    if config.run_dir is None:  # every worker must agree on it
-        config = dataclasses.replace(config, run_dir=str(default_run_dir(algo, config)))
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = free_port()
-    procs = [
-        ctx.Process(
-            target=_worker,
-            name=f"shoal-train-worker-{rank}",
-            args=(
-                rank,
-                config.num_workers,
-                port,
-                algo,
-                config,
-                str(resume) if resume else None,
-                progress and rank == 0,
-                results,
-                os.getpid(),
-            ),
-            daemon=False,  # workers start env worker processes of their own
-        )
-        for rank in range(config.num_workers)
-    ]
-    for p in procs:
-        p.start()
-    summaries = {}
+    if loopback:  # gloo's own connections stay on 127.0.0.1 too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
+
+
+def run_worker(
+    rank: int,
+    algo: str,
+    config: TrainConfig,
+    resume: str | None,
+    progress: bool,
+    addr: str,
+    port: int,
+    loopback: bool,
+) -> dict[str, Any]:
+    """Training worker ``rank``: its own envs and model copy, cooperating through the strategy."""
+    import torch.distributed as dist
+
+    from shoal.algos import ALGORITHMS
+    from shoal.trainer import Trainer
+
+    _join_group(rank, group_size(config), addr, port, loopback)
     try:
-        while any(p.is_alive() for p in procs):
-            while not results.empty():  # drain as results arrive, so no worker blocks on put
-                rank, summary = results.get()
-                summaries[rank] = summary
-            failed = [p for p in procs if p.exitcode not in (None, 0)]
-            if failed:
-                raise RuntimeError(f"training worker {failed[0].name} exited with code {failed[0].exitcode}")
-            time.sleep(0.2)
-        failed = [p for p in procs if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"training worker {failed[0].name} exited with code {failed[0].exitcode}")
-        while not results.empty():
-            rank, summary = results.get()
-            summaries[rank] = summary
-        return summaries[0], config.run_dir
+        trainer = Trainer(ALGORITHMS[algo], config, strategy=make_strategy(config, rank), progress=progress)
+        return trainer.train(resume=resume)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        dist.destroy_process_group()
 
 
+def run_server(
+    algo: str, config: TrainConfig, resume: str | None, addr: str, port: int, loopback: bool
+) -> dict[str, Any]:
+    """The parameter server: rank ``num_workers``, holding the global model and optimizer.
+
+    It builds the algorithm exactly as the workers do (same seed, so the same initial
+    weights) and, when resuming, loads the same checkpoint, so its weights and the workers'
+    copies start equal without a message.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from shoal import checkpoint as ckpt
+    from shoal.algos import ALGORITHMS
+    from shoal.server import ParameterServer
+    from shoal.trainer import spaces_of
+
+    _join_group(config.num_workers, group_size(config), addr, port, loopback)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(config.seed)
+        obs_space, action_space = spaces_of(config.env)
+        algorithm = ALGORITHMS[algo](config, obs_space, action_space, torch.device("cpu"))
+        if resume:
+            arrays, _ = ckpt.load(resume)
+            for name, module in algorithm.modules().items():
+                ckpt.load_module(f"model/{name}", module, arrays)
+        (optimizer,) = algorithm.optimizers().values()
+        mode = "async" if config.strategy == "a3c" else config.ps_mode
+        server = ParameterServer(
+            optimizer,
+            config.num_workers,
+            mode,
+            config.max_policy_lag if mode == "async" else None,
+            config.compress,
+            config.topk_ratio,
+        )
+        return server.serve()
+    finally:
+        dist.destroy_process_group()
+
+
+# -- mp: processes on this machine -----------------------------------------------------------
 def _exit_with_parent(parent_pid: int) -> None:
     """A training worker whose launcher died (even by SIGKILL) ends itself."""
     while True:
@@ -110,31 +159,151 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _worker(
-    rank: int,
-    world_size: int,
-    port: int,
-    algo: str,
-    config: TrainConfig,
-    resume: str | None,
-    progress: bool,
-    results: Any,
-    parent_pid: int,
-) -> None:
+def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) -> None:
     import signal
-
-    import torch.distributed as dist
-
-    from shoal.algos import ALGORITHMS
-    from shoal.trainer import Trainer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    results.put((key, fn(**kwargs)))
+
+
+def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
+    config: TrainConfig = job["config"]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    where = dict(addr="127.0.0.1", port=free_port(), loopback=True)
+    tasks: list[tuple[Any, Any, dict]] = [
+        (rank, run_worker, dict(rank=rank, progress=progress and rank == 0, **job, **where))
+        for rank in range(config.num_workers)
+    ]
+    if config.strategy in SERVER_STRATEGIES:
+        tasks.append(("server", run_server, dict(**job, **where)))
+    procs = [
+        ctx.Process(
+            target=_mp_entry,
+            name=f"shoal-train-{'worker-' if key != 'server' else ''}{key}",
+            args=(key, fn, kwargs, results, os.getpid()),
+            daemon=False,  # workers start env worker processes of their own
+        )
+        for key, fn, kwargs in tasks
+    ]
+    for p in procs:
+        p.start()
+    out: dict[Any, dict] = {}
     try:
-        strategy = make_strategy(config.strategy, rank, world_size)
-        trainer = Trainer(ALGORITHMS[algo], config, strategy=strategy, progress=progress)
-        summary = trainer.train(resume=resume)
-        results.put((rank, summary))
+        while len(out) < len(procs):
+            while not results.empty():  # drain as results arrive, so no worker blocks on put
+                key, value = results.get()
+                out[key] = value
+            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"{failed[0].name} exited with code {failed[0].exitcode}")
+            if results.empty() and len(out) < len(procs) and all(p.exitcode == 0 for p in procs):
+                raise RuntimeError("a training worker ended without a result")
+            time.sleep(0.05)
+        return out
     finally:
-        dist.destroy_process_group()
+        finished = len(out) == len(procs)
+        for p in procs:
+            p.join(10 if finished else 0)  # after a failure, the others are stopped at once
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+# -- ray: actors anywhere on a cluster -------------------------------------------------------
+class RayWorker:
+    """The Ray actor that hosts one rank (a training worker or the parameter server)."""
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a port free on it: the group's meeting point."""
+        import ray
+
+        addr = ray.util.get_node_ip_address()
+        return addr, free_port(addr)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return fn(**kwargs)
+
+
+def _ray_start(config: TrainConfig) -> bool:
+    """Connect to the given cluster, or start a local Ray bound to 127.0.0.1; True if started."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, logging_level=logging.WARNING)
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every socket on 127.0.0.1
+    needed = config.num_workers * config.ray_cpus_per_worker
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(-(-needed // 1))),  # never wait for CPUs we lack
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from shoal.configio import ConfigError
+
+    config: TrainConfig = job["config"]
+    started = _ray_start(config)
+    actors: list[Any] = []
+    try:
+        n = config.num_workers
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if n * config.ray_cpus_per_worker > cpus:
+            raise ConfigError(
+                f"{n} workers x {config.ray_cpus_per_worker} CPUs need more than the cluster's {cpus:g} CPUs;"
+                " lower --num-workers or --ray-cpus-per-worker"
+            )
+        here = ray.get_runtime_context().get_node_id()
+        actor_class = ray.remote(RayWorker)
+        keys: list[Any] = list(range(n)) + (["server"] if config.strategy in SERVER_STRATEGIES else [])
+        for key in keys:
+            # The chief and the server run beside the driver, so the run directory lands here.
+            beside = key in (0, "server")
+            actors.append(
+                actor_class.options(
+                    name=None,
+                    num_cpus=0 if key == "server" else config.ray_cpus_per_worker,
+                    num_gpus=0 if key == "server" else config.ray_gpus_per_worker,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
+                    if beside
+                    else "SPREAD",
+                ).remote()
+            )
+        addr, port = ray.get(actors[0].rendezvous.remote())
+        where = dict(addr=addr, port=port, loopback=started)
+        refs = {}
+        for key, actor in zip(keys, actors):
+            if key == "server":
+                refs[key] = actor.run.remote(run_server, dict(**job, **where))
+            else:
+                kwargs = dict(rank=key, progress=progress and key == 0, **job, **where)
+                refs[key] = actor.run.remote(run_worker, kwargs)
+        pending = list(refs.values())
+        while pending:  # fail fast: the first failed actor's error, not a hang on the others
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return {key: ray.get(ref) for key, ref in refs.items()}
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()

@@ -1,9 +1,17 @@
 """How training workers cooperate. An algorithm is handed one strategy and never asks more.
 
-The algorithm calls ``reduce_gradients`` between ``backward()`` and ``optimizer.step()``,
-and ``after_update`` after the step. A single process needs neither; synchronous
-all-reduce, A3C, parameter averaging and a parameter server (the distributed strategies)
-are implementations of these hooks, so the algorithm modules never change.
+The algorithm calls ``reduce_gradients`` between ``backward()`` and gradient clipping, and
+``step(optimizer)`` where a lone learner would call ``optimizer.step()``. Each strategy is
+an implementation of these two hooks:
+
+- ``LocalStrategy``: one learner; ``step`` is ``optimizer.step()``.
+- ``SyncStrategy`` (``sync``): gradients all-reduced (DD-PPO, sync SGD); weights never drift.
+- ``ParamAvgStrategy`` (``param-avg``): local steps, parameters averaged every K steps.
+- ``ServerStrategy`` (``a3c``, ``param-server``): gradients pushed to the global model held
+  by a parameter server (``shoal.server``), fresh weights pulled back.
+
+Workers ``0 .. world_size - 1`` form a torch.distributed group (gloo on CPU); the parameter
+server, when there is one, is rank ``world_size`` of the same group.
 """
 
 from __future__ import annotations
@@ -13,12 +21,49 @@ import time
 import torch
 from torch import nn, optim
 
+from shoal.compress import Compressor
+
+# Messages between workers and the parameter server: a float64 header, then the payload.
+PUSH, DONE = 1.0, 2.0
+PUSH_HEADER = 5  # kind, version the gradient was computed at, samples, learning rate, worker sps
+
+
+def trained_params(optimizer: optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters an optimizer updates, in a fixed order (the order of flat vectors)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def set_grad(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def flat_params(params: list[torch.Tensor]) -> torch.Tensor:
+    return nn.utils.parameters_to_vector(params).detach()
+
+
+def set_params(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        nn.utils.vector_to_parameters(flat, params)
+
 
 class Strategy:
     """One worker's view of the group it trains in."""
 
     rank: int = 0
     world_size: int = 1
+    lockstep: bool = True  # every worker takes the same steps at the same time
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.comm_seconds = 0.0
+        self.steps = 0  # optimizer steps taken (updates of the weights)
 
     @property
     def is_chief(self) -> bool:
@@ -35,35 +80,45 @@ class Strategy:
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         """Combine this worker's gradients (from ``samples`` samples) with the group's, in place."""
 
-    def after_update(self, module: nn.Module, optimizer: optim.Optimizer) -> None:
-        """Bring this worker's weights in line with the group's after an optimizer step."""
+    def step(self, optimizer: optim.Optimizer) -> None:
+        """Apply the (reduced, clipped) gradients held in the parameters' ``.grad``."""
+        optimizer.step()
+        self.steps += 1
+
+    def finish(self) -> None:
+        """Training is over (called by every worker before the final checkpoint)."""
 
     def mean(self, value: float) -> float:
         """The group's mean of a per-worker number (for decisions all workers must share)."""
         return value
 
+    def worker_sps(self, sps: float) -> list[float]:
+        """Every worker's env steps/s, given this worker's (for the metrics)."""
+        return [sps]
+
     def metrics(self) -> dict[str, float]:
         """Communication counters for the metrics rows."""
-        return {}
+        if self.world_size == 1:
+            return {}
+        return {
+            "bytes_sent": float(self.bytes_sent),
+            "bytes_per_update": self.bytes_sent / max(1, self.steps),
+            "comm_seconds": self.comm_seconds,
+        }
 
 
 class LocalStrategy(Strategy):
-    """One process, one learner: every hook does nothing."""
+    """One process, one learner: every hook does the plain thing."""
 
 
-class SyncStrategy(Strategy):
-    """Synchronous data parallelism (DD-PPO, sync SGD) over a torch.distributed process group.
+class CollectiveStrategy(Strategy):
+    """Workers in a torch.distributed group who all call the same collectives in step."""
 
-    Every worker collects its own experience and computes gradients on it; one all-reduce of
-    a single flattened buffer per optimizer step averages them, weighted by each worker's
-    sample count, so the result is the gradient of the mean loss over everyone's samples.
-    Every worker then applies the same update: weights never drift apart.
-    """
-
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int, world_size: int, compress: str = "none", topk_ratio: float = 0.01) -> None:
+        super().__init__()
         self.rank, self.world_size = rank, world_size
-        self.bytes_sent = 0
-        self.comm_seconds = 0.0
+        self.compress, self.topk_ratio = compress, topk_ratio
+        self.codec: Compressor | None = None  # made on first use, when the size is known
 
     def start(self, module: nn.Module) -> None:
         import torch.distributed as dist
@@ -71,21 +126,36 @@ class SyncStrategy(Strategy):
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
-    def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
+    def _sum(self, vector: torch.Tensor, extra: float) -> tuple[torch.Tensor, float]:
+        """Sum over workers of ``vector`` (compressed on the wire) and of the scalar ``extra``.
+
+        Uncompressed: one all-reduce with ``extra`` appended. Compressed: every worker's
+        payload is all-gathered and summed in rank order, so all workers get the same result.
+        """
         import torch.distributed as dist
 
-        params = [p for p in module.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.ones(1)]) * float(samples)
         start = time.perf_counter()
-        dist.all_reduce(flat)
+        if self.compress == "none":
+            buf = torch.cat([vector, torch.tensor([extra], dtype=vector.dtype, device=vector.device)])
+            dist.all_reduce(buf)
+            self.bytes_sent += buf.numel() * buf.element_size()
+            total, extra_sum = buf[:-1], float(buf[-1])
+        else:
+            if self.codec is None:
+                self.codec = Compressor(self.compress, vector.numel(), self.topk_ratio)
+            payload = self.codec.compress(vector)
+            gathered = []
+            for part in payload:
+                parts = [torch.empty_like(part) for _ in range(self.world_size)]
+                dist.all_gather(parts, part)
+                gathered.append(parts)
+            total = sum(self.codec.decompress(tuple(g[r] for g in gathered)) for r in range(self.world_size))
+            count = torch.tensor([extra], dtype=torch.float64)
+            dist.all_reduce(count)
+            self.bytes_sent += self.codec.nbytes() + count.element_size()
+            extra_sum = float(count)
         self.comm_seconds += time.perf_counter() - start
-        self.bytes_sent += flat.numel() * flat.element_size()
-        flat = flat[:-1] / flat[-1]  # sum of samples x gradient, over the sum of samples
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        return total, extra_sum
 
     def mean(self, value: float) -> float:
         import torch.distributed as dist
@@ -94,5 +164,149 @@ class SyncStrategy(Strategy):
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def worker_sps(self, sps: float) -> list[float]:
+        import torch.distributed as dist
+
+        out = [torch.zeros(1, dtype=torch.float64) for _ in range(self.world_size)]
+        dist.all_gather(out, torch.tensor([sps], dtype=torch.float64))
+        return [float(t) for t in out]
+
+
+class SyncStrategy(CollectiveStrategy):
+    """Synchronous data parallelism (DD-PPO, sync SGD) over a torch.distributed process group.
+
+    Every worker collects its own experience and computes gradients on it; one all-reduce of
+    a single flattened buffer per optimizer step averages them, weighted by each worker's
+    sample count, so the result is the gradient of the mean loss over everyone's samples.
+    Every worker then applies the same update: weights never drift apart.
+    """
+
+    def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        total, count = self._sum(flat_grad(params) * float(samples), float(samples))
+        set_grad(params, total / count)  # sum of samples x gradient, over the sum of samples
+
+
+class ParamAvgStrategy(CollectiveStrategy):
+    """Model averaging: each worker steps its own copy; every ``sync_every`` optimizer steps
+    all copies are replaced by their mean, theta = (1/N) sum_i theta_i.
+
+    Optimizer state stays per worker. Compressed, what is sent is each worker's change
+    since the last average (the anchor), with error feedback; the mean is then
+    anchor + mean of the changes, the same on every worker.
+    """
+
+    def __init__(
+        self, rank: int, world_size: int, sync_every: int, compress: str = "none", topk_ratio: float = 0.01
+    ) -> None:
+        super().__init__(rank, world_size, compress, topk_ratio)
+        self.sync_every = sync_every
+        self.params: list[torch.Tensor] = []
+        self.anchor: torch.Tensor | None = None
+
+    def step(self, optimizer: optim.Optimizer) -> None:
+        if not self.params:
+            self.params = trained_params(optimizer)
+            self.anchor = flat_params(self.params).clone()  # equal everywhere: start() synced it
+        super().step(optimizer)
+        if self.steps % self.sync_every == 0:
+            self.average()
+
+    def average(self) -> None:
+        theta = flat_params(self.params)
+        if self.compress == "none":
+            total, _ = self._sum(theta, 0.0)
+            mean = total / self.world_size
+        else:
+            delta, _ = self._sum(theta - self.anchor, 0.0)
+            mean = self.anchor + delta / self.world_size
+        set_params(self.params, mean)
+        self.anchor = mean.clone()
+
+    def finish(self) -> None:
+        if self.params and self.steps % self.sync_every:
+            self.average()  # the final model is the mean, whatever K
+
+
+class ServerStrategy(Strategy):
+    """A worker of ``a3c`` or ``param-server``: push gradients to the global model, pull weights.
+
+    The parameter server (rank ``world_size`` of the group) applies each pushed gradient
+    with the global optimizer and answers with the change of the global weights since this
+    worker last pulled, so the worker continues from fresh weights. In ``async`` mode the
+    server does not wait for the others (A3C); a gradient computed on weights more than
+    ``max_policy_lag`` updates old is dropped. In ``sync`` mode it waits for all workers
+    and applies their sample-weighted mean gradient once.
+    """
+
+    lockstep = False
+
+    def __init__(self, rank: int, world_size: int, compress: str = "none", topk_ratio: float = 0.01) -> None:
+        super().__init__()
+        self.rank, self.world_size, self.server = rank, world_size, world_size
+        self.compress, self.topk_ratio = compress, topk_ratio
+        self.push_codec: Compressor | None = None
+        self.pull_codec: Compressor | None = None
+        self.version = 0  # the global update our weights come from
+        self.samples = 1
+        self.sps = 0.0
+        self.all_sps = [0.0] * world_size
+        self.lags: list[float] = []
+        self.lag_max = 0.0
+        self.dropped = 0  # this worker's gradients the server refused as too stale
+        self.dropped_all = 0.0  # everyone's, as the server last told us
+
+    def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
+        self.samples = samples  # the server weights gradients by it in sync mode
+
+    def step(self, optimizer: optim.Optimizer) -> None:
+        import torch.distributed as dist
+
+        params = trained_params(optimizer)
+        if self.push_codec is None:
+            n = sum(p.numel() for p in params)
+            self.push_codec = Compressor(self.compress, n, self.topk_ratio)
+            self.pull_codec = Compressor(self.compress, n, self.topk_ratio, error_feedback=False)
+        lr = float(optimizer.param_groups[0]["lr"])
+        self.steps += 1
+        start = time.perf_counter()
+        header = torch.tensor([PUSH, self.version, self.samples, lr, self.sps], dtype=torch.float64)
+        dist.send(header, dst=self.server)
+        for part in self.push_codec.compress(flat_grad(params).cpu()):  # the server's group is gloo
+            dist.send(part.contiguous(), dst=self.server)
+        reply = torch.zeros(4 + self.world_size, dtype=torch.float64)
+        dist.recv(reply, src=self.server)
+        payload = self.pull_codec.empty()
+        for part in payload:
+            dist.recv(part, src=self.server)
+        set_params(params, flat_params(params) + self.pull_codec.decompress(payload).to(params[0].device))
+        self.comm_seconds += time.perf_counter() - start
+        self.bytes_sent += header.numel() * 8 + self.push_codec.nbytes()
+        self.bytes_sent += reply.numel() * 8 + self.pull_codec.nbytes()  # counted both ways
+        version, accepted, lag, self.dropped_all = reply[:4].tolist()
+        self.all_sps = reply[4:].tolist()
+        self.version = int(version)
+        self.lags.append(lag)
+        self.lag_max = max(self.lag_max, lag)
+        self.dropped += not accepted
+
+    def finish(self) -> None:
+        import torch.distributed as dist
+
+        dist.send(torch.tensor([DONE, self.version, 0, 0, 0], dtype=torch.float64), dst=self.server)
+
+    def worker_sps(self, sps: float) -> list[float]:
+        self.sps = sps  # travels to the server with the next push
+        return [sps if r == self.rank else s for r, s in enumerate(self.all_sps)]
+
     def metrics(self) -> dict[str, float]:
-        return {"bytes_sent": float(self.bytes_sent), "comm_seconds": self.comm_seconds}
+        out = super().metrics()
+        if self.lags:
+            out["policy_lag"] = sum(self.lags) / len(self.lags)
+            out["policy_lag_max"] = self.lag_max
+            self.lags.clear()
+            self.lag_max = 0.0
+        out["dropped_gradients"] = float(self.dropped)
+        out["dropped_gradients_all"] = self.dropped_all
+        out["global_version"] = float(self.version)
+        return out

@@ -84,11 +84,11 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(config.device)
         torch.set_num_threads(max(1, config.torch_threads))
-        torch.manual_seed(self.strategy.worker_seed(config.seed))
+        torch.manual_seed(config.seed)  # the same initial weights on every worker and the server
         obs_space, action_space = spaces_of(env_fn or config.env)
         self.algo = algo_class(config, obs_space, action_space, self.device, self.strategy)
-        for module in self.algo.modules().values():
-            self.strategy.start(module)  # e.g. every worker starts from rank 0's weights
+        if self.strategy.rank > 0:
+            torch.manual_seed(self.strategy.worker_seed(config.seed))  # but its own sampling stream
         self.env_steps = 0
         self.boundary = 0  # index of the last checkpoint boundary
         self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo_class.name, config)
@@ -133,6 +133,8 @@ class Trainer:
         extra = {k.removeprefix("extra/"): v for k, v in arrays.items() if k.startswith("extra/")}
         self.algo.load_extra_state(extra, meta["extra"])
         torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+        if self.strategy.rank > 0:  # the checkpoint holds rank 0's stream; every worker needs its own
+            torch.manual_seed(derived_seed(self.strategy.worker_seed(self.config.seed), meta["boundary"]))
         self.algo.updates = meta["updates"]
         self.boundary = meta["boundary"]
         self.env_steps = meta["env_steps"]
@@ -152,6 +154,8 @@ class Trainer:
         c = self.config
         if resume is not None:
             self.load_checkpoint(resume)
+        for module in self.algo.modules().values():
+            self.strategy.start(module)  # e.g. every worker starts from rank 0's weights
         chief = self.strategy.is_chief
         if chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,10 +187,13 @@ class Trainer:
             lengths: list[int] = []
             last_log = self.env_steps
             metrics: dict[str, float] = {}
+            update_seconds, updates_since_log = 0.0, 0
             while self.env_steps < c.total_steps:
                 actions = self.algo.act(obs)
                 next_obs, rewards, terminated, truncated, _ = envs.step(actions)
-                self.env_steps += c.num_envs * self.strategy.world_size  # workers step in lockstep
+                # Every worker counts the group's steps: its own times the workers (exact in lockstep,
+                # an estimate for the asynchronous strategies, whose workers run at their own pace).
+                self.env_steps += c.num_envs * self.strategy.world_size
                 valid = ~autoreset
                 self.algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
                 ep_return += np.where(valid, rewards, 0.0)
@@ -201,7 +208,10 @@ class Trainer:
                 obs = next_obs
 
                 if self.algo.ready():
+                    update_start = time.perf_counter()
                     metrics = self.algo.update(next_obs, self.env_steps)
+                    update_seconds += time.perf_counter() - update_start
+                    updates_since_log += 1
                     if on_update is not None and on_update(self):
                         break
                     if (
@@ -223,18 +233,21 @@ class Trainer:
                 if self.env_steps - last_log >= c.log_every or self.env_steps >= c.total_steps:
                     last_log = self.env_steps
                     wall = time.perf_counter() - start_time
-                    row = {
-                        "wall_time": wall,
-                        "sps": (self.env_steps - start_steps) / max(wall, 1e-9),
-                        **metrics,
-                        **self.strategy.metrics(),
-                    }
+                    own_steps = (self.env_steps - start_steps) / self.strategy.world_size
+                    worker_sps = self.strategy.worker_sps(own_steps / max(wall, 1e-9))
+                    row = {"wall_time": wall, "sps": sum(worker_sps), **metrics, **self.strategy.metrics()}
+                    if len(worker_sps) > 1:
+                        row.update({f"sps_worker_{r}": v for r, v in enumerate(worker_sps)})
+                    if updates_since_log:
+                        row["update_seconds"] = update_seconds / updates_since_log
+                        update_seconds, updates_since_log = 0.0, 0
                     if returns:
                         row["episode_return"] = float(np.mean(returns))
                         row["episode_length"] = float(np.mean(lengths))
                         returns.clear()
                         lengths.clear()
                     logger.log(self.env_steps, row)
+            self.strategy.finish()
         finally:
             logger.close()
             envs.close()

@@ -69,8 +69,7 @@ class A2C(ActorCriticAlgorithm):
         loss.backward()
         self.strategy.reduce_gradients(net, samples=len(advantages))
         clip_grad_norm(net.parameters(), c.max_grad_norm)
-        self.optimizer.step()
-        self.strategy.after_update(net, self.optimizer)
+        self.strategy.step(self.optimizer)  # here, or on the global model
         self.updates += 1
         b.t = 0
         pg, vl, en = torch.stack([pg_loss, v_loss, ent]).tolist()

@@ -134,8 +134,7 @@ class DQN(Algorithm):
             loss.backward()
             self.strategy.reduce_gradients(self.q, samples=c.batch_size)
             clip_grad_norm(self.q.parameters(), c.max_grad_norm)
-            self.optimizer.step()
-            self.strategy.after_update(self.q, self.optimizer)
+            self.strategy.step(self.optimizer)  # here, or on the global model
             losses.append(loss.detach())
             q_means.append(q.detach().mean())
         self.updates += 1

@@ -97,8 +97,7 @@ class PPO(ActorCriticAlgorithm):
                 loss.backward()
                 self.strategy.reduce_gradients(net, samples=len(adv))
                 clip_grad_norm(net.parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                self.strategy.after_update(net, self.optimizer)
+                self.strategy.step(self.optimizer)  # here, or on the global model
 
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance estimator

@@ -1,0 +1,123 @@
+"""The parameter server: the global model and its optimizer, for ``a3c`` and ``param-server``.
+
+It is one more rank of the workers' torch.distributed group (a process on ``mp``, a Ray
+actor on ``ray``) and talks to them point to point. A worker pushes a gradient (with the
+global version its weights came from); the server applies it with the algorithm's own
+optimizer and answers with the change of the global weights since that worker last
+pulled. In ``async`` mode (A3C) each push is applied at once; a gradient more than
+``max_lag`` updates stale is dropped and counted. In ``sync`` mode the server waits for
+every worker, applies their sample-weighted mean, and answers them all.
+
+Answers are compressed like the pushes. The server keeps, per worker, a mirror of the
+weights that worker holds, and sends ``global - mirror`` each time: what a lossy answer
+leaves out is sent later, and the mirror stays exactly equal to the worker's copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import optim
+
+from shoal.compress import Compressor
+from shoal.strategy import DONE, PUSH_HEADER, flat_params, set_grad, trained_params
+
+
+class ParameterServer:
+    """Global weights and optimizer; applies gradients pushed by ``num_workers`` workers."""
+
+    def __init__(
+        self,
+        optimizer: optim.Optimizer,
+        num_workers: int,
+        mode: str = "async",
+        max_lag: int | None = None,
+        compress: str = "none",
+        topk_ratio: float = 0.01,
+    ) -> None:
+        if mode not in ("sync", "async"):
+            raise ValueError(f"ps_mode must be sync or async, got {mode!r}")
+        self.optimizer, self.params = optimizer, trained_params(optimizer)
+        self.num_workers, self.mode, self.max_lag = num_workers, mode, max_lag
+        n = sum(p.numel() for p in self.params)
+        self.push_codec = Compressor(compress, n, topk_ratio)  # only decompresses here
+        self.pull_codecs = [
+            Compressor(compress, n, topk_ratio, error_feedback=False) for _ in range(num_workers)
+        ]
+        self.mirrors = [flat_params(self.params).clone() for _ in range(num_workers)]
+        self.version = 0  # global updates applied
+        self.pushes = 0
+        self.dropped = 0
+        self.pending: list[tuple[torch.Tensor, float, float]] = []  # sync mode: this round's
+
+    def push(self, grad: torch.Tensor, samples: float, lr: float, version: int) -> tuple[bool, int]:
+        """Take one worker's gradient; return (accepted, its lag in updates).
+
+        In sync mode the gradient waits for the round (``apply_round``) and counts as accepted.
+        """
+        self.pushes += 1
+        lag = self.version - version
+        if self.mode == "sync":
+            self.pending.append((grad, samples, lr))
+            return True, lag
+        if self.max_lag is not None and lag > self.max_lag:
+            self.dropped += 1
+            return False, lag
+        self._apply(grad, lr)
+        return True, lag
+
+    def apply_round(self) -> None:
+        """Sync mode: one update with the sample-weighted mean of the round's gradients."""
+        total = sum(s for _, s, _ in self.pending)
+        grad = sum(g * s for g, s, _ in self.pending) / total
+        self._apply(grad, self.pending[-1][2])
+        self.pending.clear()
+
+    def _apply(self, grad: torch.Tensor, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr  # the worker's schedule (annealing) decides
+        set_grad(self.params, grad)
+        self.optimizer.step()
+        self.version += 1
+
+    def pull(self, worker: int) -> tuple[torch.Tensor, ...]:
+        """The payload that brings ``worker``'s copy to the global weights (as far as it can)."""
+        codec = self.pull_codecs[worker]
+        payload = codec.compress(flat_params(self.params) - self.mirrors[worker])
+        self.mirrors[worker] += codec.decompress(payload)
+        return payload
+
+    def serve(self) -> dict[str, Any]:
+        """Answer the workers over torch.distributed until every one has said it is done."""
+        import torch.distributed as dist
+
+        header = torch.zeros(PUSH_HEADER, dtype=torch.float64)
+        active = set(range(self.num_workers))
+        waiting: list[tuple[int, bool, int]] = []  # sync mode: who is waiting for the round
+        sps = torch.zeros(self.num_workers, dtype=torch.float64)
+        while active:
+            src = dist.recv(header)
+            kind, version, samples, lr, worker_sps = header.tolist()
+            if kind == DONE:
+                active.discard(src)
+            else:
+                payload = self.push_codec.empty()
+                for part in payload:
+                    dist.recv(part, src=src)
+                sps[src] = worker_sps
+                accepted, lag = self.push(self.push_codec.decompress(payload), samples, lr, int(version))
+                waiting.append((src, accepted, lag))
+            if self.mode == "sync" and waiting and {w for w, _, _ in waiting} < active:
+                continue  # the round is not complete yet
+            if self.mode == "sync" and self.pending:
+                self.apply_round()
+            for worker, accepted, lag in waiting:
+                reply = torch.cat(
+                    [torch.tensor([self.version, accepted, lag, self.dropped], dtype=torch.float64), sps]
+                )
+                dist.send(reply, dst=worker)
+                for part in self.pull(worker):
+                    dist.send(part.contiguous(), dst=worker)
+            waiting.clear()
+        return {"version": self.version, "pushes": self.pushes, "dropped": self.dropped}
