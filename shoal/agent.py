@@ -56,8 +56,21 @@ class Agent:
         """Train (to ``total_steps`` env steps, default the config's) and evaluate greedily."""
         if total_steps is not None:
             self.config.total_steps = int(total_steps)
-        self.trainer.progress = progress
-        self.summary = self.trainer.train()
+        if self.config.backend == "local":
+            self.trainer.progress = progress
+            self.summary = self.trainer.train()
+            return self
+        if self.env_fn is not None:
+            raise ValueError(
+                f"backend {self.config.backend!r} needs a registered env id: every worker makes its own envs"
+            )
+        from shoal.configio import validate
+        from shoal.launch import train
+
+        validate(self.config)
+        self.summary, run_dir = train(self.algo_name, self.config, progress=progress)
+        self.trainer.run_dir = Path(run_dir)
+        self.trainer.load_checkpoint(ckpt.latest(self.trainer.run_dir / "checkpoints"))  # the chief's weights
         return self
 
     @property

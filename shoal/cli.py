@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     bench.add_argument(
         "which",
-        choices=["envs", "sb3"],
-        help="envs: vector-env steps/s vs other libraries; sb3: PPO vs Stable-Baselines3",
+        choices=["envs", "sb3", "scaling"],
+        help="envs: vector-env steps/s vs other libraries; sb3: PPO vs Stable-Baselines3; "
+        "scaling: distributed strategies with 1 and 2 workers, bytes per update with compression",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help)")
     bench.set_defaults(run=_bench)
@@ -152,6 +153,10 @@ def _bench(args: argparse.Namespace) -> int:
         from shoal.bench import sb3
 
         return sb3.main(args.args)
+    if args.which == "scaling":
+        from shoal.bench import scaling
+
+        return scaling.main(args.args)
     from shoal.bench import vector_envs
 
     return vector_envs.main(args.args)

@@ -38,7 +38,7 @@ class Compressor:
 
     def nbytes(self) -> int:
         """Bytes of one payload on the wire."""
-        return sum(t.numel() * t.element_size() for t in self.empty())
+        return nbytes(self.empty())
 
     def compress(self, vector: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The payload for ``vector``; what it leaves out is carried to the next call."""
@@ -65,3 +65,22 @@ class Compressor:
         out = torch.zeros(self.numel, device=payload[1].device)
         out.index_add_(0, payload[0].long(), payload[1])
         return out
+
+
+def pack(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Tensors of any dtypes as one byte buffer: one message instead of several."""
+    return torch.cat([p.detach().contiguous().reshape(-1).view(torch.uint8) for p in parts])
+
+
+def unpack(buffer: torch.Tensor, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors ``pack`` put in ``buffer``, shaped and typed like ``like``."""
+    out, offset = [], 0
+    for t in like:
+        n = t.numel() * t.element_size()
+        out.append(buffer[offset : offset + n].view(t.dtype).view(t.shape))
+        offset += n
+    return tuple(out)
+
+
+def nbytes(parts: tuple[torch.Tensor, ...]) -> int:
+    return sum(p.numel() * p.element_size() for p in parts)

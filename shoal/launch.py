@@ -67,32 +67,30 @@ def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool 
     job = dict(algo=algo, config=config, resume=str(resume) if resume else None)
     results = _train_mp(job, progress) if config.backend == "mp" else _train_ray(job, progress)
     summary = results[0]
-    if config.strategy in SERVER_STRATEGIES:
+    # What only the launcher knows joins the chief's summary: the server's counts, placement.
+    extra = {"parameter_server": results.get("server"), "nodes": results.get("nodes")}
+    summary.update({k: v for k, v in extra.items() if v is not None})
+    written = Path(config.run_dir) / "summary.json"
+    if written.exists():  # on a cluster without a shared disk, the chief may have written elsewhere
         import json
 
-        summary["parameter_server"] = results["server"]
-        (Path(config.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        written.write_text(json.dumps(summary, indent=1))
     return summary, config.run_dir
 
 
 # -- what runs in every worker, whatever the backend -----------------------------------------
-def _join_group(rank: int, size: int, addr: str, port: int, loopback: bool) -> None:
+def _join_group(rank: int, size: int, rendezvous: str) -> None:
+    """Join the group. A ``file://`` rendezvous means every rank is on this machine: nothing
+    then listens beyond 127.0.0.1 (a TCP rendezvous store listens on every interface)."""
     import torch.distributed as dist
 
-    if loopback:  # gloo's own connections stay on 127.0.0.1 too
+    if rendezvous.startswith("file://"):  # gloo's own connections stay on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=size)
 
 
 def run_worker(
-    rank: int,
-    algo: str,
-    config: TrainConfig,
-    resume: str | None,
-    progress: bool,
-    addr: str,
-    port: int,
-    loopback: bool,
+    rank: int, algo: str, config: TrainConfig, resume: str | None, progress: bool, rendezvous: str
 ) -> dict[str, Any]:
     """Training worker ``rank``: its own envs and model copy, cooperating through the strategy."""
     import torch.distributed as dist
@@ -100,7 +98,7 @@ def run_worker(
     from shoal.algos import ALGORITHMS
     from shoal.trainer import Trainer
 
-    _join_group(rank, group_size(config), addr, port, loopback)
+    _join_group(rank, group_size(config), rendezvous)
     try:
         trainer = Trainer(ALGORITHMS[algo], config, strategy=make_strategy(config, rank), progress=progress)
         return trainer.train(resume=resume)
@@ -108,9 +106,7 @@ def run_worker(
         dist.destroy_process_group()
 
 
-def run_server(
-    algo: str, config: TrainConfig, resume: str | None, addr: str, port: int, loopback: bool
-) -> dict[str, Any]:
+def run_server(algo: str, config: TrainConfig, resume: str | None, rendezvous: str) -> dict[str, Any]:
     """The parameter server: rank ``num_workers``, holding the global model and optimizer.
 
     It builds the algorithm exactly as the workers do (same seed, so the same initial
@@ -125,7 +121,7 @@ def run_server(
     from shoal.server import ParameterServer
     from shoal.trainer import spaces_of
 
-    _join_group(config.num_workers, group_size(config), addr, port, loopback)
+    _join_group(config.num_workers, group_size(config), rendezvous)
     try:
         torch.set_num_threads(1)
         torch.manual_seed(config.seed)
@@ -136,12 +132,13 @@ def run_server(
             for name, module in algorithm.modules().items():
                 ckpt.load_module(f"model/{name}", module, arrays)
         (optimizer,) = algorithm.optimizers().values()
-        mode = "async" if config.strategy == "a3c" else config.ps_mode
+        # A3C bounds staleness; the general parameter server applies every gradient (Downpour).
+        a3c = config.strategy == "a3c"
         server = ParameterServer(
             optimizer,
             config.num_workers,
-            mode,
-            config.max_policy_lag if mode == "async" else None,
+            "async" if a3c else config.ps_mode,
+            config.max_policy_lag if a3c else None,
             config.compress,
             config.topk_ratio,
         )
@@ -168,10 +165,14 @@ def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) ->
 
 
 def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
+    import shutil
+    import tempfile
+
     config: TrainConfig = job["config"]
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    where = dict(addr="127.0.0.1", port=free_port(), loopback=True)
+    scratch = tempfile.mkdtemp(prefix="shoal-group-")
+    where = dict(rendezvous=f"file://{scratch}/rendezvous")
     tasks: list[tuple[Any, Any, dict]] = [
         (rank, run_worker, dict(rank=rank, progress=progress and rank == 0, **job, **where))
         for rank in range(config.num_workers)
@@ -203,6 +204,7 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
             time.sleep(0.05)
         return out
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         finished = len(out) == len(procs)
         for p in procs:
             p.join(10 if finished else 0)  # after a failure, the others are stopped at once
@@ -218,12 +220,12 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
 class RayWorker:
     """The Ray actor that hosts one rank (a training worker or the parameter server)."""
 
-    def rendezvous(self) -> tuple[str, int]:
+    def rendezvous(self) -> str:
         """This node's address and a port free on it: the group's meeting point."""
         import ray
 
         addr = ray.util.get_node_ip_address()
-        return addr, free_port(addr)
+        return f"tcp://{addr}:{free_port(addr)}"
 
     def node_id(self) -> str:
         import ray
@@ -245,7 +247,6 @@ def _ray_start(config: TrainConfig) -> bool:
     if config.ray_address:
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every socket on 127.0.0.1
     needed = config.num_workers * config.ray_cpus_per_worker
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(-(-needed // 1))),  # never wait for CPUs we lack
@@ -256,22 +257,30 @@ def _ray_start(config: TrainConfig) -> bool:
 
 
 def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
+    import shutil
+    import tempfile
+
+    config: TrainConfig = job["config"]
+    if not config.ray_address:  # Ray reads it once, on import: a local Ray binds 127.0.0.1 only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
+    from ray.exceptions import GetTimeoutError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from shoal.configio import ConfigError
 
-    config: TrainConfig = job["config"]
     started = _ray_start(config)
+    scratch = tempfile.mkdtemp(prefix="shoal-group-")
     actors: list[Any] = []
     try:
         n = config.num_workers
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if n * config.ray_cpus_per_worker > cpus:
-            raise ConfigError(
-                f"{n} workers x {config.ray_cpus_per_worker} CPUs need more than the cluster's {cpus:g} CPUs;"
-                " lower --num-workers or --ray-cpus-per-worker"
-            )
+        for kind, each in (("CPU", config.ray_cpus_per_worker), ("GPU", config.ray_gpus_per_worker)):
+            have = ray.cluster_resources().get(kind, 0)
+            if n * each > have:
+                raise ConfigError(
+                    f"{n} workers x {each:g} {kind}s need more than the cluster's {have:g} {kind}s;"
+                    f" lower --num-workers or --ray-{kind.lower()}s-per-worker"
+                )
         here = ray.get_runtime_context().get_node_id()
         actor_class = ray.remote(RayWorker)
         keys: list[Any] = list(range(n)) + (["server"] if config.strategy in SERVER_STRATEGIES else [])
@@ -288,8 +297,15 @@ def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                     else "SPREAD",
                 ).remote()
             )
-        addr, port = ray.get(actors[0].rendezvous.remote())
-        where = dict(addr=addr, port=port, loopback=started)
+        try:  # placement: resources can exist in total yet fit on no node
+            nodes = dict(zip(map(str, keys), ray.get([a.node_id.remote() for a in actors], timeout=120)))
+        except GetTimeoutError:
+            raise ConfigError(
+                f"Ray could not place {len(actors)} actors within 120 s; see `ray status` for free resources"
+            ) from None
+        # All on this machine (the Ray we started): a file rendezvous, nothing listens outside.
+        rendezvous = f"file://{scratch}/rendezvous" if started else ray.get(actors[0].rendezvous.remote())
+        where = dict(rendezvous=rendezvous)
         refs = {}
         for key, actor in zip(keys, actors):
             if key == "server":
@@ -301,9 +317,10 @@ def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
         while pending:  # fail fast: the first failed actor's error, not a hang on the others
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done)
-        return {key: ray.get(ref) for key, ref in refs.items()}
+        return {"nodes": nodes, **{key: ray.get(ref) for key, ref in refs.items()}}
     finally:
         for actor in actors:
             ray.kill(actor)
         if started:
             ray.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)

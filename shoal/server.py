@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import optim
 
-from shoal.compress import Compressor
-from shoal.strategy import DONE, PUSH_HEADER, flat_params, set_grad, trained_params
+from shoal.compress import Compressor, nbytes, pack, unpack
+from shoal.strategy import DONE, flat_params, push_message, set_grad, trained_params
 
 
 class ParameterServer:
@@ -59,7 +59,7 @@ class ParameterServer:
         self.pushes += 1
         lag = self.version - version
         if self.mode == "sync":
-            self.pending.append((grad, samples, lr))
+            self.pending.append((grad.clone(), samples, lr))  # grad may view a reused receive buffer
             return True, lag
         if self.max_lag is not None and lag > self.max_lag:
             self.dropped += 1
@@ -92,32 +92,30 @@ class ParameterServer:
         """Answer the workers over torch.distributed until every one has said it is done."""
         import torch.distributed as dist
 
-        header = torch.zeros(PUSH_HEADER, dtype=torch.float64)
+        like = push_message(self.push_codec)
+        buffer = torch.empty(nbytes(like), dtype=torch.uint8)
         active = set(range(self.num_workers))
-        waiting: list[tuple[int, bool, int]] = []  # sync mode: who is waiting for the round
+        waiting: list[tuple[int, bool, int]] = []  # who waits for an answer (sync: for the round)
         sps = torch.zeros(self.num_workers, dtype=torch.float64)
         while active:
-            src = dist.recv(header)
+            src = dist.recv(buffer)  # from whichever worker comes first
+            header, *payload = unpack(buffer, like)
             kind, version, samples, lr, worker_sps = header.tolist()
             if kind == DONE:
                 active.discard(src)
             else:
-                payload = self.push_codec.empty()
-                for part in payload:
-                    dist.recv(part, src=src)
                 sps[src] = worker_sps
-                accepted, lag = self.push(self.push_codec.decompress(payload), samples, lr, int(version))
+                accepted, lag = self.push(
+                    self.push_codec.decompress(tuple(payload)), samples, lr, int(version)
+                )
                 waiting.append((src, accepted, lag))
             if self.mode == "sync" and waiting and {w for w, _, _ in waiting} < active:
                 continue  # the round is not complete yet
             if self.mode == "sync" and self.pending:
                 self.apply_round()
             for worker, accepted, lag in waiting:
-                reply = torch.cat(
-                    [torch.tensor([self.version, accepted, lag, self.dropped], dtype=torch.float64), sps]
-                )
-                dist.send(reply, dst=worker)
-                for part in self.pull(worker):
-                    dist.send(part.contiguous(), dst=worker)
+                head = torch.tensor([self.version, accepted, lag, self.dropped], dtype=torch.float64)
+                dist.send(pack((torch.cat([head, sps]), *self.pull(worker))), dst=worker)
             waiting.clear()
+        dist.send(flat_params(self.params).contiguous(), dst=0)  # the final global model, to the chief
         return {"version": self.version, "pushes": self.pushes, "dropped": self.dropped}

@@ -21,11 +21,21 @@ import time
 import torch
 from torch import nn, optim
 
-from shoal.compress import Compressor
+from shoal.compress import Compressor, nbytes, pack, unpack
 
-# Messages between workers and the parameter server: a float64 header, then the payload.
+# A message between a worker and the parameter server is ONE byte buffer: a float64 header
+# and the (compressed) payload. Pushes: kind, version the gradient was computed at, samples,
+# learning rate, worker sps. Replies: version, accepted, lag, dropped, every worker's sps.
 PUSH, DONE = 1.0, 2.0
-PUSH_HEADER = 5  # kind, version the gradient was computed at, samples, learning rate, worker sps
+
+
+def push_message(codec: Compressor) -> tuple[torch.Tensor, ...]:
+    """The shape of a push (a DONE has the same size, so the server can receive either)."""
+    return (torch.zeros(5, dtype=torch.float64), *codec.empty())
+
+
+def reply_message(codec: Compressor, num_workers: int) -> tuple[torch.Tensor, ...]:
+    return (torch.zeros(4 + num_workers, dtype=torch.float64), *codec.empty())
 
 
 def trained_params(optimizer: optim.Optimizer) -> list[torch.Tensor]:
@@ -74,8 +84,8 @@ class Strategy:
         """Each worker's envs and sampling get their own seed, derived from the run seed."""
         return seed + 1_000_003 * self.rank
 
-    def start(self, module: nn.Module) -> None:
-        """Called once per network before training: make the workers' copies agree."""
+    def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
+        """Called once before training (after a resume): make the workers' copies agree."""
 
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         """Combine this worker's gradients (from ``samples`` samples) with the group's, in place."""
@@ -120,11 +130,12 @@ class CollectiveStrategy(Strategy):
         self.compress, self.topk_ratio = compress, topk_ratio
         self.codec: Compressor | None = None  # made on first use, when the size is known
 
-    def start(self, module: nn.Module) -> None:
+    def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
         import torch.distributed as dist
 
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
+        for module in modules.values():
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
 
     def _sum(self, vector: torch.Tensor, extra: float) -> tuple[torch.Tensor, float]:
         """Sum over workers of ``vector`` (compressed on the wire) and of the scalar ``extra``.
@@ -247,6 +258,7 @@ class ServerStrategy(Strategy):
         self.compress, self.topk_ratio = compress, topk_ratio
         self.push_codec: Compressor | None = None
         self.pull_codec: Compressor | None = None
+        self.params: list[torch.Tensor] = []
         self.version = 0  # the global update our weights come from
         self.samples = 1
         self.sps = 0.0
@@ -256,6 +268,18 @@ class ServerStrategy(Strategy):
         self.dropped = 0  # this worker's gradients the server refused as too stale
         self.dropped_all = 0.0  # everyone's, as the server last told us
 
+    def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
+        # Nothing to exchange: the server built the same initial weights (or loaded the same
+        # checkpoint). Only sizes are fixed here, so even a worker that never steps can say DONE.
+        (optimizer,) = optimizers.values()
+        self._prepare(trained_params(optimizer))
+
+    def _prepare(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        n = sum(p.numel() for p in params)
+        self.push_codec = Compressor(self.compress, n, self.topk_ratio)
+        self.pull_codec = Compressor(self.compress, n, self.topk_ratio, error_feedback=False)
+
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         self.samples = samples  # the server weights gradients by it in sync mode
 
@@ -264,25 +288,21 @@ class ServerStrategy(Strategy):
 
         params = trained_params(optimizer)
         if self.push_codec is None:
-            n = sum(p.numel() for p in params)
-            self.push_codec = Compressor(self.compress, n, self.topk_ratio)
-            self.pull_codec = Compressor(self.compress, n, self.topk_ratio, error_feedback=False)
+            self._prepare(params)
         lr = float(optimizer.param_groups[0]["lr"])
         self.steps += 1
         start = time.perf_counter()
         header = torch.tensor([PUSH, self.version, self.samples, lr, self.sps], dtype=torch.float64)
-        dist.send(header, dst=self.server)
-        for part in self.push_codec.compress(flat_grad(params).cpu()):  # the server's group is gloo
-            dist.send(part.contiguous(), dst=self.server)
-        reply = torch.zeros(4 + self.world_size, dtype=torch.float64)
-        dist.recv(reply, src=self.server)
-        payload = self.pull_codec.empty()
-        for part in payload:
-            dist.recv(part, src=self.server)
-        set_params(params, flat_params(params) + self.pull_codec.decompress(payload).to(params[0].device))
+        payload = self.push_codec.compress(flat_grad(params).cpu())  # the server's group is gloo
+        dist.send(pack((header, *payload)), dst=self.server)
+        like = reply_message(self.pull_codec, self.world_size)
+        buffer = torch.empty(nbytes(like), dtype=torch.uint8)
+        dist.recv(buffer, src=self.server)
+        reply, *pulled = unpack(buffer, like)
+        delta = self.pull_codec.decompress(tuple(pulled)).to(params[0].device)
+        set_params(params, flat_params(params) + delta)
         self.comm_seconds += time.perf_counter() - start
-        self.bytes_sent += header.numel() * 8 + self.push_codec.nbytes()
-        self.bytes_sent += reply.numel() * 8 + self.pull_codec.nbytes()  # counted both ways
+        self.bytes_sent += nbytes(push_message(self.push_codec)) + buffer.numel()  # both ways
         version, accepted, lag, self.dropped_all = reply[:4].tolist()
         self.all_sps = reply[4:].tolist()
         self.version = int(version)
@@ -293,7 +313,15 @@ class ServerStrategy(Strategy):
     def finish(self) -> None:
         import torch.distributed as dist
 
-        dist.send(torch.tensor([DONE, self.version, 0, 0, 0], dtype=torch.float64), dst=self.server)
+        if self.push_codec is None:
+            raise RuntimeError("ServerStrategy.finish before start: the server would wait for us forever")
+        done = push_message(self.push_codec)
+        done[0][0] = DONE
+        dist.send(pack(done), dst=self.server)
+        if self.is_chief:  # the chief saves and evaluates the global model, as it is at the very end
+            final = torch.empty(self.push_codec.numel)
+            dist.recv(final, src=self.server)
+            set_params(self.params, final.to(self.params[0].device))
 
     def worker_sps(self, sps: float) -> list[float]:
         self.sps = sps  # travels to the server with the next push

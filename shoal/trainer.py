@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -93,6 +94,12 @@ class Trainer:
         self.boundary = 0  # index of the last checkpoint boundary
         self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo_class.name, config)
 
+    def env_worker_share(self) -> int | str:
+        """Env worker processes by default: one per core, shared among the training workers."""
+        if self.strategy.world_size == 1:
+            return "auto"
+        return max(1, (os.cpu_count() or 1) // self.strategy.world_size)
+
     @property
     def checkpoint_every(self) -> int:
         c = self.config
@@ -154,8 +161,7 @@ class Trainer:
         c = self.config
         if resume is not None:
             self.load_checkpoint(resume)
-        for module in self.algo.modules().values():
-            self.strategy.start(module)  # e.g. every worker starts from rank 0's weights
+        self.strategy.start(self.algo.modules(), self.algo.optimizers())  # e.g. rank 0's weights for all
         chief = self.strategy.is_chief
         if chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +174,7 @@ class Trainer:
             c.num_envs,
             seed=seed,
             vectorization=c.vectorization,
-            num_workers=c.env_workers or "auto",
+            num_workers=c.env_workers or self.env_worker_share(),
         )
         logger = RunLogger(
             self.run_dir if chief else None,

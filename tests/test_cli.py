@@ -29,6 +29,13 @@ BAD = [
     (["train", "ppo", "--backend", "cloud"], "backend must be one of local, mp"),
     (["train", "ppo", "--num-workers", "2"], "needs --backend mp"),
     (["train", "ppo", "--backend", "mp", "--num-workers", "0"], "num_workers must be a positive integer"),
+    (["train", "a2c", "--strategy", "a3c"], "strategy a3c needs several workers: add --backend mp"),
+    (["train", "ppo", "--backend", "mp", "--compress", "zip"], "compress must be one of none, fp16, topk"),
+    (["train", "ppo", "--backend", "mp", "--topk-ratio", "0"], "topk_ratio must be in (0, 1]"),
+    (["train", "ppo", "--backend", "mp", "--ps-mode", "maybe"], "ps_mode must be sync or async"),
+    (["train", "ppo", "--backend", "mp", "--sync-every", "0"], "sync_every must be a positive integer"),
+    (["train", "ppo", "--backend", "mp", "--ray-address", "auto"], "ray_address is for --backend ray"),
+    (["train", "ppo", "--max-policy-lag", "-1"], "max_policy_lag must be >= 0"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Distributed training: sync all-reduce is exactly data parallelism, and it learns."""
+"""Distributed training: each strategy computes what it promises, over a real process group,
+on mp and on Ray, and each learns CartPole with 2 workers."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ T, E = 16, 3  # rollout steps, envs per worker
 OBS, ACT = spaces.Box(-1, 1, (4,), np.float32), spaces.Discrete(2)
 
 
-def rollout(num_envs: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A synthetic rollout with episode ends and autoreset (invalid) steps."""
+def rollout(num_envs: int, seed: int = 0, all_valid: bool = False) -> dict[str, np.ndarray]:
+    """A synthetic rollout with episode ends and (unless ``all_valid``) autoreset steps."""
     rng = np.random.default_rng(seed)
     done = rng.random((T, num_envs)) < 0.15
     valid = np.ones((T, num_envs), dtype=bool)
-    valid[1:][done[:-1]] = False  # the step after an episode end is a reset step
+    if not all_valid:
+        valid[1:][done[:-1]] = False  # the step after an episode end is a reset step
     return {
         "obs": rng.normal(size=(T, num_envs, 4)).astype(np.float32),
         "actions": rng.integers(0, 2, (T, num_envs)),
@@ -38,9 +40,13 @@ def rollout(num_envs: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def one_update(config: PPOConfig, data: dict[str, np.ndarray], strategy=None) -> list[torch.Tensor]:
+def one_update(
+    config: PPOConfig, data: dict[str, np.ndarray], strategy=None, sgd: bool = False
+) -> list[torch.Tensor]:
     torch.manual_seed(0)  # identical initial weights everywhere
     algo = PPO(config, OBS, ACT, torch.device("cpu"), strategy)
+    if sgd:
+        algo.optimizer = torch.optim.SGD(algo.net.parameters(), lr=0.05)
     b = algo.buffer
     b.obs[:] = torch.from_numpy(data["obs"])
     b.actions[:] = torch.from_numpy(data["actions"])
@@ -57,7 +63,7 @@ def one_update(config: PPOConfig, data: dict[str, np.ndarray], strategy=None) ->
     return [p.detach().clone() for p in algo.net.parameters()]
 
 
-def _config(num_envs: int) -> PPOConfig:
+def _config(num_envs: int, **kwargs) -> PPOConfig:
     # One minibatch per epoch and no advantage normalisation: the setting in which
     # 2 workers x E envs must equal 1 worker x 2E envs.
     return PPOConfig(
@@ -67,25 +73,46 @@ def _config(num_envs: int) -> PPOConfig:
         update_epochs=3,
         norm_adv=False,
         total_steps=10 * T * num_envs,
+        **kwargs,
     )
 
 
-def _sync_worker(rank: int, port: int, data: dict, results) -> None:
+def _in_group(rank: int, size: int, port: int, fn, args: tuple, results) -> None:
     import torch.distributed as dist
 
-    from shoal.strategy import SyncStrategy
-
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
-        half = {
-            k: (v[rank * E : (rank + 1) * E] if k == "next_obs" else v[:, rank * E : (rank + 1) * E])
-            for k, v in data.items()
-        }
-        params = one_update(_config(E), half, SyncStrategy(rank, 2))
-        results.put((rank, [p.numpy() for p in params]))
+        results.put((rank, fn(rank, *args)))
     finally:
         dist.destroy_process_group()
+
+
+def run_group(size: int, fn, *args) -> dict[int, object]:
+    """``fn(rank, *args)`` in ``size`` spawned processes joined in a gloo group; results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_in_group, args=(r, size, port, fn, args, results)) for r in range(size)]
+    for p in procs:
+        p.start()
+    got = dict(results.get() for _ in range(size))  # read before joining: results fill the pipe
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return got
+
+
+def _worker_update(rank: int, data: dict, strategy_name: str, sgd: bool, max_grad_norm: float) -> list:
+    from shoal.strategy import ParamAvgStrategy, SyncStrategy
+
+    half = {
+        k: (v[rank * E : (rank + 1) * E] if k == "next_obs" else v[:, rank * E : (rank + 1) * E])
+        for k, v in data.items()
+    }
+    strategy = SyncStrategy(rank, 2) if strategy_name == "sync" else ParamAvgStrategy(rank, 2, sync_every=1)
+    params = one_update(_config(E, max_grad_norm=max_grad_norm), half, strategy, sgd=sgd)
+    return [p.numpy() for p in params]
 
 
 @pytest.mark.timeout(120)
@@ -93,17 +120,7 @@ def test_sync_two_workers_equal_one_worker_with_all_the_envs():
     data = rollout(2 * E)
     assert (~data["valid"]).any() and data["valid"][:, :E].sum() != data["valid"][:, E:].sum()
     reference = one_update(_config(2 * E), data)
-
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_sync_worker, args=(r, port, data, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(results.get() for _ in range(2))  # read before joining: results fill the pipe
-    for p in procs:
-        p.join(60)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = run_group(2, _worker_update, data, "sync", False, 0.5)
     for rank in range(2):
         for ref, mine in zip(reference, got[rank]):
             np.testing.assert_allclose(mine, ref.numpy(), atol=1e-5, rtol=0)
@@ -113,35 +130,184 @@ def test_sync_two_workers_equal_one_worker_with_all_the_envs():
     assert any(not torch.allclose(a, b) for a, b in zip(init, reference))
 
 
-@pytest.mark.timeout(300)
-def test_sync_on_mp_learns_cartpole(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.mark.timeout(120)
+def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
+    """theta - lr * mean_i(g_i) == mean_i(theta - lr * g_i): averaging every step is sync SGD."""
+    data = rollout(2 * E, seed=3, all_valid=True)  # equal sample counts: sync's weighting is a plain mean
+    no_clip = 1e9  # each worker clipping its own gradient is not clipping the mean
+    sync = run_group(2, _worker_update, data, "sync", True, no_clip)
+    avg = run_group(2, _worker_update, data, "param-avg", True, no_clip)
+    reference = one_update(_config(2 * E, max_grad_norm=no_clip), data, sgd=True)
+    for rank in range(2):
+        for s, a, ref in zip(sync[rank], avg[rank], reference):
+            np.testing.assert_allclose(a, s, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(a, ref.numpy(), atol=1e-5, rtol=0)
+
+
+def _ps_rank(rank: int, mode: str, grads: list, samples: list) -> list:
+    """Ranks 0 and 1 push one known gradient each; rank 2 is the parameter server (SGD, lr 1)."""
+    from shoal.server import ParameterServer
+    from shoal.strategy import ServerStrategy, flat_params
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    if rank == 2:
+        stats = ParameterServer(optimizer, 2, mode).serve()
+        assert stats["pushes"] == 2 and stats["version"] == (2 if mode == "async" else 1)
+        return flat_params(list(net.parameters())).tolist()
+    strategy = ServerStrategy(rank, 2)
+    for p, g in zip(net.parameters(), torch.as_tensor(grads[rank]).split([6, 2])):
+        p.grad = g.view_as(p).clone()
+    strategy.reduce_gradients(net, samples=samples[rank])
+    strategy.step(optimizer)
+    strategy.finish()
+    return flat_params(list(net.parameters())).tolist()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_parameter_server_applies_exactly_the_pushed_gradients(mode):
+    torch.manual_seed(0)
+    start = torch.nn.utils.parameters_to_vector(torch.nn.Linear(3, 2).parameters()).detach().numpy()
+    grads = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+    samples = [1, 3]
+    got = run_group(3, _ps_rank, mode, grads.tolist(), samples)
+    server = np.array(got[2])
+    if mode == "async":  # each push applied on its own, in whatever order they came
+        np.testing.assert_allclose(server, start - grads[0] - grads[1], atol=1e-6)
+        # A worker holds the global weights as of its own push: after one or both pushes.
+        possible = [server, start - grads[0], start - grads[1]]
+        for rank in range(2):
+            assert any(np.allclose(got[rank], p, atol=1e-6) for p in possible), rank
+    else:  # one update with the sample-weighted mean, and both workers hold it
+        expected = start - (grads[0] * samples[0] + grads[1] * samples[1]) / sum(samples)
+        np.testing.assert_allclose(server, expected, atol=1e-6)
+        for rank in range(2):
+            np.testing.assert_allclose(np.array(got[rank]), server, atol=0)
+
+
+def shoal_train(*args: str, timeout: float = 500) -> subprocess.CompletedProcess:
+    """``shoal train ...`` in a fresh process, as a user runs it."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shoal.cli",
-            "train",
+        [sys.executable, "-m", "shoal.cli", "train", *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+# Each strategy with 2 workers and shoal's defaults for the algorithm, seed fixed in advance (1):
+# sync PPO (DD-PPO), A3C as published (a2c), parameter-averaged DQN, PPO on a parameter server.
+LEARNS = [
+    ("mp", "ppo", "sync", ["--num-envs", "4"]),
+    ("mp", "a2c", "a3c", []),
+    ("mp", "dqn", "param-avg", []),
+    ("mp", "ppo", "param-server", ["--num-envs", "4"]),
+    ("ray", "ppo", "sync", ["--num-envs", "4"]),
+    ("ray", "a2c", "a3c", []),
+    ("ray", "dqn", "param-avg", []),
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("backend", "algo", "strategy", "extra"), LEARNS)
+def test_each_strategy_learns_cartpole_with_two_workers(backend, algo, strategy, extra, tmp_path):
+    run_dir = tmp_path / "run"
+    shoal_train(
+        algo,
+        "--env",
+        "CartPole-v1",
+        "--backend",
+        backend,
+        "--strategy",
+        strategy,
+        "--num-workers",
+        "2",
+        "--seed",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mean_return"] >= 475, summary
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bytes_sent"] > 0 and rows[-1]["sps_worker_1"] > 0
+    if strategy in ("a3c", "param-server"):
+        assert summary["parameter_server"]["pushes"] > 0
+        assert all("policy_lag" in r for r in rows if r["env_steps"] > rows[0]["env_steps"])
+    if backend == "ray":
+        assert {"0", "1"} <= set(summary["nodes"])
+
+
+@pytest.mark.timeout(300)
+def test_sync_on_mp_and_on_ray_end_with_identical_parameters(tmp_path):
+    from shoal import checkpoint as ckpt
+
+    weights = {}
+    for backend in ("mp", "ray"):
+        run_dir = tmp_path / backend
+        shoal_train(
             "ppo",
-            "--env",
-            "CartPole-v1",
             "--backend",
-            "mp",
+            backend,
             "--num-workers",
             "2",
             "--num-envs",
             "4",
+            "--total-steps",
+            "8192",
             "--seed",
+            "3",
+            "--eval-episodes",
             "1",
             "--run-dir",
             str(run_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=290,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+        )
+        arrays, _ = ckpt.load(run_dir)
+        weights[backend] = {k: v for k, v in arrays.items() if k.startswith("model/")}
+    assert weights["mp"].keys() == weights["ray"].keys() and weights["mp"]
+    for key, value in weights["mp"].items():
+        np.testing.assert_array_equal(weights["ray"][key], value, err_msg=key)
+
+
+@pytest.mark.timeout(300)
+def test_ray_cluster_of_two_nodes_spreads_workers_and_trains(tmp_path):
+    """Two Ray nodes on loopback with one CPU each: one worker lands on each, training goes on."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        node_ids = {node.node_id for node in cluster.list_all_nodes()}
+        assert len(node_ids) == 2
+        run_dir = tmp_path / "run"
+        shoal_train(
+            "ppo",
+            "--backend",
+            "ray",
+            "--ray-address",
+            cluster.address,
+            "--num-workers",
+            "2",
+            "--num-envs",
+            "4",
+            "--total-steps",
+            "24576",
+            "--eval-episodes",
+            "2",
+            "--run-dir",
+            str(run_dir),
+        )
+    finally:
+        cluster.shutdown()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mean_return"] >= 475, summary
+    assert {summary["nodes"]["0"], summary["nodes"]["1"]} == node_ids  # one worker on each node
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["env_steps"] == 100_000 and rows[-1]["bytes_sent"] > 0
+    returns = [r["episode_return"] for r in rows if "episode_return" in r]
+    assert rows[-1]["env_steps"] == 24576
+    assert np.mean(returns[-3:]) > 3 * returns[0], returns  # it is learning (sync: deterministic)
