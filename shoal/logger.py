@@ -14,6 +14,21 @@ from pathlib import Path
 from typing import Any
 
 
+def distributed_summary(metrics: dict[str, float]) -> str:
+    """Per-worker SPS, policy lag, bytes per update and time in communication, for the progress line."""
+    parts = []
+    workers = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("sps_worker_"))
+    if workers:
+        parts.append("workers " + "/".join(f"{v:,.0f}" for _, v in workers) + " sps")
+    if "policy_lag" in metrics:
+        parts.append(f"lag {metrics['policy_lag']:.2g}")
+    if "bytes_per_update" in metrics:
+        parts.append(f"{metrics['bytes_per_update'] / 1e3:,.3g} kB/update")
+    if metrics.get("wall_time") and "comm_seconds" in metrics:
+        parts.append(f"comm {100 * metrics['comm_seconds'] / metrics['wall_time']:.0f}%")
+    return " | ".join(parts)
+
+
 class RunLogger:
     """Writes one JSON row per ``log`` call and shows progress towards ``total_steps``."""
 
@@ -58,9 +73,10 @@ class RunLogger:
                 TextColumn("{task.fields[sps]} sps"),
                 TextColumn("return {task.fields[ret]}"),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[extra]}"),
             )
             self.task = self.bar.add_task(
-                "training", total=total_steps, completed=start_step, sps="-", ret="-"
+                "training", total=total_steps, completed=start_step, sps="-", ret="-", extra=""
             )
             self.bar.start()
 
@@ -76,8 +92,9 @@ class RunLogger:
             self.recent_return = metrics["episode_return"]
         sps = metrics.get("sps", math.nan)
         ret = "-" if math.isnan(self.recent_return) else f"{self.recent_return:.1f}"
+        extra = distributed_summary(metrics)
         if self.bar is not None:
-            self.bar.update(self.task, completed=env_steps, sps=f"{sps:,.0f}", ret=ret)
+            self.bar.update(self.task, completed=env_steps, sps=f"{sps:,.0f}", ret=ret, extra=extra)
         elif self.plain:
             now = time.monotonic()
             if now - self._last_plain >= self.plain_every_s or env_steps >= self.total:
@@ -85,12 +102,9 @@ class RunLogger:
                 pct = 100 * env_steps / max(1, self.total)
                 eta = (self.total - env_steps) / sps if sps and sps > 0 else math.nan
                 eta_s = "-" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-                extra = "".join(
-                    f" | {k} {metrics[k]:.3g}" for k in ("policy_lag", "bytes_sent") if k in metrics
-                )
                 print(
                     f"shoal: step {env_steps:,}/{self.total:,} ({pct:.0f}%) | {sps:,.0f} sps | return {ret}"
-                    f"{extra} | eta {eta_s}",
+                    f"{' | ' + extra if extra else ''} | eta {eta_s}",
                     flush=True,
                 )
 

@@ -311,3 +311,30 @@ def test_ray_cluster_of_two_nodes_spreads_workers_and_trains(tmp_path):
     returns = [r["episode_return"] for r in rows if "episode_return" in r]
     assert rows[-1]["env_steps"] == 24576
     assert np.mean(returns[-3:]) > 3 * returns[0], returns  # it is learning (sync: deterministic)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["sync", "a3c"])
+def test_distributed_runs_resume_evaluate_and_plot_like_local_ones(strategy, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["--backend", "mp", "--num-workers", "2", "--strategy", strategy, "--eval-episodes", "2"]
+    shoal_train("a2c", *common, "--total-steps", "8000", "--run-dir", str(run_dir))
+    shoal_train("a2c", "--resume", str(run_dir), "--total-steps", "16000")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["env_steps"] for r in rows]
+    assert steps == sorted(steps) and steps[-1] == 16000  # continued from 8000, no rows twice
+    assert (run_dir / "checkpoints" / f"ckpt-{16000:012d}.json").exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "eval", str(run_dir), "--episodes", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and json.loads(done.stdout)["episodes"] == 2, done.stderr
+    png = tmp_path / "curves.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "plot", str(run_dir), "-o", str(png)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and png.stat().st_size > 10_000, done.stderr

@@ -96,3 +96,14 @@ def test_pulls_bring_a_worker_copy_to_the_global_weights(compress):
     for _ in range(200):  # no new updates: repeated pulls converge on the global weights
         worker += Compressor(compress, 8).decompress(server.pull(0))
     torch.testing.assert_close(worker, flat_params(params), atol=1e-3, rtol=0)
+
+
+def test_progress_line_shows_workers_lag_bytes_and_communication():
+    from shoal.logger import distributed_summary
+
+    line = distributed_summary(
+        {"sps_worker_10": 5.0, "sps_worker_2": 2000.0, "policy_lag": 0.5, "bytes_per_update": 73328.0}
+        | {"comm_seconds": 3.0, "wall_time": 12.0}
+    )
+    assert line == "workers 2,000/5 sps | lag 0.5 | 73.3 kB/update | comm 25%"
+    assert distributed_summary({"sps": 10.0}) == ""

@@ -135,17 +135,30 @@ def _shared_config(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return configs[0] if configs else {}
 
 
-@contextlib.contextmanager
-def ray_session(num_cpus: int) -> Iterator[str | None]:
-    """A local Ray for the ray rows, started once (shoal reuses it); yields why not, or None."""
-    # Before Ray is imported: every Ray socket on 127.0.0.1. Gloo's own connections too (shoal
-    # sets this only for a Ray it starts itself): the actors inherit it from the raylet.
+def _local_only() -> None:
+    """Before Ray is imported: a local Ray binds 127.0.0.1 only, and so do gloo's connections."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+
+
+@contextlib.contextmanager
+def ray_session(shared: bool, num_cpus: int) -> Iterator[str | None]:
+    """Yields why the ray rows cannot run here, or None; with ``shared``, one Ray for all rows.
+
+    Unshared (the default), every run starts and stops its own local Ray, as ``shoal train
+    --backend ray`` does: ~5 s more per run, but shoal then knows every rank is on this
+    machine and meets through a file, so nothing listens beyond 127.0.0.1. A Ray started
+    here is one shoal cannot vouch for: it meets over TCP, and torch's TCP store listens on
+    every interface.
+    """
+    _local_only()
     try:
         import ray
     except ImportError:
         yield "ray not installed (pip install 'shoal[ray]')"
+        return
+    if not shared:
+        yield None
         return
     import logging
 
@@ -167,7 +180,8 @@ def part_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     for backend in args.backends:
         mine = [c for c in cells if c[1] == backend]
-        session = ray_session(max(os.cpu_count() or 1, *args.workers)) if backend == "ray" else None
+        cpus = max(os.cpu_count() or 1, *args.workers)
+        session = ray_session(args.shared_ray, cpus) if backend == "ray" else None
         with session or contextlib.nullcontext(None) as why:
             if why:
                 skipped[backend] = why
@@ -546,9 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--solve-compress", nargs="+", default=["topk", "none"], choices=COMPRESS, help="solve: modes"
     )
+    parser.add_argument(
+        "--shared-ray",
+        action="store_true",
+        help="one local Ray for all ray rows (~5 s less per run; the group then meets over TCP, "
+        "whose store listens on every interface)",
+    )
     parser.add_argument("--out", default="benchmarks/results/scaling.json", help="JSON output")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part, ~2 minutes")
     args = parser.parse_args(argv)
+    _local_only()  # before anything imports Ray
     if args.quick:
         args.envs = [e for e in args.envs if e == HEAVY] or args.envs
         args.strategies = [s for s in args.strategies if s in ("sync", "a3c")]
