@@ -227,10 +227,11 @@ class RayWorker:
         addr = ray.util.get_node_ip_address()
         return f"tcp://{addr}:{free_port(addr)}"
 
-    def node_id(self) -> str:
+    def where(self) -> tuple[str, str]:
+        """(Ray node id, node address) of this actor."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def run(self, fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         return fn(**kwargs)
@@ -298,13 +299,19 @@ def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 ).remote()
             )
         try:  # placement: resources can exist in total yet fit on no node
-            nodes = dict(zip(map(str, keys), ray.get([a.node_id.remote() for a in actors], timeout=120)))
+            places = ray.get([a.where.remote() for a in actors], timeout=120)
         except GetTimeoutError:
             raise ConfigError(
                 f"Ray could not place {len(actors)} actors within 120 s; see `ray status` for free resources"
             ) from None
-        # All on this machine (the Ray we started): a file rendezvous, nothing listens outside.
-        rendezvous = f"file://{scratch}/rendezvous" if started else ray.get(actors[0].rendezvous.remote())
+        nodes = {str(key): node for key, (node, _) in zip(keys, places)}
+        # Every rank on this machine: a file rendezvous, so nothing listens beyond loopback
+        # (torch's TCP store listens on every interface). Across machines: TCP on rank 0's node.
+        here_ip = ray.util.get_node_ip_address()
+        if all(ip == here_ip for _, ip in places):
+            rendezvous = f"file://{scratch}/rendezvous"
+        else:
+            rendezvous = ray.get(actors[0].rendezvous.remote())
         where = dict(rendezvous=rendezvous)
         refs = {}
         for key, actor in zip(keys, actors):

@@ -145,6 +145,8 @@ class CollectiveStrategy(Strategy):
         """
         import torch.distributed as dist
 
+        if self.world_size == 1:
+            return vector, extra  # a group of one: nothing to exchange
         start = time.perf_counter()
         if self.compress == "none":
             buf = torch.cat([vector, torch.tensor([extra], dtype=vector.dtype, device=vector.device)])

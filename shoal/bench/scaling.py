@@ -43,16 +43,26 @@ from typing import Any
 HEAVY = "shoal/HeavyCartPole-v1"
 ENVS = ["CartPole-v1", HEAVY]
 BACKENDS = ["mp", "ray"]
-STRATEGIES = ["sync", "a3c", "param-avg", "param-server"]
+# A cell is a strategy, trained with --algo unless it names its own algorithm: "a3c:a2c" is
+# A3C as published (the actor-critic update, one push per rollout); plain "a3c" with PPO is
+# asynchronous PPO (one push per minibatch step: 16 per update with PPO's defaults).
+STRATEGIES = ["sync", "a3c", "a3c:a2c", "param-avg", "param-server"]
 COMPRESS = ["none", "fp16", "topk"]
-KEY_ROWS = [(HEAVY, "mp", "sync"), (HEAVY, "mp", "a3c")]  # the rows the scaling targets are about
+# The rows the scaling targets are about (heavy env, mp), repeated --repeats times.
+KEY_ROWS = [(HEAVY, "mp", "sync"), (HEAVY, "mp", "a3c:a2c"), (HEAVY, "mp", "a3c")]
 SOLVED = 475.0
 SCALING_TARGET = 1.7
 BYTES_TARGET = 20.0
 
 # Env steps each worker runs in one throughput run: a few seconds at ~5k (heavy) and ~10k
 # (CartPole) training steps/s per worker.
-STEPS_PER_WORKER = {"CartPole-v1": 40_000, HEAVY: 16_000}
+STEPS_PER_WORKER = {"CartPole-v1": 25_000, HEAVY: 12_000}
+
+
+def cell_algo(strategy: str, default: str) -> tuple[str, str]:
+    """("a3c", "a2c") for "a3c:a2c"; (strategy, default) for a plain strategy."""
+    name, _, algo = strategy.partition(":")
+    return name, algo or default
 
 
 def default_workers() -> list[int]:
@@ -192,9 +202,10 @@ def part_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     if r >= repeats[cell]:
                         continue
                     env, _, strategy = cell
+                    name, algo = cell_algo(strategy, args.algo)
                     k = r % len(args.workers)  # rotate which worker count goes first
                     for n in args.workers[k:] + args.workers[:k]:
-                        res = run_one(work, args.algo, env, backend, strategy, n, args.steps[env])
+                        res = run_one(work, algo, env, backend, name, n, args.steps[env])
                         runs[cell][n].append(res)
                         ms = f"{res['update_ms']:.1f}" if res["update_ms"] is not None else "-"
                         print(
@@ -206,7 +217,8 @@ def part_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for (env, backend, strategy), by_n in runs.items():
         if backend in skipped:
             continue
-        row: dict[str, Any] = {"env": env, "backend": backend, "strategy": strategy, "workers": {}}
+        name, algo = cell_algo(strategy, args.algo)
+        row: dict[str, Any] = {"env": env, "backend": backend, "strategy": name, "algo": algo, "workers": {}}
         row["config"] = _shared_config([x for rs in by_n.values() for x in rs])
         for n, rs in by_n.items():
             sps = [x["sps"] for x in rs]
@@ -318,18 +330,18 @@ def tables(report: dict[str, Any]) -> str:
     if "throughput" in report:
         t = report["throughput"]
         counts = t["worker_counts"]
-        head = ["env", "backend", "strategy", "runs"]
+        head = ["env", "backend", "strategy", "algo", "runs"]
         head += [f"{n}w steps/s" for n in counts] + [f"{n}w/1w" for n in counts if n != 1]
         head += [f"{n}w ms/update" for n in counts]
         out += [
-            f"{t['algo'].upper()} training throughput (median over runs; env steps/s summed over workers)",
+            "Training throughput (median over runs; env steps/s summed over workers)",
             "",
             "| " + " | ".join(head) + " |",
             "|---" * len(head) + "|",
         ]
         for row in t["rows"]:
             w = row["workers"]
-            cells = [row["env"].split("/")[-1], row["backend"], row["strategy"]]
+            cells = [row["env"].split("/")[-1], row["backend"], row["strategy"], row.get("algo", t["algo"])]
             cells.append(str(max(len(w[str(n)]["sps_runs"]) for n in counts)))
             cells += [_k(w[str(n)]["sps"]) for n in counts]
             cells += [
@@ -382,13 +394,14 @@ def tables(report: dict[str, Any]) -> str:
 def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, as measured values: scaling ratios, byte ratios, the topk return."""
     found: list[dict[str, Any]] = []
-    for row in report.get("throughput", {}).get("rows", []):
-        if (row["env"], row["backend"], row["strategy"]) in KEY_ROWS and "ratio" in row["workers"].get(
-            "2", {}
-        ):
+    throughput = report.get("throughput", {})
+    for row in throughput.get("rows", []):
+        algo = row.get("algo", throughput.get("algo"))
+        cell = row["strategy"] + ("" if algo == throughput.get("algo") else f":{algo}")
+        if (row["env"], row["backend"], cell) in KEY_ROWS and "ratio" in row["workers"].get("2", {}):
             found.append(
                 {
-                    "what": f"{row['env'].split('/')[-1]} {row['backend']} {row['strategy']}, "
+                    "what": f"{row['env'].split('/')[-1]} {row['backend']} {row['strategy']} ({algo}), "
                     "2 workers / 1 worker env steps/s",
                     "value": row["workers"]["2"]["ratio"],
                     "target": SCALING_TARGET,
@@ -408,7 +421,8 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
         if r["compress"] == "topk":
             found.append(
                 {
-                    "what": f"PPO sync + topk, 2 mp workers, CartPole-v1 (seed {r['seed']}): greedy return",
+                    "what": f"PPO sync + topk, 2 mp workers, CartPole-v1, {report['solve']['budget']:,} "
+                    f"steps (seed {r['seed']}): greedy return",
                     "value": r["mean_return"],
                     "target": SOLVED,
                     "unit": "",
@@ -440,11 +454,10 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     panels = len(envs) + (b is not None)
     if not panels:
         return None
-    widths = [max(3, len([r for r in t["rows"] if r["env"] == e])) for e in envs] + ([3] if b else [])
-    fig, axes = plt.subplots(
-        1, panels, figsize=(2.0 + 1.1 * sum(widths), 4.8), gridspec_kw={"width_ratios": widths}, squeeze=False
-    )
-    axes = list(axes[0])
+    # One panel per row of the figure: the throughput of each env, then the bytes.
+    groups = max([len([r for r in t["rows"] if r["env"] == e]) for e in envs] + [len(b["rows"]) if b else 0])
+    fig, axes = plt.subplots(panels, 1, figsize=(max(7.0, 2.0 + 1.3 * groups), 4.2 * panels), squeeze=False)
+    axes = list(axes[:, 0])
     for ax, env in zip(axes, envs):
         rows = [r for r in t["rows"] if r["env"] == env]
         counts = t["worker_counts"]
@@ -458,8 +471,10 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
             if n != 1:
                 labels = [f"{r['workers'][str(n)].get('ratio', 0):.2f}x" for r in rows]
                 ax.bar_label(bars, labels, fontsize=8, padding=2)
-        ax.set_xticks(x, [f"{r['backend']}\n{r['strategy']}" for r in rows], fontsize=9)
-        ax.set_title(f"{t['algo'].upper()} on {env}: training env steps/s")
+        ax.set_xticks(
+            x, [f"{r['backend']}\n{r['strategy']}\n{r.get('algo', t['algo'])}" for r in rows], fontsize=8
+        )
+        ax.set_title(f"{env}: training env steps/s")
         ax.set_ylabel("env steps/s, all workers (median)")
         ax.yaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
         ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room for the ratio labels
@@ -478,7 +493,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_ylim(top=ax.get_ylim()[1] * 3)  # room for the labels
         ax.set_ylabel("bytes per optimizer step (log)")
         ax.set_xticks(x, [r["strategy"] for r in b["rows"]], fontsize=9)
-        ax.set_title("bytes per update per worker\n(CartPole-v1, 2 mp workers)")
+        ax.set_title("bytes each worker sends per optimizer step, CartPole-v1, 2 mp workers")
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -528,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         "--backends", nargs="+", default=BACKENDS, choices=BACKENDS, help="throughput: backends"
     )
     parser.add_argument(
-        "--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES, help="throughput: strategies"
+        "--strategies",
+        nargs="+",
+        default=STRATEGIES,
+        help="throughput: strategies, each optionally STRATEGY:ALGO (default algorithm: --algo)",
     )
     parser.add_argument(
         "--workers",
@@ -572,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     _local_only()  # before anything imports Ray
     if args.quick:
         args.envs = [e for e in args.envs if e == HEAVY] or args.envs
-        args.strategies = [s for s in args.strategies if s in ("sync", "a3c")]
+        args.strategies = [s for s in args.strategies if s.partition(":")[0] in ("sync", "a3c")]
         args.repeats, args.other_repeats = 1, 1
         args.cartpole_steps, args.heavy_steps, args.bytes_steps = 6_000, 3_000, 2_000
         args.solve_steps, args.solve_compress = 20_000, ["topk"]
