@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import socket
 import sys
 import threading
@@ -157,8 +158,6 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) -> None:
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     results.put((key, fn(**kwargs)))
@@ -196,15 +195,17 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
             while not results.empty():  # drain as results arrive, so no worker blocks on put
                 key, value = results.get()
                 out[key] = value
-            failed = [p for p in procs if p.exitcode not in (None, 0)]
+            failed = [(key, p) for (key, _, _), p in zip(tasks, procs) if p.exitcode not in (None, 0)]
             if failed:
-                raise RuntimeError(f"{failed[0].name} exited with code {failed[0].exitcode}")
+                key, p = failed[0]
+                how = f"signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"code {p.exitcode}"
+                when = "after returning its result" if key in out else "before returning a result"
+                raise RuntimeError(f"{p.name} exited with {how} {when}")
             if results.empty() and len(out) < len(procs) and all(p.exitcode == 0 for p in procs):
                 raise RuntimeError("a training worker ended without a result")
             time.sleep(0.05)
         return out
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
         finished = len(out) == len(procs)
         for p in procs:
             p.join(10 if finished else 0)  # after a failure, the others are stopped at once
@@ -214,6 +215,7 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(scratch, ignore_errors=True)  # only once no worker can touch the store
 
 
 # -- ray: actors anywhere on a cluster -------------------------------------------------------

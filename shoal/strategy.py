@@ -107,8 +107,8 @@ class Strategy:
         return [sps]
 
     def metrics(self) -> dict[str, float]:
-        """Communication counters for the metrics rows."""
-        if self.world_size == 1:
+        """Communication counters for the metrics rows (none for a learner that talks to no one)."""
+        if not self.bytes_sent:
             return {}
         return {
             "bytes_sent": float(self.bytes_sent),
