@@ -49,8 +49,8 @@ def make_strategy(config: TrainConfig, rank: int) -> Strategy:
         return SyncStrategy(rank, n, compress, ratio)
     if config.strategy == "param-avg":
         return ParamAvgStrategy(rank, n, config.sync_every, compress, ratio)
-    if config.strategy in SERVER_STRATEGIES:
-        return ServerStrategy(rank, n, compress, ratio)
+    if config.strategy in SERVER_STRATEGIES:  # A3C does not even wait for the server's answer
+        return ServerStrategy(rank, n, compress, ratio, pipelined=config.strategy == "a3c")
     raise ValueError(f"unknown strategy {config.strategy!r}; available: {', '.join(STRATEGIES)}")
 
 
@@ -158,6 +158,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (gloo, torch) still shows every thread's stack
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     results.put((key, fn(**kwargs)))
@@ -236,6 +239,9 @@ class RayWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def run(self, fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        import faulthandler
+
+        faulthandler.enable()  # a crash in native code (gloo, torch) still shows every thread's stack
         return fn(**kwargs)
 
 

@@ -247,17 +247,30 @@ class ServerStrategy(Strategy):
     The parameter server (rank ``world_size`` of the group) applies each pushed gradient
     with the global optimizer and answers with the change of the global weights since this
     worker last pulled, so the worker continues from fresh weights. In ``async`` mode the
-    server does not wait for the others (A3C); a gradient computed on weights more than
-    ``max_policy_lag`` updates old is dropped. In ``sync`` mode it waits for all workers
-    and applies their sample-weighted mean gradient once.
+    server does not wait for the others; in ``sync`` mode it waits for all workers and
+    applies their sample-weighted mean gradient once.
+
+    ``pipelined`` (A3C): the worker does not wait for the answer either. It posts the push
+    and goes on collecting experience; the answer, which arrives meanwhile, is applied just
+    before its next push. The server's latency then hides behind env steps, at the price
+    of acting and computing each gradient one global update later (a policy lag >= 1,
+    measured and bounded like any other).
     """
 
     lockstep = False
 
-    def __init__(self, rank: int, world_size: int, compress: str = "none", topk_ratio: float = 0.01) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        compress: str = "none",
+        topk_ratio: float = 0.01,
+        pipelined: bool = False,
+    ) -> None:
         super().__init__()
         self.rank, self.world_size, self.server = rank, world_size, world_size
-        self.compress, self.topk_ratio = compress, topk_ratio
+        self.compress, self.topk_ratio, self.pipelined = compress, topk_ratio, pipelined
+        self.in_flight: tuple | None = None  # pipelined: (send work, recv work, buffers) of the last push
         self.push_codec: Compressor | None = None
         self.pull_codec: Compressor | None = None
         self.params: list[torch.Tensor] = []
@@ -292,19 +305,38 @@ class ServerStrategy(Strategy):
         if self.push_codec is None:
             self._prepare(params)
         lr = float(optimizer.param_groups[0]["lr"])
+        grad = flat_grad(params).cpu()  # the server's group is gloo
         self.steps += 1
         start = time.perf_counter()
-        header = torch.tensor([PUSH, self.version, self.samples, lr, self.sps], dtype=torch.float64)
-        payload = self.push_codec.compress(flat_grad(params).cpu())  # the server's group is gloo
-        dist.send(pack((header, *payload)), dst=self.server)
-        like = reply_message(self.pull_codec, self.world_size)
-        buffer = torch.empty(nbytes(like), dtype=torch.uint8)
-        dist.recv(buffer, src=self.server)
-        reply, *pulled = unpack(buffer, like)
-        delta = self.pull_codec.decompress(tuple(pulled)).to(params[0].device)
-        set_params(params, flat_params(params) + delta)
+        computed_at = self.version  # the version of the weights this gradient was computed on
+        self._land()  # pipelined: the answer to our previous push arrives only now
+        header = torch.tensor([PUSH, computed_at, self.samples, lr, self.sps], dtype=torch.float64)
+        message = pack((header, *self.push_codec.compress(grad)))
+        buffer = torch.empty(nbytes(reply_message(self.pull_codec, self.world_size)), dtype=torch.uint8)
+        if self.pipelined:
+            sent = dist.isend(message, dst=self.server)
+            self.in_flight = (sent, dist.irecv(buffer, src=self.server), message, buffer)
+        else:
+            dist.send(message, dst=self.server)
+            dist.recv(buffer, src=self.server)
+            self._apply(buffer)
         self.comm_seconds += time.perf_counter() - start
-        self.bytes_sent += nbytes(push_message(self.push_codec)) + buffer.numel()  # both ways
+        self.bytes_sent += message.numel() + buffer.numel()  # both ways
+
+    def _land(self) -> None:
+        """Wait for the answer to a pipelined push, if one is in flight, and apply it."""
+        if self.in_flight is not None:
+            sent, received, _, buffer = self.in_flight
+            sent.wait()
+            received.wait()
+            self.in_flight = None
+            self._apply(buffer)
+
+    def _apply(self, buffer: torch.Tensor) -> None:
+        """Take the server's answer: the weight change, the new version and the counters."""
+        reply, *pulled = unpack(buffer, reply_message(self.pull_codec, self.world_size))
+        delta = self.pull_codec.decompress(tuple(pulled)).to(self.params[0].device)
+        set_params(self.params, flat_params(self.params) + delta)
         version, accepted, lag, self.dropped_all = reply[:4].tolist()
         self.all_sps = reply[4:].tolist()
         self.version = int(version)
@@ -317,6 +349,7 @@ class ServerStrategy(Strategy):
 
         if self.push_codec is None:
             raise RuntimeError("ServerStrategy.finish before start: the server would wait for us forever")
+        self._land()
         done = push_message(self.push_codec)
         done[0][0] = DONE
         dist.send(pack(done), dst=self.server)

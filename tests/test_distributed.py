@@ -144,7 +144,7 @@ def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
             np.testing.assert_allclose(a, ref.numpy(), atol=1e-5, rtol=0)
 
 
-def _ps_rank(rank: int, mode: str, grads: list, samples: list) -> list:
+def _ps_rank(rank: int, mode: str, grads: list, samples: list, pipelined: bool = False) -> list:
     """Ranks 0 and 1 push one known gradient each; rank 2 is the parameter server (SGD, lr 1)."""
     from shoal.server import ParameterServer
     from shoal.strategy import ServerStrategy, flat_params
@@ -156,25 +156,28 @@ def _ps_rank(rank: int, mode: str, grads: list, samples: list) -> list:
         stats = ParameterServer(optimizer, 2, mode).serve()
         assert stats["pushes"] == 2 and stats["version"] == (2 if mode == "async" else 1)
         return flat_params(list(net.parameters())).tolist()
-    strategy = ServerStrategy(rank, 2)
+    strategy = ServerStrategy(rank, 2, pipelined=pipelined)
     for p, g in zip(net.parameters(), torch.as_tensor(grads[rank]).split([6, 2])):
         p.grad = g.view_as(p).clone()
     strategy.reduce_gradients(net, samples=samples[rank])
     strategy.step(optimizer)
+    if pipelined:  # the answer is still in flight: nothing applied to our copy yet
+        assert strategy.in_flight is not None and strategy.version == 0
     strategy.finish()
     return flat_params(list(net.parameters())).tolist()
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("mode", ["async", "sync", "pipelined"])
 def test_parameter_server_applies_exactly_the_pushed_gradients(mode):
     torch.manual_seed(0)
     start = torch.nn.utils.parameters_to_vector(torch.nn.Linear(3, 2).parameters()).detach().numpy()
     grads = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
     samples = [1, 3]
-    got = run_group(3, _ps_rank, mode, grads.tolist(), samples)
+    pipelined = mode == "pipelined"
+    got = run_group(3, _ps_rank, "async" if pipelined else mode, grads.tolist(), samples, pipelined)
     server = np.array(got[2])
-    if mode == "async":  # each push applied on its own, in whatever order they came
+    if mode != "sync":  # each push applied on its own, in whatever order they came
         np.testing.assert_allclose(server, start - grads[0] - grads[1], atol=1e-6)
         # A worker holds the global weights as of its own push: after one or both pushes.
         possible = [server, start - grads[0], start - grads[1]]
