@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,19 @@ def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) ->
     faulthandler.enable()  # a crash in native code (gloo, torch) still shows every thread's stack
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    results.put((key, fn(**kwargs)))
+    code = 1
+    try:
+        results.put((key, fn(**kwargs)))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # Leave without interpreter teardown: torch's gloo threads can abort the process
+        # there ("terminate called without an active exception") after the work is done.
+        # Files are closed and checkpoints fsynced by now; only the streams need a flush.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:

@@ -78,6 +78,8 @@ def _config(num_envs: int, **kwargs) -> PPOConfig:
 
 
 def _in_group(rank: int, size: int, port: int, fn, args: tuple, results) -> None:
+    import os
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -86,6 +88,9 @@ def _in_group(rank: int, size: int, port: int, fn, args: tuple, results) -> None
         results.put((rank, fn(rank, *args)))
     finally:
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as shoal's workers do: no interpreter teardown, where gloo can abort
 
 
 def run_group(size: int, fn, *args) -> dict[int, object]:
