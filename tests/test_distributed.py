@@ -79,18 +79,23 @@ def _config(num_envs: int, **kwargs) -> PPOConfig:
 
 def _in_group(rank: int, size: int, port: int, fn, args: tuple, results) -> None:
     import os
+    import traceback
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    code = 1
     try:
         results.put((rank, fn(rank, *args)))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)  # as shoal's workers do: no interpreter teardown, where gloo can abort
+        os._exit(code)  # as shoal's workers do: no interpreter teardown, where gloo can abort
 
 
 def run_group(size: int, fn, *args) -> dict[int, object]:
