@@ -156,10 +156,9 @@ def ray_session(shared: bool, num_cpus: int) -> Iterator[str | None]:
     """Yields why the ray rows cannot run here, or None; with ``shared``, one Ray for all rows.
 
     Unshared (the default), every run starts and stops its own local Ray, as ``shoal train
-    --backend ray`` does: ~5 s more per run, but shoal then knows every rank is on this
-    machine and meets through a file, so nothing listens beyond 127.0.0.1. A Ray started
-    here is one shoal cannot vouch for: it meets over TCP, and torch's TCP store listens on
-    every interface.
+    --backend ray`` does (~5 s more per run, outside the timed part). Shared, one Ray serves
+    every row; either way every actor is on this machine, so shoal's group meets through a
+    file and nothing listens beyond 127.0.0.1.
     """
     _local_only()
     try:
@@ -581,8 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shared-ray",
         action="store_true",
-        help="one local Ray for all ray rows (~5 s less per run; the group then meets over TCP, "
-        "whose store listens on every interface)",
+        help="one local Ray for all ray rows (~5 s less per run)",
     )
     parser.add_argument("--out", default="benchmarks/results/scaling.json", help="JSON output")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part, ~2 minutes")
