@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 
 from shoal.agent import make_config
 from shoal.algos import PPO
+from shoal.bench import machine
 from shoal.trainer import Trainer, evaluate
 
 THRESHOLD = 475.0
@@ -310,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "vs_sb3",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine("numpy", "gymnasium", "torch", "stable_baselines3"),
         "settings": vars(args),
     }
     if out.exists():  # keep parts measured by earlier invocations

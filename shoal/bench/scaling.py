@@ -31,7 +31,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from shoal.bench import machine
 
 HEAVY = "shoal/HeavyCartPole-v1"
 ENVS = ["CartPole-v1", HEAVY]
@@ -502,28 +503,6 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
 
 
 # -- main ---------------------------------------------------------------------------------------
-def _versions() -> dict[str, Any]:
-    import gymnasium as gym
-    import numpy as np
-    import torch
-
-    out = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "gymnasium": gym.__version__,
-        "torch": torch.__version__,
-    }
-    try:
-        import ray
-
-        out["ray"] = ray.__version__
-    except ImportError:
-        out["ray"] = None
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     from shoal.algos import ALGORITHMS
 
@@ -605,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "scaling",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _versions(),
+        "machine": machine("numpy", "gymnasium", "torch", "ray"),
         "settings": {k: v for k, v in vars(args).items() if k != "steps"},
     }
     if out.exists():  # keep parts measured by earlier invocations

@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from shoal.bench import machine
 from shoal.envs import ProcessVectorEnv, make_vec  # also registers shoal/HeavyCartPole-v1
 
 IMPLEMENTATIONS = ["gym-sync", "gym-async", "sb3-subproc", "envpool", "shoal-process", "shoal-auto"]
@@ -211,19 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torch
 
     report = {
         "benchmark": "vector_envs",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "gymnasium": gym.__version__,
-            "torch": torch.__version__,
-        },
+        "machine": machine("numpy", "gymnasium", "torch", "envpool", "stable_baselines3"),
         "settings": {k: v for k, v in vars(args).items()},
         "results": results,
         "ratios": [{"what": w, "ratio": v, "target": t} for w, v, t in claims],
