@@ -68,7 +68,6 @@ class Strategy:
 
     rank: int = 0
     world_size: int = 1
-    lockstep: bool = True  # every worker takes the same steps at the same time
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -257,8 +256,6 @@ class ServerStrategy(Strategy):
     measured and bounded like any other).
     """
 
-    lockstep = False
-
     def __init__(
         self,
         rank: int,
@@ -294,6 +291,7 @@ class ServerStrategy(Strategy):
         n = sum(p.numel() for p in params)
         self.push_codec = Compressor(self.compress, n, self.topk_ratio)
         self.pull_codec = Compressor(self.compress, n, self.topk_ratio, error_feedback=False)
+        self.reply_like = reply_message(self.pull_codec, self.world_size)  # layout of every answer
 
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         self.samples = samples  # the server weights gradients by it in sync mode
@@ -312,7 +310,7 @@ class ServerStrategy(Strategy):
         self._land()  # pipelined: the answer to our previous push arrives only now
         header = torch.tensor([PUSH, computed_at, self.samples, lr, self.sps], dtype=torch.float64)
         message = pack((header, *self.push_codec.compress(grad)))
-        buffer = torch.empty(nbytes(reply_message(self.pull_codec, self.world_size)), dtype=torch.uint8)
+        buffer = torch.empty(nbytes(self.reply_like), dtype=torch.uint8)
         if self.pipelined:
             sent = dist.isend(message, dst=self.server)
             self.in_flight = (sent, dist.irecv(buffer, src=self.server), message, buffer)
@@ -334,7 +332,7 @@ class ServerStrategy(Strategy):
 
     def _apply(self, buffer: torch.Tensor) -> None:
         """Take the server's answer: the weight change, the new version and the counters."""
-        reply, *pulled = unpack(buffer, reply_message(self.pull_codec, self.world_size))
+        reply, *pulled = unpack(buffer, self.reply_like)
         delta = self.pull_codec.decompress(tuple(pulled)).to(self.params[0].device)
         set_params(self.params, flat_params(self.params) + delta)
         version, accepted, lag, self.dropped_all = reply[:4].tolist()
