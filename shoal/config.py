@@ -47,3 +47,13 @@ class TrainConfig:
     )
     ray_cpus_per_worker: float = opt(1.0, "backend ray: CPUs each training worker reserves")
     ray_gpus_per_worker: float = opt(0.0, "backend ray: GPUs each training worker reserves")
+    on_env_error: str = opt(
+        "restart", "an env that raises, hangs or whose worker dies: restart it (fresh envs) | raise"
+    )
+    step_timeout: float = opt(60.0, "seconds an env step may take before its worker counts as hung (0: no limit)")
+    max_restarts: int = opt(
+        10, "env-worker and training-worker restarts allowed before the run stops (with a checkpoint)"
+    )
+    nan_policy: str = opt(
+        "raise", "NaN/inf in observations, rewards, loss or gradients: raise (stop; last checkpoint kept) | skip"
+    )

@@ -253,6 +253,14 @@ def validate(config: TrainConfig, algo: str | None = None) -> None:
 
         if importlib.util.find_spec("ray") is None:
             raise ConfigError("backend ray needs Ray: pip install 'shoal[ray]' (or use --backend mp)")
+    if config.on_env_error not in ("restart", "raise"):
+        raise ConfigError(f"on_env_error must be restart or raise, got {config.on_env_error!r}")
+    if config.step_timeout < 0:
+        raise ConfigError(f"step_timeout must be >= 0 seconds (0: no limit), got {config.step_timeout}")
+    if config.max_restarts < 0:
+        raise ConfigError(f"max_restarts must be >= 0, got {config.max_restarts}")
+    if config.nan_policy not in ("raise", "skip"):
+        raise ConfigError(f"nan_policy must be raise or skip, got {config.nan_policy!r}")
     if config.vectorization not in ("auto", "sync", "process"):
         raise ConfigError(f"vectorization must be auto, sync or process, got {config.vectorization!r}")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
