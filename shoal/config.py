@@ -50,10 +50,12 @@ class TrainConfig:
     on_env_error: str = opt(
         "restart", "an env that raises, hangs or whose worker dies: restart it (fresh envs) | raise"
     )
-    step_timeout: float = opt(60.0, "seconds an env step may take before its worker counts as hung (0: no limit)")
+    step_timeout: float = opt(
+        60.0, "seconds an env step may take before its worker counts as hung (0: no limit)"
+    )
     max_restarts: int = opt(
         10, "env-worker and training-worker restarts allowed before the run stops (with a checkpoint)"
     )
     nan_policy: str = opt(
-        "raise", "NaN/inf in observations, rewards, loss or gradients: raise (stop; last checkpoint kept) | skip"
+        "raise", "NaN/inf in observations, rewards, loss or gradients: raise (stop, keep checkpoints) | skip"
     )
