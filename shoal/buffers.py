@@ -128,6 +128,16 @@ class RolloutBuffer:
         self.t += 1
 
 
+    def truncate(self, envs: np.ndarray) -> None:
+        """End the episodes of ``envs`` at the last stored step (a truncation, bootstrapped).
+
+        At ``t == 0`` that step was the end of the previous rollout, which the update
+        already bootstrapped from the value of the observation it returned.
+        """
+        if self.t > 0:
+            self._done[self.t - 1, envs] = 1.0
+
+
 class ReplayBuffer:
     """A ring buffer of (obs, action, n-step return, next obs, discount) transitions.
 
@@ -184,10 +194,11 @@ class ReplayBuffer:
                 first_obs, first_action, _ = queue.pop(0)
                 self._store(first_obs, first_action, ret, next_obs[e], discount)
 
-    def clear_pending(self) -> None:
-        """Drop partial n-step transitions (their episodes are being cut short)."""
-        for queue in self.pending:
-            queue.clear()
+    def clear_pending(self, envs: np.ndarray | None = None) -> None:
+        """Drop partial n-step transitions of ``envs`` (default: all): their episodes are cut short."""
+        for e, queue in enumerate(self.pending):
+            if envs is None or envs[e]:
+                queue.clear()
 
     def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         idx = rng.integers(0, self.size, batch)

@@ -67,6 +67,56 @@ def spaces_of(env: str | Callable[..., gym.Env]) -> tuple[gym.Space, gym.Space]:
         probe.close()
 
 
+class RestartLimitError(RuntimeError):
+    """More env restarts than ``max_restarts``: the env is broken, not unlucky."""
+
+
+class EnvFaults:
+    """Counts env restarts reported by the vector env and says when they are too many.
+
+    A restart is one env made anew after it raised (``info["env_restarted"]``) or one env
+    worker process started again after it died or hung (``envs.worker_restarts``).
+    """
+
+    def __init__(self, max_restarts: int) -> None:
+        self.max_restarts = max_restarts
+        self.env_restarts = 0
+        self.worker_restarts = 0
+
+    @property
+    def restarts(self) -> int:
+        return self.env_restarts + self.worker_restarts
+
+    @property
+    def exhausted(self) -> bool:
+        return self.restarts > self.max_restarts
+
+    def lost_envs(self, infos: dict[str, Any], envs: Any) -> np.ndarray | None:
+        """The mask of envs restarted during this step, or None (the common case, checked cheaply)."""
+        if "env_restarted" not in infos and "env_worker_restarted" not in infos:
+            return None
+        lost = np.zeros(envs.num_envs, dtype=bool)
+        if "env_restarted" in infos:
+            restarted = infos["_env_restarted"] & infos["env_restarted"].astype(bool)
+            self.env_restarts += int(restarted.sum())
+            lost |= restarted
+        if "env_worker_restarted" in infos:
+            lost |= infos["_env_worker_restarted"]
+            self.worker_restarts = envs.worker_restarts
+        return lost
+
+    def metrics(self) -> dict[str, float]:
+        return {"env_restarts": float(self.env_restarts), "env_worker_restarts": float(self.worker_restarts)}
+
+    def error(self, checkpoint: Path | None) -> RestartLimitError:
+        saved = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
+        return RestartLimitError(
+            f"envs were restarted {self.restarts} times ({self.env_restarts} env errors, "
+            f"{self.worker_restarts} dead or hung env workers), more than --max-restarts "
+            f"{self.max_restarts}; the warnings above say why{saved}"
+        )
+
+
 class Trainer:
     """Runs one algorithm on one vector env, writing a run directory."""
 
@@ -175,7 +225,10 @@ class Trainer:
             seed=seed,
             vectorization=c.vectorization,
             num_workers=c.env_workers or self.env_worker_share(),
+            on_error=c.on_env_error,  # type: ignore[arg-type]
+            step_timeout=c.step_timeout or None,
         )
+        faults = EnvFaults(c.max_restarts)
         logger = RunLogger(
             self.run_dir if chief else None,
             c.total_steps,
@@ -196,11 +249,20 @@ class Trainer:
             update_seconds, updates_since_log = 0.0, 0
             while self.env_steps < c.total_steps:
                 actions = self.algo.act(obs)
-                next_obs, rewards, terminated, truncated, _ = envs.step(actions)
+                next_obs, rewards, terminated, truncated, infos = envs.step(actions)
                 # Every worker counts the group's steps: its own times the workers (exact in lockstep,
                 # an estimate for the asynchronous strategies, whose workers run at their own pace).
                 self.env_steps += c.num_envs * self.strategy.world_size
                 valid = ~autoreset
+                lost = faults.lost_envs(infos, envs)
+                if lost is not None:  # envs that failed and were restarted: their episodes end here
+                    if faults.exhausted:
+                        path = self.save_checkpoint() if chief else None
+                        raise faults.error(path)
+                    self.algo.cut_episodes(lost)
+                    valid &= ~lost
+                    ep_return[lost] = 0.0
+                    ep_length[lost] = 0
                 self.algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
                 ep_return += np.where(valid, rewards, 0.0)
                 ep_length += valid
@@ -232,7 +294,8 @@ class Trainer:
                         saved += 1
                         if stop_after_checkpoints is not None and saved >= stop_after_checkpoints:
                             return {"stopped_at": self.env_steps}
-                        obs, _ = envs.reset(seed=derived_seed(seed, self.boundary))
+                        obs, infos = envs.reset(seed=derived_seed(seed, self.boundary))
+                        faults.lost_envs(infos, envs)  # counted; every episode starts afresh here anyway
                         autoreset[:] = False
                         ep_return[:] = 0.0
                         ep_length[:] = 0
@@ -241,7 +304,13 @@ class Trainer:
                     wall = time.perf_counter() - start_time
                     own_steps = (self.env_steps - start_steps) / self.strategy.world_size
                     worker_sps = self.strategy.worker_sps(own_steps / max(wall, 1e-9))
-                    row = {"wall_time": wall, "sps": sum(worker_sps), **metrics, **self.strategy.metrics()}
+                    row = {
+                        "wall_time": wall,
+                        "sps": sum(worker_sps),
+                        **metrics,
+                        **self.strategy.metrics(),
+                        **faults.metrics(),
+                    }
                     if len(worker_sps) > 1:
                         row.update({f"sps_worker_{r}": v for r, v in enumerate(worker_sps)})
                     if updates_since_log:

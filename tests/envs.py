@@ -136,3 +136,31 @@ class FailingEnv(SpaceEnv):
 def fns(n: int, cls: type = SpaceEnv, **kwargs: Any) -> list:
     """``n`` env constructors."""
     return [lambda: cls(**kwargs) for _ in range(n)]
+
+
+class TriggeredCartPole(gym.Wrapper):
+    """CartPole that misbehaves when a trigger file exists: ``raise``, ``hang`` or ``always``.
+
+    The trigger is a file so that one env in any process can take it: ``raise`` and ``hang``
+    delete it first (exactly one env fails, once); ``always`` leaves it (every step fails).
+    """
+
+    def __init__(self, trigger: str, mode: str = "raise") -> None:
+        super().__init__(gym.make("CartPole-v1"))
+        self.trigger, self.mode = trigger, mode
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+        import os
+
+        if os.path.exists(self.trigger):
+            if self.mode == "always":
+                raise RuntimeError("injected fault (always)")
+            try:
+                os.remove(self.trigger)
+            except FileNotFoundError:
+                pass  # another env took it
+            else:
+                if self.mode == "hang":
+                    time.sleep(3600)
+                raise RuntimeError("injected fault")
+        return self.env.step(action)

@@ -77,6 +77,12 @@ class Algorithm:
     def on_new_episodes(self) -> None:
         """The loop is about to reset every env (a checkpoint boundary)."""
 
+    def cut_episodes(self, envs: np.ndarray) -> None:
+        """The episodes of ``envs`` (a bool mask) ended early: their env failed and was restarted.
+
+        Called before ``record`` of the step that brought the new env's first observation.
+        """
+
     # -- state, for checkpoints -----------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
         """Networks to save (their weights are all an agent needs to act)."""
@@ -150,6 +156,11 @@ class ActorCriticAlgorithm(Algorithm):
 
     def ready(self) -> bool:
         return self.buffer.full
+
+    def cut_episodes(self, envs: np.ndarray) -> None:
+        # The last stored step becomes a truncation: its bootstrap is the value of the last
+        # observation the lost env returned, which is the next stored step's value.
+        self.buffer.truncate(envs)
 
     def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         with torch.inference_mode():

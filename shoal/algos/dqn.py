@@ -149,6 +149,9 @@ class DQN(Algorithm):
     def on_new_episodes(self) -> None:
         self.replay.clear_pending()
 
+    def cut_episodes(self, envs: np.ndarray) -> None:
+        self.replay.clear_pending(envs)  # at most n_step - 1 transitions whose return is unknown
+
     # -- state ----------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"q": self.q, "q_target": self.q_target}

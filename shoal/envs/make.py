@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, SupportsFloat
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.vector import SyncVectorEnv, VectorEnv
 
 from shoal.envs.process_vector_env import ProcessVectorEnv
@@ -47,6 +50,66 @@ class SeededEnv(gym.Wrapper):
             seed = self._first_seed
         self._first_seed = None
         return self.env.reset(seed=seed, options=options)
+
+
+def restart_seed(seed: int | None, index: int, restart: int, kind: int = 0) -> int | None:
+    """The seed of env ``index`` after its ``restart``-th restart: fixed by the run seed alone.
+
+    ``kind`` keeps env restarts (0) and env-worker restarts (1) on separate streams.
+    """
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, index, restart, kind]).generate_state(1)[0])
+
+
+class RestartOnError(gym.Wrapper):
+    """An env that, when it raises in ``step`` or ``reset``, is closed and made anew.
+
+    The step that raised returns the new env's first observation with reward 0, not done,
+    and ``info["env_restarted"] = True``, so a learner can drop the cut episode; the new env
+    is reset with a seed derived from the run seed and its restart count (reproducible).
+    """
+
+    def __init__(self, make: Callable[[], gym.Env], index: int, seed: int | None) -> None:
+        super().__init__(make())
+        self._make, self.index, self.seed = make, index, seed
+        self.restarts = 0
+
+    def _restart(self, exc: Exception, during: str) -> tuple[Any, dict[str, Any]]:
+        self.restarts += 1
+        log.warning(
+            f"env {self.index} raised {type(exc).__name__} in {during}: {exc}; restarting it "
+            f"(restart {self.restarts} of this env)",
+            exc_info=exc,
+        )
+        with contextlib.suppress(Exception):
+            self.env.close()
+        self.env = self._make()
+        obs, info = self.env.reset(seed=restart_seed(self.seed, self.index, self.restarts))
+        return obs, {**info, "env_restarted": True}
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        try:
+            return self.env.step(action)
+        except Exception as exc:
+            obs, info = self._restart(exc, "step")
+            return obs, 0.0, False, False, info
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        try:
+            return self.env.reset(seed=seed, options=options)
+        except Exception as exc:
+            return self._restart(exc, "reset")
+
+
+class _RestartingFactory:
+    """Picklable constructor of a :class:`RestartOnError` env."""
+
+    def __init__(self, make: Callable[[], gym.Env], index: int, seed: int | None) -> None:
+        self.make, self.index, self.seed = make, index, seed
+
+    def __call__(self) -> gym.Env:
+        return RestartOnError(self.make, self.index, self.seed)
 
 
 class _EnvFactory:
@@ -92,6 +155,10 @@ def _step_time(make_env: Callable[[], gym.Env], budget_s: float = 0.05) -> float
         env.close()
 
 
+def _worker_restart_seed(seed: int | None, index: int, restart: int) -> int | None:
+    return restart_seed(seed, index, restart, kind=1)
+
+
 def choose_vectorization(step_s: float, num_envs: int, num_workers: int) -> str:
     """'process' when splitting the envs over workers saves more than processes cost."""
     if num_workers < 2 or num_envs < 2:
@@ -110,6 +177,8 @@ def make_vec(
     vectorization: Vectorization = "auto",
     wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (),
     vector_kwargs: dict[str, Any] | None = None,
+    on_error: Literal["raise", "restart"] = "raise",
+    step_timeout: float | None = None,
     **env_kwargs: Any,
 ) -> VectorEnv:
     """Make ``num_envs`` copies of an env, stepped in-process or by worker processes.
@@ -124,6 +193,12 @@ def make_vec(
             or ``"auto"``: times one env briefly and picks processes only if they pay off.
         wrappers: applied to each env, innermost first.
         vector_kwargs: passed to the vector env (e.g. ``autoreset_mode``, ``copy``).
+        on_error: ``"raise"``: an env's exception reaches the caller (with the env index);
+            ``"restart"``: the env is made anew (see :class:`RestartOnError`), and with
+            ``"process"`` a dead or hung env worker is restarted too
+            (``info["env_worker_restarted"]``).
+        step_timeout: with ``"process"``, seconds a step may take before its worker counts
+            as hung (``None``: no limit). In-process envs cannot be interrupted.
         **env_kwargs: passed to ``gym.make`` (or to the callable).
     """
     if not isinstance(num_envs, int) or num_envs < 1:
@@ -140,7 +215,13 @@ def make_vec(
         close = difflib.get_close_matches(env, list(gym.registry), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown env id {env!r}{hint}")
-    fns = [_EnvFactory(env, i, seed, wrappers, env_kwargs) for i in range(num_envs)]
+    if on_error not in ("raise", "restart"):
+        raise ValueError(f"on_error must be 'raise' or 'restart', got {on_error!r}")
+    fns: list[Callable[[], gym.Env]] = [
+        _EnvFactory(env, i, seed, wrappers, env_kwargs) for i in range(num_envs)
+    ]
+    if on_error == "restart":
+        fns = [_RestartingFactory(fn, i, seed) for i, fn in enumerate(fns)]
     name = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
     if vectorization == "auto":
         step_s = _step_time(_EnvFactory(env, 0, None, wrappers, env_kwargs))
@@ -152,6 +233,9 @@ def make_vec(
         )
     kwargs = dict(vector_kwargs or {})
     if vectorization == "process":
+        kwargs.setdefault("on_failure", on_error)
+        kwargs.setdefault("step_timeout", step_timeout)
+        kwargs.setdefault("reseed", functools.partial(_worker_restart_seed, seed))
         vec: VectorEnv = ProcessVectorEnv(fns, num_workers=num_workers, **kwargs)
     else:
         vec = SyncVectorEnv(fns, **kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -47,6 +48,9 @@ from shoal.envs import _worker as w
 from shoal.envs._spaces import assign_batch, gather_batch, is_flat_batchable, make_reader
 
 __all__ = ["ProcessVectorEnv", "EnvWorkerError"]
+
+
+log = logging.getLogger("shoal")
 
 
 class EnvWorkerError(RuntimeError):
@@ -110,6 +114,14 @@ class ProcessVectorEnv(VectorEnv):
             that is not given.
         num_workers: number of env worker processes; default ``min(num_envs, cpu count)``.
         batch_size: how many envs :meth:`recv` returns (default: all of them).
+        on_failure: what :meth:`step` does when a worker dies, raises or hangs: ``"raise"``
+            (gymnasium's behaviour) or ``"restart"``: start the worker again with fresh envs,
+            reset them and mark them in ``info["env_worker_restarted"]`` (their step result
+            is the first observation of a new episode, reward 0, not done).
+        step_timeout: seconds a step may take before its worker counts as hung (``None``:
+            no limit); with ``"restart"`` a hung worker is killed and restarted.
+        reseed: ``reseed(env_index, restart_number)``: the seed a restarted env is reset
+            with (default: no seed); makes runs with faults reproducible.
     """
 
     def __init__(
@@ -126,6 +138,9 @@ class ProcessVectorEnv(VectorEnv):
         *,
         num_workers: int | None = None,
         batch_size: int | None = None,
+        on_failure: str = "raise",
+        step_timeout: float | None = None,
+        reseed: Callable[[int, int], int | None] | None = None,
     ) -> None:
         self.closed = True  # until the workers are up, close() has nothing to do
         self.env_fns = env_fns
@@ -151,6 +166,12 @@ class ProcessVectorEnv(VectorEnv):
         if not 1 <= batch_size <= self.num_envs:
             raise ValueError(f"`batch_size` must be in [1, num_envs={self.num_envs}], got {batch_size}")
         self.batch_size = int(batch_size)
+        if on_failure not in ("raise", "restart"):
+            raise ValueError(f"`on_failure` must be 'raise' or 'restart', got {on_failure!r}")
+        if step_timeout is not None and not step_timeout > 0:
+            raise ValueError(f"`step_timeout` must be > 0 seconds or None, got {step_timeout}")
+        self.on_failure, self.step_timeout, self.reseed = on_failure, step_timeout, reseed
+        self.worker_restarts = 0  # env worker processes started again after a failure
         self.shared_memory = shared_memory
         self.copy = copy
         self.context = context
@@ -237,37 +258,15 @@ class ProcessVectorEnv(VectorEnv):
         )
         self.parent_pipes: list[Any] = []
         self.processes: list[Any] = []
+        self._ctx, self._buffers = ctx, buffers
         self._go = [ctx.Semaphore(0) for _ in self.slices]  # one token per command
         self._done = [ctx.Semaphore(0) for _ in self.slices]  # one token per reply
         codes = ctx.RawArray(ctypes.c_uint8, 2 * self.num_workers)  # see _worker.Channel
+        self._code_array = codes
         self._codes = np.frombuffer(codes, dtype=np.uint8).reshape(self.num_workers, 2)
         self._finalizer = weakref.finalize(self, _shutdown, self.processes, self.parent_pipes)
-        fork = ctx.get_start_method() == "fork"
-        with clear_mpi_env_vars():
-            for k, (lo, hi) in enumerate(self.slices):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(
-                    target=w.worker_main,
-                    name=f"shoal-env-worker-{k}",
-                    args=(
-                        k,
-                        CloudpickleWrapper(list(env_fns[lo:hi])),
-                        lo,
-                        child,
-                        self._go[k],
-                        self._done[k],
-                        codes,
-                        buffers,
-                        self.autoreset_mode,
-                        os.getpid(),
-                        list(self.parent_pipes) if fork else [],
-                    ),
-                    daemon=daemon,
-                )
-                self.parent_pipes.append(parent)
-                self.processes.append(proc)
-                proc.start()
-                child.close()
+        for k in range(self.num_workers):
+            self._start_worker(k)
         self.closed = False
         self._dead: str | None = None  # why the env can no longer be used
         self._state = _State.DEFAULT
@@ -280,6 +279,40 @@ class ProcessVectorEnv(VectorEnv):
         except BaseException:
             self.close(terminate=True)
             raise
+
+    def _start_worker(self, k: int) -> None:
+        """Start (or start again) the process stepping slice ``k``, with fresh envs."""
+        ctx = self._ctx
+        lo, hi = self.slices[k]
+        fork = ctx.get_start_method() == "fork"
+        parent, child = ctx.Pipe()
+        others = [p for j, p in enumerate(self.parent_pipes) if j != k]
+        with clear_mpi_env_vars():
+            proc = ctx.Process(
+                target=w.worker_main,
+                name=f"shoal-env-worker-{k}",
+                args=(
+                    k,
+                    CloudpickleWrapper(list(self.env_fns[lo:hi])),
+                    lo,
+                    child,
+                    self._go[k],
+                    self._done[k],
+                    self._code_array,
+                    self._buffers,
+                    self.autoreset_mode,
+                    os.getpid(),
+                    others if fork else [],
+                ),
+                daemon=self.daemon,
+            )
+            if k < len(self.processes):
+                self.parent_pipes[k], self.processes[k] = parent, proc
+            else:
+                self.parent_pipes.append(parent)
+                self.processes.append(proc)
+            proc.start()
+        child.close()
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -350,8 +383,14 @@ class ProcessVectorEnv(VectorEnv):
                 "Calling `reset_wait` without any prior call to `reset_async`.",
                 _State.WAITING_RESET.value,
             )
-        replies = self._gather(timeout, "reset_wait")
-        infos = self._merge(replies)
+        if self.on_failure == "raise":
+            replies = self._gather(timeout, "reset_wait")
+            infos = self._merge(replies)
+        else:
+            replies, failures = self._gather_surviving(timeout if timeout is not None else self.step_timeout)
+            infos = self._merge(replies)
+            for k, reason in failures.items():
+                infos = self._restart_worker(k, reason, infos)
         return self._returned_obs(), infos
 
     # -- step ----------------------------------------------------------------------------
@@ -391,8 +430,14 @@ class ProcessVectorEnv(VectorEnv):
                 "Calling `step_wait` without any prior call to `step_async`.",
                 _State.WAITING_STEP.value,
             )
-        replies = self._gather(timeout, "step_wait")
-        infos = self._merge(replies)
+        if self.on_failure == "raise":
+            replies = self._gather(timeout if timeout is not None else self.step_timeout, "step_wait")
+            infos = self._merge(replies)
+        else:
+            replies, failures = self._gather_surviving(timeout if timeout is not None else self.step_timeout)
+            infos = self._merge(replies)
+            for k, reason in failures.items():
+                infos = self._restart_worker(k, reason, infos)
         return (
             self._returned_obs(),
             np.copy(self._rewards),
@@ -683,6 +728,71 @@ class ProcessVectorEnv(VectorEnv):
             self._raise_remote(errors[0], replies[errors[0]])
         return replies
 
+    def _gather_surviving(self, timeout: float | None) -> tuple[dict[int, bytes], dict[int, str]]:
+        """Collect the step replies; a worker that died, raised or hung is a failure, not an error."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        replies: dict[int, bytes] = {}
+        failures: dict[int, str] = {}
+        for k in self._waiting:
+            try:
+                if not self._take(k, deadline):
+                    failures[k] = f"did not answer within {timeout} s (step_timeout)"
+                    continue
+                msg = w.OK if self._codes[k, 1] == w.CODE_OK else self.parent_pipes[k].recv_bytes()
+            except (EnvWorkerError, EOFError, OSError):
+                self.processes[k].join(timeout=1.0)
+                failures[k] = w.describe_exit(self.processes[k].exitcode)
+                self._dead = None  # only this worker is lost, and it is about to be replaced
+                continue
+            if msg[:1] == w.ERROR:
+                index, _, type_name, text, tb = pickle.loads(msg[1:])
+                where = f"env {index}" if index is not None else "env creation"
+                failures[k] = f"raised {type_name}: {text} (in {where}):\n{tb}"
+            else:
+                replies[k] = msg
+        self._state = _State.DEFAULT
+        return replies, failures
+
+    def _restart_worker(self, k: int, reason: str, infos: dict[str, Any]) -> dict[str, Any]:
+        """Replace a failed worker by a new process with fresh envs, reset and marked in ``infos``."""
+        name = self._worker_name(k)
+        proc = self.processes[k]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.parent_pipes[k].close()
+        self.worker_restarts += 1
+        lo, hi = self.slices[k]
+        log.warning(
+            f"{name} {reason.rstrip()}\nrestarting it with fresh envs {lo}-{hi - 1} "
+            f"(env worker restart {self.worker_restarts})"
+        )
+        # New semaphores and codes: the dead worker may have left a token or a code behind.
+        self._go[k], self._done[k] = self._ctx.Semaphore(0), self._ctx.Semaphore(0)
+        self._codes[k] = 0
+        self._late[k] = 0
+        self._start_worker(k)
+        seeds = [None if self.reseed is None else self.reseed(i, self.worker_restarts) for i in range(lo, hi)]
+        self._send(k, w.RESET + pickle.dumps((seeds, None, None)))
+        deadline = None if self.step_timeout is None else time.perf_counter() + max(self.step_timeout, 30.0)
+        if not self._take(k, deadline):
+            raise self._broken(k, "the reset after a restart")
+        msg = w.OK if self._codes[k, 1] == w.CODE_OK else self._recv_after_take(k)
+        if msg[:1] == w.ERROR:
+            self._dead = f"{self._worker_name(k)} could not reset its new envs after a restart"
+            self._raise_remote(k, msg)
+        infos = self._merge({k: msg}, infos)
+        for i in range(lo, hi):
+            infos = self._add_info(infos, {"env_worker_restarted": True}, i)
+        return infos
+
+    def _recv_after_take(self, k: int) -> bytes:
+        try:
+            return self.parent_pipes[k].recv_bytes()
+        except (EOFError, OSError) as e:
+            raise self._broken(k, "the reset after a restart") from e
+
     def _raise_remote(self, k: int, msg: bytes) -> None:
         index, exc, type_name, text, tb = pickle.loads(msg[1:])
         where = f"env {index}" if index is not None else "env creation"
@@ -692,9 +802,9 @@ class ProcessVectorEnv(VectorEnv):
             exc.add_note(f"(raised in {where}, {self._worker_name(k)})")
         raise exc from w.RemoteError(f"{where} in {self._worker_name(k)}:\n{tb}")
 
-    def _merge(self, replies: dict[int, bytes]) -> dict[str, Any]:
+    def _merge(self, replies: dict[int, bytes], infos: dict[str, Any] | None = None) -> dict[str, Any]:
         """Batch infos (and pickled observations) in env order, as SyncVectorEnv does."""
-        infos: dict[str, Any] = {}
+        infos = {} if infos is None else infos
         for k in sorted(replies):
             msg = replies[k]
             if msg[:1] != w.PAYLOAD:
