@@ -13,6 +13,7 @@ run; the strategy decides how the workers cooperate; the algorithm knows neither
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -30,6 +31,13 @@ from shoal.strategy import ParamAvgStrategy, ServerStrategy, Strategy, SyncStrat
 STRATEGIES = ("sync", "a3c", "param-avg", "param-server")
 BACKENDS = ("local", "mp", "ray")
 SERVER_STRATEGIES = ("a3c", "param-server")
+
+
+log = logging.getLogger("shoal")
+
+
+class WorkerLost(RuntimeError):
+    """A worker or the server died (killed, out of memory, its machine gone): rebuild the group."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,7 +78,11 @@ def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool 
     results = _train_mp(job, progress) if config.backend == "mp" else _train_ray(job, progress)
     summary = results[0]
     # What only the launcher knows joins the chief's summary: the server's counts, placement.
-    extra = {"parameter_server": results.get("server"), "nodes": results.get("nodes")}
+    extra = {
+        "parameter_server": results.get("server"),
+        "nodes": results.get("nodes"),
+        "group_rebuilds": results.get("group_rebuilds"),
+    }
     summary.update({k: v for k, v in extra.items() if v is not None})
     written = Path(config.run_dir) / "summary.json"
     if written.exists():  # on a cluster without a shared disk, the chief may have written elsewhere
@@ -78,6 +90,39 @@ def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool 
 
         written.write_text(json.dumps(summary, indent=1))
     return summary, config.run_dir
+
+
+def _with_rebuilds(attempt: Any, job: dict[str, Any]) -> dict[Any, dict]:
+    """Run ``attempt(job)``; when a worker is lost, rebuild the whole group from the last checkpoint.
+
+    torch.distributed groups have a fixed membership, so a lost rank cannot be replaced in
+    place: every rank stops and a new group starts from the chief's latest checkpoint (the
+    steps since then are trained again). Errors raised by the training code itself are not
+    retried: they would happen again.
+    """
+    from shoal.checkpoint import latest
+
+    config: TrainConfig = job["config"]
+    rebuilds = 0
+    while True:
+        try:
+            results = attempt(job)
+            results["group_rebuilds"] = rebuilds
+            return results
+        except WorkerLost as lost:
+            rebuilds += 1
+            if rebuilds > config.max_restarts:
+                raise RuntimeError(
+                    f"{lost}; the group was rebuilt {rebuilds - 1} times already, the limit "
+                    f"(--max-restarts {config.max_restarts}); checkpoints are in {config.run_dir}"
+                ) from None
+            last = latest(Path(config.run_dir) / "checkpoints")
+            start = f"checkpoint {last.name}" if last else "the start (no checkpoint yet)"
+            log.warning(
+                f"{lost}; rebuilding the group of {config.num_workers} workers from {start} "
+                f"(rebuild {rebuilds} of at most {config.max_restarts})"
+            )
+            job = dict(job, resume=str(last) if last else job["resume"])
 
 
 # -- what runs in every worker, whatever the backend -----------------------------------------
@@ -180,6 +225,10 @@ def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) ->
 
 
 def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
+    return _with_rebuilds(lambda job: _mp_attempt(job, progress), job)
+
+
+def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     import shutil
     import tempfile
 
@@ -213,10 +262,14 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 out[key] = value
             failed = [(key, p) for (key, _, _), p in zip(tasks, procs) if p.exitcode not in (None, 0)]
             if failed:
-                key, p = failed[0]
+                # A killed rank makes its peers fail too (their gloo links break): give them a
+                # moment, then blame the one killed by a signal if there is one.
+                time.sleep(0.5)
+                killed = [(key, p) for (key, _, _), p in zip(tasks, procs) if (p.exitcode or 0) < 0]
+                key, p = (killed or failed)[0]
                 how = f"signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"code {p.exitcode}"
                 when = "after returning its result" if key in out else "before returning a result"
-                raise RuntimeError(f"{p.name} exited with {how} {when}")
+                raise (WorkerLost if killed else RuntimeError)(f"{p.name} exited with {how} {when}")
             if results.empty() and len(out) < len(procs) and all(p.exitcode == 0 for p in procs):
                 raise RuntimeError("a training worker ended without a result")
             time.sleep(0.05)
@@ -235,8 +288,8 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
 
 
 # -- ray: actors anywhere on a cluster -------------------------------------------------------
-class RayWorker:
-    """The Ray actor that hosts one rank (a training worker or the parameter server)."""
+class _RayRank:
+    """The Ray actor that hosts one rank of the group."""
 
     def rendezvous(self) -> str:
         """This node's address and a port free on it: the group's meeting point."""
@@ -256,6 +309,14 @@ class RayWorker:
 
         faulthandler.enable()  # a crash in native code (gloo, torch) still shows every thread's stack
         return fn(**kwargs)
+
+
+class RayWorker(_RayRank):
+    """A training worker (its own class so that `ray status` and process titles tell it apart)."""
+
+
+class RayServer(_RayRank):
+    """The parameter server."""
 
 
 def _ray_start(config: TrainConfig) -> bool:
@@ -279,19 +340,30 @@ def _ray_start(config: TrainConfig) -> bool:
 
 
 def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
-    import shutil
-    import tempfile
-
     config: TrainConfig = job["config"]
     if not config.ray_address:  # Ray reads it once, on import: a local Ray binds 127.0.0.1 only
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from ray.exceptions import GetTimeoutError
+
+    started = _ray_start(config)
+    try:
+        return _with_rebuilds(lambda job: _ray_attempt(job, progress), job)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from shoal.configio import ConfigError
 
-    started = _ray_start(config)
+    config: TrainConfig = job["config"]
     scratch = tempfile.mkdtemp(prefix="shoal-group-")
     actors: list[Any] = []
     try:
@@ -304,20 +376,21 @@ def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                     f" lower --num-workers or --ray-{kind.lower()}s-per-worker"
                 )
         here = ray.get_runtime_context().get_node_id()
-        actor_class = ray.remote(RayWorker)
         keys: list[Any] = list(range(n)) + (["server"] if config.strategy in SERVER_STRATEGIES else [])
         for key in keys:
             # The chief and the server run beside the driver, so the run directory lands here.
             beside = key in (0, "server")
             actors.append(
-                actor_class.options(
+                ray.remote(RayServer if key == "server" else RayWorker)
+                .options(
                     name=None,
                     num_cpus=0 if key == "server" else config.ray_cpus_per_worker,
                     num_gpus=0 if key == "server" else config.ray_gpus_per_worker,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
                     if beside
                     else "SPREAD",
-                ).remote()
+                )
+                .remote()
             )
         try:  # placement: resources can exist in total yet fit on no node
             places = ray.get([a.where.remote() for a in actors], timeout=120)
@@ -342,13 +415,24 @@ def _train_ray(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 kwargs = dict(rank=key, progress=progress and key == 0, **job, **where)
                 refs[key] = actor.run.remote(run_worker, kwargs)
         pending = list(refs.values())
+        name = {ref: "the server" if key == "server" else f"worker {key}" for key, ref in refs.items()}
         while pending:  # fail fast: the first failed actor's error, not a hang on the others
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            try:
+                ray.get(done)
+            except Exception as error:
+                # A dead actor makes its peers fail too (their gloo links break): blame the dead one.
+                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
+                for ref in [*done, *ready]:
+                    try:
+                        ray.get(ref)
+                    except RayActorError:
+                        raise WorkerLost(f"the Ray actor of {name[ref]} died") from None
+                    except Exception:
+                        pass
+                raise error
         return {"nodes": nodes, **{key: ray.get(ref) for key, ref in refs.items()}}
     finally:
         for actor in actors:
             ray.kill(actor)
-        if started:
-            ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
