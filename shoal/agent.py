@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,24 +15,38 @@ import numpy as np
 from shoal import checkpoint as ckpt
 from shoal.algos import ALGORITHMS
 from shoal.config import TrainConfig
+from shoal.configio import (
+    MAX_INT,
+    ConfigError,
+    UnknownSettingError,
+    check_env_fits,
+    coerce,
+    show,
+    unknown_hint,
+    validate,
+)
 from shoal.trainer import Trainer, config_dict, spaces_of
 
 
 def make_config(algo: str, env: str, overrides: dict[str, Any], *, presets: bool = True) -> TrainConfig:
-    """Defaults < the algorithm's preset for ``env`` < ``overrides``; unknown keys refused."""
-    cls = ALGORITHMS[algo]
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    """Defaults < the algorithm's preset for ``env`` < ``overrides``; unknown keys refused.
+
+    Values are checked against the field types here (an int is fine where a float goes, a
+    list where ``hidden`` goes); ranges and combinations are :func:`shoal.configio.validate`'s.
+    """
+    if algo not in ALGORITHMS:
+        near = difflib.get_close_matches(str(algo), list(ALGORITHMS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown algorithm {show(algo)}; available: {', '.join(ALGORITHMS)}{hint}")
+    cls = ALGORITHMS[algo].config_class
+    fields = {f.name for f in dataclasses.fields(cls)}
     for key in overrides:
         if key not in fields:
-            near = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise TypeError(f"{algo} has no setting {key!r}{hint}")
-    values = dict(cls.presets.get(env, {})) if presets else {}
-    values.update(overrides)
+            raise UnknownSettingError(f"{algo} has no setting {show(key)}{unknown_hint(cls, key)}")
+    values = dict(ALGORITHMS[algo].presets.get(env, {})) if presets else {}
+    values.update({k: coerce(cls, k, v, text=False) for k, v in overrides.items()})
     values["env"] = env
-    if isinstance(values.get("hidden"), list):
-        values["hidden"] = tuple(values["hidden"])
-    return cls.config_class(**values)
+    return cls(**values)
 
 
 class Agent:
@@ -44,10 +59,30 @@ class Agent:
         config: TrainConfig | None = None,
         **overrides: Any,
     ) -> None:
+        # Every check runs here, before any env or process starts, and fails as a ConfigError
+        # with the one line the command line would print.
+        if not isinstance(env, str) and not callable(env):
+            raise ConfigError(
+                f"env must be a gymnasium env id or a function returning an env, got {show(env)}"
+            )
         env_id = env if isinstance(env, str) else getattr(env, "__name__", "custom")
         self.algo_name = algo
         self.env_fn = None if isinstance(env, str) else env
-        self.config = config or make_config(algo, env_id, overrides)
+        if config is None:
+            config = make_config(algo, env_id, overrides)
+        elif overrides:
+            raise ConfigError("pass a config or keyword settings, not both")
+        elif not isinstance(config, ALGORITHMS[algo].config_class):
+            raise ConfigError(
+                f"config must be a {ALGORITHMS[algo].config_class.__name__}, got {show(config)}"
+            )
+        validate(config, explicit=overrides, registered=self.env_fn is None)
+        if self.env_fn is not None and config.backend != "local":
+            raise ConfigError(
+                f"backend {config.backend!r} needs a registered env id: every worker makes its own envs"
+            )
+        check_env_fits(algo, config, self.env_fn)
+        self.config = config
         self.trainer = Trainer(ALGORITHMS[algo], self.config, env_fn=self.env_fn)
         self.algorithm = self.trainer.algo
         self.summary: dict[str, Any] = {}
@@ -55,16 +90,14 @@ class Agent:
     def learn(self, total_steps: int | None = None, *, progress: bool = True) -> Agent:
         """Train (to ``total_steps`` env steps, default the config's) and evaluate greedily."""
         if total_steps is not None:
-            self.config.total_steps = int(total_steps)
+            integral = isinstance(total_steps, numbers.Real) and float(total_steps).is_integer()
+            if isinstance(total_steps, bool) or not integral or not 1 <= total_steps <= MAX_INT:
+                raise ConfigError(f"total_steps must be a positive integer, got {show(total_steps)}")
+            self.config.total_steps = int(total_steps)  # 1e5 is fine: it is a whole number
         if self.config.backend == "local":
             self.trainer.progress = progress
             self.summary = self.trainer.train()
             return self
-        if self.env_fn is not None:
-            raise ValueError(
-                f"backend {self.config.backend!r} needs a registered env id: every worker makes its own envs"
-            )
-        from shoal.configio import validate
         from shoal.launch import train
 
         validate(self.config)
@@ -93,6 +126,7 @@ class Agent:
 def load(path: str | Path, env: Callable[..., gym.Env] | None = None) -> Agent:
     """An agent from a saved path, a run directory or a checkpoint file (never unpickles)."""
     arrays, meta = ckpt.load(path)
+    ckpt.check_run(meta, path)
     algo = meta["algo"]
     values = dict(meta["config"])
     env_id = values.pop("env")

@@ -7,33 +7,58 @@ is refused with one line on stderr and exit code 2, before any env or process st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from shoal.algos import ALGORITHMS
 
-_FLAGS: set[str] = set()  # every flag of every subcommand, for "did you mean" hints
+if TYPE_CHECKING:
+    from shoal.trainer import StopRequest
+
+_FLAGS: dict[str, set[str]] = {}  # every flag of every (sub)command, for "did you mean" hints
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line (the usage is one ``--help`` away)."""
 
     def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
-        _FLAGS.update(n for n in names if n.startswith("--"))
+        _FLAGS.setdefault(self.prog, set()).update(n for n in names if n.startswith("--"))
         return super().add_argument(*names, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments"):
-            for word in message.split(":", 1)[1].split():
-                near = difflib.get_close_matches(word.split("=")[0], sorted(_FLAGS), n=1)
-                if word.startswith("--") and near:
-                    message += f" (did you mean {near[0]}?)"
-                    break
-        sys.stderr.write(f"shoal: error: {message}\n")
+        sys.stderr.write(f"shoal: error: {' '.join(message.split())}\n")
         sys.exit(2)
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> NoReturn:
+    """Refuse unknown arguments, naming the flag meant: of this command, or of another algorithm."""
+    command = " ".join(["shoal", *(getattr(args, k) for k in ("command", "algo") if getattr(args, k, None))])
+    own = sorted(_FLAGS.get(command, set()))
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    for word in extra:
+        name = word.split("=")[0]
+        if not name.startswith("--"):
+            continue
+        owners = [
+            prog.rsplit(" ", 1)[1] for prog, flags in _FLAGS.items() if name in flags and prog != command
+        ]
+        near = difflib.get_close_matches(name, own, n=1)
+        if owners and command.startswith("shoal train "):
+            message += f" ({name} is a setting of {' and '.join(sorted(owners))} only)"
+        elif near:
+            message += f" (did you mean {near[0]}?)"
+        else:
+            continue
+        break
+    parser.error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,38 +105,116 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Settings a checkpoint's tensors are shaped by: a resumed run must keep them.
+FROZEN_ON_RESUME = ("env", "hidden", "buffer_size")
+
+
 def _train(args: argparse.Namespace) -> int:
     from shoal import launch
-    from shoal.configio import ConfigError, check_env_fits, load_config_file, resolve
+    from shoal.configio import ConfigError, check_env_fits, load_config_file, resolve, show
 
     algo = ALGORITHMS[args.algo]
     fields = [f for f in vars(args) if f in algo.config_class.__dataclass_fields__]
     flags = {f: getattr(args, f) for f in fields}
     file_values: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
     resume = None
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there, is it a shoal run directory?")
-        file_values = load_config_file(run_dir / "config.yaml")
+        file_values = saved = load_config_file(run_dir / "config.yaml")
         if file_values.get("algo", args.algo) != args.algo:
-            raise ConfigError(f"--resume {run_dir}: that run trained {file_values['algo']}, not {args.algo}")
+            raise ConfigError(
+                f"--resume {run_dir}: that run trained {show(file_values['algo'])}, not {args.algo}"
+            )
         flags["run_dir"] = str(run_dir)
         from shoal.checkpoint import latest
 
         resume = latest(run_dir / "checkpoints")
-        if resume is None:
-            raise ConfigError(f"--resume {run_dir}: the run has no checkpoint yet")
+        if resume is None:  # stopped (or killed) before its first checkpoint: nothing to continue from
+            sys.stderr.write(f"shoal: --resume {run_dir}: no checkpoint yet, starting the run over\n")
     if args.config:
-        file_values.update(load_config_file(args.config))
+        from_file = load_config_file(args.config)
+        if from_file.get("algo", args.algo) != args.algo:
+            raise ConfigError(
+                f"config file {args.config} is for {show(from_file['algo'])}, not {args.algo}:"
+                f" use `shoal train {from_file['algo']}` or drop its algo line"
+            )
+        file_values = {**file_values, **from_file}
     config = resolve(algo.config_class, algo.presets, file_values, flags)
+    for name in FROZEN_ON_RESUME:
+        value = getattr(config, name, None)
+        was = saved.get(name, value)
+        if isinstance(was, list):
+            was = tuple(was)
+        if resume is not None and was != value:
+            raise ConfigError(
+                f"--resume {args.resume}: {name} {show(value)} differs from the run's {show(was)},"
+                f" which its checkpoint needs; drop --{name.replace('_', '-')}"
+            )
     check_env_fits(args.algo, config)
-    summary, run_dir = launch.train(args.algo, config, resume=resume, progress=not args.quiet)
+    from shoal.trainer import STOP
+
+    # Local runs stop gracefully; mp and ray keep the launcher's own handling (shoal.launch).
+    with _graceful_stop(STOP):  # on mp and ray the launcher passes the request on to every rank
+        summary, run_dir = launch.train(args.algo, config, resume=resume, progress=not args.quiet)
+    why = STOP.signal
+    STOP.clear()  # the process's request: a later run in this process starts afresh
+    if why:
+        from shoal.checkpoint import latest
+
+        saved_to = latest(Path(run_dir) / "checkpoints")
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"shoal: interrupted ({why}): checkpoint saved to {saved_to};"
+            f" resume with: shoal train {args.algo} --resume {run_dir}\n"
+        )
+        return 128 + signal.Signals[why]
     print(
         f"shoal: {args.algo} on {config.env}: mean greedy return {summary['mean_return']:.1f} "
         f"+- {summary['std_return']:.1f} over {summary['episodes']} episodes; run in {run_dir}"
     )
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM while a stop was already under way: leave now."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM ask the training loop to stop (it checkpoints and closes its envs).
+
+    A second signal raises :class:`Interrupted` wherever the loop is, e.g. mid-save, which
+    is safe: checkpoint files are written to a temporary name and renamed. Outside the main
+    thread no handler can be installed, and nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    me = os.getpid()
+
+    def handle(signum: int, frame: Any) -> None:
+        if os.getpid() != me:  # a forked child (an env worker) that has not set its own handlers yet
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stop:
+            raise Interrupted(signum)
+        stop.request(signal.Signals(signum).name)
+
+    stop.clear()
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -162,19 +265,50 @@ def _bench(args: argparse.Namespace) -> int:
     return vector_envs.main(args.args)
 
 
+def _after_signal(code: int, program: bool) -> int:
+    """The exit code of a run a signal stopped; the program leaves at once.
+
+    Everything is saved and closed by now. Python's teardown (torch's finalizers) takes most
+    of a second, with SIGINT back at its default: another Ctrl-C there would kill the process
+    mid-teardown, or print a traceback. In-process callers (``main(argv)``) just get the code.
+    """
+    if program:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     from shoal.checkpoint import CheckpointError
     from shoal.configio import ConfigError
+    from shoal.guards import NonFiniteError
+    from shoal.launch import TrainingFailed
+    from shoal.trainer import RestartLimitError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown_flags(parser, args, extra)
     try:
-        return args.run(args)
+        code = args.run(args)
+        return _after_signal(code, argv is None) if code > 128 else code
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        sys.stderr.write(f"shoal: error: {e}\n")
+        sys.stderr.write(f"shoal: error: {' '.join(str(e).split())}\n")  # one line, whatever it holds
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("shoal: interrupted\n")
-        return 130
+    except (NonFiniteError, RestartLimitError, TrainingFailed) as e:
+        # A failure at run time (exit 1), not bad input: says where, and what is kept.
+        sys.stderr.write(f"shoal: error: {e}\n")
+        return 1
+    except Interrupted as e:  # a second signal while stopping
+        name = signal.Signals(e.signum).name
+        sys.stderr.write(
+            f"shoal: interrupted again ({name}): stopped at once; checkpoints written are whole\n"
+        )
+        return _after_signal(128 + e.signum, argv is None)
+    except KeyboardInterrupt:  # before or outside training (no handler installed)
+        sys.stderr.write("shoal: interrupted (SIGINT)\n")
+        return _after_signal(128 + signal.SIGINT, argv is None)
 
 
 if __name__ == "__main__":

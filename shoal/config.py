@@ -38,7 +38,7 @@ class TrainConfig:
     strategy: str = opt("sync", "how workers cooperate: sync | a3c | param-avg | param-server")
     num_workers: int = opt(1, "training workers (backend mp or ray); each has num_envs envs and a model copy")
     ps_mode: str = opt("async", "param-server: sync (the server waits for all workers) | async")
-    max_policy_lag: int = opt(10, "a3c, async param-server: drop gradients more than this many updates stale")
+    max_policy_lag: int = opt(10, "a3c: drop gradients more than this many updates stale")
     sync_every: int = opt(10, "param-avg: optimizer steps between parameter averages (K)")
     compress: str = opt("none", "what gradients/parameters travel as: none | fp16 | topk")
     topk_ratio: float = opt(0.01, "compress topk: fraction of entries sent; the rest is carried forward")

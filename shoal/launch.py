@@ -4,9 +4,11 @@
 - ``mp``: ``num_workers`` processes on this machine.
 - ``ray``: ``num_workers`` Ray actors, placed by Ray on any machine of the cluster.
 
-On ``mp`` and ``ray`` the workers (plus, for ``a3c`` and ``param-server``, the parameter
-server as one more rank) join one torch.distributed group and run the same code:
-:func:`run_worker` and :func:`run_server`. The backend only decides where those functions
+On ``mp`` and ``ray`` the workers of ``sync`` and ``param-avg`` join one torch.distributed
+group; with a parameter server (``a3c``, ``param-server``) each worker opens its own link to
+it (``shoal.link``). Every backend runs the same code: :func:`run_worker` and
+:func:`run_server`; a lost worker is replaced (links) or the group rebuilt (see
+:class:`Replacements`, :func:`_with_rebuilds`). The backend only decides where those functions
 run; the strategy decides how the workers cooperate; the algorithm knows neither.
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 
 from shoal.config import TrainConfig
 from shoal.strategy import ParamAvgStrategy, ServerStrategy, Strategy, SyncStrategy
+from shoal.trainer import STOP
 
 STRATEGIES = ("sync", "a3c", "param-avg", "param-server")
 BACKENDS = ("local", "mp", "ray")
@@ -36,7 +39,11 @@ SERVER_STRATEGIES = ("a3c", "param-server")
 log = logging.getLogger("shoal")
 
 
-class WorkerLost(RuntimeError):
+class TrainingFailed(RuntimeError):
+    """A rank failed for good: its own traceback is above, this says which and what is kept."""
+
+
+class WorkerLost(TrainingFailed):
     """A worker or the server died (killed, out of memory, its machine gone): rebuild the group."""
 
 
@@ -52,14 +59,14 @@ def group_size(config: TrainConfig) -> int:
     return config.num_workers + (config.strategy in SERVER_STRATEGIES)
 
 
-def make_strategy(config: TrainConfig, rank: int) -> Strategy:
+def make_strategy(config: TrainConfig, rank: int, link: Any = None) -> Strategy:
     n, compress, ratio = config.num_workers, config.compress, config.topk_ratio
     if config.strategy == "sync":
         return SyncStrategy(rank, n, compress, ratio)
     if config.strategy == "param-avg":
         return ParamAvgStrategy(rank, n, config.sync_every, compress, ratio)
     if config.strategy in SERVER_STRATEGIES:  # A3C does not even wait for the server's answer
-        return ServerStrategy(rank, n, compress, ratio, pipelined=config.strategy == "a3c")
+        return ServerStrategy(rank, n, compress, ratio, pipelined=config.strategy == "a3c", link=link)
     raise ValueError(f"unknown strategy {config.strategy!r}; available: {', '.join(STRATEGIES)}")
 
 
@@ -82,6 +89,7 @@ def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool 
         "parameter_server": results.get("server"),
         "nodes": results.get("nodes"),
         "group_rebuilds": results.get("group_rebuilds"),
+        "worker_replacements": results.get("worker_replacements"),
     }
     summary.update({k: v for k, v in extra.items() if v is not None})
     written = Path(config.run_dir) / "summary.json"
@@ -110,9 +118,11 @@ def _with_rebuilds(attempt: Any, job: dict[str, Any]) -> dict[Any, dict]:
             results["group_rebuilds"] = rebuilds
             return results
         except WorkerLost as lost:
+            if STOP:  # stopping anyway: ranks ending as they are told to is no reason to rebuild
+                raise
             rebuilds += 1
             if rebuilds > config.max_restarts:
-                raise RuntimeError(
+                raise TrainingFailed(
                     f"{lost}; the group was rebuilt {rebuilds - 1} times already, the limit "
                     f"(--max-restarts {config.max_restarts}); checkpoints are in {config.run_dir}"
                 ) from None
@@ -131,20 +141,36 @@ def _join_group(rank: int, size: int, rendezvous: str) -> None:
     then listens beyond 127.0.0.1 (a TCP rendezvous store listens on every interface)."""
     import torch.distributed as dist
 
-    if rendezvous.startswith("file://"):  # gloo's own connections stay on loopback too
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+    from shoal.link import local_gloo
+
+    local_gloo(rendezvous)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=size)
 
 
 def run_worker(
-    rank: int, algo: str, config: TrainConfig, resume: str | None, progress: bool, rendezvous: str
+    rank: int,
+    algo: str,
+    config: TrainConfig,
+    resume: str | None,
+    progress: bool,
+    rendezvous: str,
+    generation: int = 0,
 ) -> dict[str, Any]:
-    """Training worker ``rank``: its own envs and model copy, cooperating through the strategy."""
+    """Training worker ``rank``: its own envs and model copy, cooperating through the strategy.
+
+    With a parameter server the worker opens its own link to it (``generation`` > 0: it
+    replaces a lost worker); otherwise it joins the group of all workers.
+    """
     import torch.distributed as dist
 
     from shoal.algos import ALGORITHMS
+    from shoal.link import WORKER, Link, open_store
     from shoal.trainer import Trainer
 
+    if config.strategy in SERVER_STRATEGIES:
+        link = Link(open_store(rendezvous, host=False), rank, generation, WORKER)
+        strategy = make_strategy(config, rank, link)
+        return Trainer(ALGORITHMS[algo], config, strategy=strategy, progress=progress).train(resume=resume)
     _join_group(rank, group_size(config), rendezvous)
     try:
         trainer = Trainer(ALGORITHMS[algo], config, strategy=make_strategy(config, rank), progress=progress)
@@ -154,44 +180,41 @@ def run_worker(
 
 
 def run_server(algo: str, config: TrainConfig, resume: str | None, rendezvous: str) -> dict[str, Any]:
-    """The parameter server: rank ``num_workers``, holding the global model and optimizer.
+    """The parameter server, holding the global model and optimizer; it hosts the links' store.
 
     It builds the algorithm exactly as the workers do (same seed, so the same initial
-    weights) and, when resuming, loads the same checkpoint, so its weights and the workers'
-    copies start equal without a message.
+    weights) and, when resuming, loads the same checkpoint; each worker is then greeted with
+    the global weights when its link opens.
     """
     import torch
-    import torch.distributed as dist
 
     from shoal import checkpoint as ckpt
     from shoal.algos import ALGORITHMS
+    from shoal.link import open_store
     from shoal.server import ParameterServer
     from shoal.trainer import spaces_of
 
-    _join_group(config.num_workers, group_size(config), rendezvous)
-    try:
-        torch.set_num_threads(1)
-        torch.manual_seed(config.seed)
-        obs_space, action_space = spaces_of(config.env)
-        algorithm = ALGORITHMS[algo](config, obs_space, action_space, torch.device("cpu"))
-        if resume:
-            arrays, _ = ckpt.load(resume)
-            for name, module in algorithm.modules().items():
-                ckpt.load_module(f"model/{name}", module, arrays)
-        (optimizer,) = algorithm.optimizers().values()
-        # A3C bounds staleness; the general parameter server applies every gradient (Downpour).
-        a3c = config.strategy == "a3c"
-        server = ParameterServer(
-            optimizer,
-            config.num_workers,
-            "async" if a3c else config.ps_mode,
-            config.max_policy_lag if a3c else None,
-            config.compress,
-            config.topk_ratio,
-        )
-        return server.serve()
-    finally:
-        dist.destroy_process_group()
+    store = open_store(rendezvous, host=True)
+    torch.set_num_threads(1)
+    torch.manual_seed(config.seed)
+    obs_space, action_space = spaces_of(config.env)
+    algorithm = ALGORITHMS[algo](config, obs_space, action_space, torch.device("cpu"))
+    if resume:
+        arrays, _ = ckpt.load(resume)
+        for name, module in algorithm.modules().items():
+            ckpt.load_module(f"model/{name}", module, arrays)
+    (optimizer,) = algorithm.optimizers().values()
+    # A3C bounds staleness; the general parameter server applies every gradient (Downpour).
+    a3c = config.strategy == "a3c"
+    server = ParameterServer(
+        optimizer,
+        config.num_workers,
+        "async" if a3c else config.ps_mode,
+        config.max_policy_lag if a3c else None,
+        config.compress,
+        config.topk_ratio,
+    )
+    return server.serve(store)
 
 
 # -- mp: processes on this machine -----------------------------------------------------------
@@ -203,12 +226,21 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int) -> None:
+def _stop_when_set(event: Any) -> None:
+    """Turn the launcher's stop event into this process's stop request (see Trainer.stop)."""
+    from shoal.trainer import STOP
+
+    event.wait()
+    STOP.request("stop")
+
+
+def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int, stop: Any) -> None:
     import faulthandler
 
     faulthandler.enable()  # a crash in native code (gloo, torch) still shows every thread's stack
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher handles Ctrl-C and stops us
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    threading.Thread(target=_stop_when_set, args=(stop,), daemon=True).start()
     code = 1
     try:
         results.put((key, fn(**kwargs)))
@@ -228,6 +260,53 @@ def _train_mp(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     return _with_rebuilds(lambda job: _mp_attempt(job, progress), job)
 
 
+def _how(proc: Any) -> str:
+    code = proc.exitcode
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+
+class Replacements:
+    """With a parameter server, a lost worker is replaced while the others train on.
+
+    The new worker resumes from the chief's latest checkpoint (its step count, schedules and
+    replay buffer) and opens the next generation of its link, over which the server greets
+    it with the current global weights. Lost ranks of the all-worker strategies, or the
+    server itself, cannot be replaced in place (see ``_with_rebuilds``).
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.count = 0
+        self.generation: dict[Any, int] = {}
+
+    def possible(self, killed: list[Any], failed: list[Any]) -> bool:
+        """Whether the lost ranks can be replaced: only workers, and only of a server strategy."""
+        if STOP or self.config.strategy not in SERVER_STRATEGIES or "server" in failed:
+            return False
+        if set(failed) != set(killed):  # a worker that raised would raise again
+            return False
+        if self.count + len(killed) > self.config.max_restarts:
+            raise TrainingFailed(
+                f"worker {killed[0]} was lost after {self.count} replacements, the limit "
+                f"(--max-restarts {self.config.max_restarts}); checkpoints are in {self.config.run_dir}"
+            )
+        return True
+
+    def replace(self, key: Any, kwargs: dict[str, Any], why: str) -> dict[str, Any]:
+        """The arguments of the worker that replaces ``key``; logs why."""
+        from shoal.checkpoint import latest
+
+        self.count += 1
+        self.generation[key] = self.generation.get(key, 0) + 1
+        last = latest(Path(self.config.run_dir) / "checkpoints")
+        log.warning(
+            f"{why}; worker {key} is replaced by a new one (from "
+            f"{f'checkpoint {last.name}' if last else 'the start'}) while the others train on "
+            f"(replacement {self.count} of at most {self.config.max_restarts})"
+        )
+        return dict(kwargs, generation=self.generation[key], resume=str(last) if last else kwargs["resume"])
+
+
 def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     import shutil
     import tempfile
@@ -235,6 +314,7 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     config: TrainConfig = job["config"]
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
+    stop = ctx.Event()  # set on SIGINT/SIGTERM: every rank saves and returns (see Trainer.stop)
     scratch = tempfile.mkdtemp(prefix="shoal-group-")
     where = dict(rendezvous=f"file://{scratch}/rendezvous")
     tasks: list[tuple[Any, Any, dict]] = [
@@ -243,20 +323,24 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     ]
     if config.strategy in SERVER_STRATEGIES:
         tasks.append(("server", run_server, dict(**job, **where)))
-    procs = [
-        ctx.Process(
+
+    def start(key: Any, fn: Any, kwargs: dict) -> Any:
+        proc = ctx.Process(
             target=_mp_entry,
             name=f"shoal-train-{'worker-' if key != 'server' else ''}{key}",
-            args=(key, fn, kwargs, results, os.getpid()),
+            args=(key, fn, kwargs, results, os.getpid(), stop),
             daemon=False,  # workers start env worker processes of their own
         )
-        for key, fn, kwargs in tasks
-    ]
-    for p in procs:
-        p.start()
+        proc.start()
+        return proc
+
+    procs = [start(*task) for task in tasks]
+    replacements = Replacements(config)
     out: dict[Any, dict] = {}
     try:
         while len(out) < len(procs):
+            if STOP and not stop.is_set():
+                stop.set()
             while not results.empty():  # drain as results arrive, so no worker blocks on put
                 key, value = results.get()
                 out[key] = value
@@ -266,13 +350,20 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 # moment, then blame the one killed by a signal if there is one.
                 time.sleep(0.5)
                 killed = [(key, p) for (key, _, _), p in zip(tasks, procs) if (p.exitcode or 0) < 0]
+                if killed and replacements.possible([k for k, _ in killed], [k for k, _ in failed]):
+                    for key, p in killed:  # the others train on; a new worker takes the lost one's place
+                        i = [k for k, _, _ in tasks].index(key)
+                        _, fn, kwargs = tasks[i]
+                        tasks[i] = (key, fn, replacements.replace(key, kwargs, f"{p.name} {_how(p)}"))
+                        procs[i] = start(*tasks[i])
+                    continue
                 key, p = (killed or failed)[0]
-                how = f"signal {signal.Signals(-p.exitcode).name}" if p.exitcode < 0 else f"code {p.exitcode}"
                 when = "after returning its result" if key in out else "before returning a result"
-                raise (WorkerLost if killed else RuntimeError)(f"{p.name} exited with {how} {when}")
+                raise (WorkerLost if killed else TrainingFailed)(f"{p.name} {_how(p)} {when}")
             if results.empty() and len(out) < len(procs) and all(p.exitcode == 0 for p in procs):
-                raise RuntimeError("a training worker ended without a result")
+                raise TrainingFailed("a training worker ended without a result")
             time.sleep(0.05)
+        out["worker_replacements"] = replacements.count
         return out
     finally:
         finished = len(out) == len(procs)
@@ -303,6 +394,12 @@ class _RayRank:
         import ray
 
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def stop(self) -> None:
+        """Ask the rank's training loop to save and return (runs beside ``run``: 2 threads)."""
+        from shoal.trainer import STOP
+
+        STOP.request("stop")
 
     def run(self, fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         import faulthandler
@@ -377,13 +474,15 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 )
         here = ray.get_runtime_context().get_node_id()
         keys: list[Any] = list(range(n)) + (["server"] if config.strategy in SERVER_STRATEGIES else [])
-        for key in keys:
+
+        def make_actor(key: Any) -> Any:
             # The chief and the server run beside the driver, so the run directory lands here.
             beside = key in (0, "server")
-            actors.append(
+            actor = (
                 ray.remote(RayServer if key == "server" else RayWorker)
                 .options(
                     name=None,
+                    max_concurrency=2,  # so that `stop` can run while `run` does
                     num_cpus=0 if key == "server" else config.ray_cpus_per_worker,
                     num_gpus=0 if key == "server" else config.ray_gpus_per_worker,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
@@ -392,6 +491,11 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 )
                 .remote()
             )
+            actors.append(actor)
+            return actor
+
+        for key in keys:
+            make_actor(key)
         try:  # placement: resources can exist in total yet fit on no node
             places = ray.get([a.where.remote() for a in actors], timeout=120)
         except GetTimeoutError:
@@ -400,26 +504,46 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
             ) from None
         nodes = {str(key): node for key, (node, _) in zip(keys, places)}
         # Every rank on this machine: a file rendezvous, so nothing listens beyond loopback
-        # (torch's TCP store listens on every interface). Across machines: TCP on rank 0's node.
+        # (torch's TCP store listens on every interface). Across machines: TCP on the node of
+        # rank 0, or of the server, which hosts the store its links meet through.
         here_ip = ray.util.get_node_ip_address()
         if all(ip == here_ip for _, ip in places):
             rendezvous = f"file://{scratch}/rendezvous"
         else:
-            rendezvous = ray.get(actors[0].rendezvous.remote())
+            rendezvous = ray.get(actors[-1 if keys[-1] == "server" else 0].rendezvous.remote())
         where = dict(rendezvous=rendezvous)
-        refs = {}
-        for key, actor in zip(keys, actors):
+        refs: dict[Any, Any] = {}
+        worker_kwargs: dict[Any, dict] = {}
+        for key, actor in zip(keys, list(actors)):
             if key == "server":
                 refs[key] = actor.run.remote(run_server, dict(**job, **where))
             else:
-                kwargs = dict(rank=key, progress=progress and key == 0, **job, **where)
-                refs[key] = actor.run.remote(run_worker, kwargs)
+                worker_kwargs[key] = dict(rank=key, progress=progress and key == 0, **job, **where)
+                refs[key] = actor.run.remote(run_worker, worker_kwargs[key])
         pending = list(refs.values())
+        key_of = {ref: key for key, ref in refs.items()}
         name = {ref: "the server" if key == "server" else f"worker {key}" for key, ref in refs.items()}
+        replacements = Replacements(config)
+        stopping = False
         while pending:  # fail fast: the first failed actor's error, not a hang on the others
-            done, pending = ray.wait(pending, num_returns=1)
+            if STOP and not stopping:  # SIGINT/SIGTERM: every rank saves and returns
+                stopping = True
+                for actor in actors:
+                    actor.stop.remote()
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
+            if not done:
+                continue
             try:
                 ray.get(done)
+            except RayActorError:
+                key = key_of[done[0]]
+                if key == "server" or not replacements.possible([key], [key]):
+                    raise WorkerLost(f"the Ray actor of {name[done[0]]} died") from None
+                why = f"the Ray actor of worker {key} died"
+                worker_kwargs[key] = replacements.replace(key, worker_kwargs[key], why)
+                refs[key] = make_actor(key).run.remote(run_worker, worker_kwargs[key])
+                key_of[refs[key]], name[refs[key]] = key, f"worker {key}"
+                pending.append(refs[key])
             except Exception as error:
                 # A dead actor makes its peers fail too (their gloo links break): blame the dead one.
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
@@ -431,7 +555,8 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                     except Exception:
                         pass
                 raise error
-        return {"nodes": nodes, **{key: ray.get(ref) for key, ref in refs.items()}}
+        results = {key: ray.get(ref) for key, ref in refs.items()}
+        return {"nodes": nodes, "worker_replacements": replacements.count, **results}
     finally:
         for actor in actors:
             ray.kill(actor)

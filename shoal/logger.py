@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,14 @@ def distributed_summary(metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def _step(row: str) -> float:
+    """A metrics row's env steps; inf for a row a killed run left half-written (it is dropped)."""
+    try:
+        return float(json.loads(row)["env_steps"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class RunLogger:
     """Writes one JSON row per ``log`` call and shows progress towards ``total_steps``."""
 
@@ -48,11 +57,11 @@ class RunLogger:
         if run_dir is not None:
             path = Path(run_dir) / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            if start_step > 0 and path.exists():  # a resumed run: drop rows past the checkpoint
-                rows = [
-                    r for r in path.read_text().splitlines() if r and json.loads(r)["env_steps"] <= start_step
-                ]
-                path.write_text("".join(r + "\n" for r in rows))
+            if path.exists():  # a resumed (or restarted) run: drop rows past its checkpoint
+                rows = [r for r in path.read_text().splitlines() if _step(r) <= start_step]
+                tmp = path.with_name(path.name + ".tmp")  # killed while rewriting: the old rows stay
+                tmp.write_text("".join(r + "\n" for r in rows))
+                os.replace(tmp, path)
             self.file = open(path, "a", buffering=1)  # noqa: SIM115  (closed in close())
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,12 +1,13 @@
 """The parameter server: the global model and its optimizer, for ``a3c`` and ``param-server``.
 
-It is one more rank of the workers' torch.distributed group (a process on ``mp``, a Ray
-actor on ``ray``) and talks to them point to point. A worker pushes a gradient (with the
-global version its weights came from); the server applies it with the algorithm's own
-optimizer and answers with the change of the global weights since that worker last
-pulled. In ``async`` mode (A3C) each push is applied at once; a gradient more than
-``max_lag`` updates stale is dropped and counted. In ``sync`` mode the server waits for
-every worker, applies their sample-weighted mean, and answers them all.
+It runs beside the workers (a process on ``mp``, a Ray actor on ``ray``) and talks to each
+over its own link (``shoal.link``), so a worker that dies takes only its link down. A
+worker pushes a gradient (with the global version its weights came from); the server
+applies it with the algorithm's own optimizer and answers with the change of the global
+weights since that worker last pulled. In ``async`` mode (A3C) each push is applied at
+once; a gradient more than ``max_lag`` updates stale is dropped and counted. In ``sync``
+mode the server waits for every linked worker, applies their sample-weighted mean, and
+answers them all.
 
 Answers are compressed like the pushes. The server keeps, per worker, a mirror of the
 weights that worker holds, and sends ``global - mirror`` each time: what a lossy answer
@@ -15,12 +16,15 @@ leaves out is sent later, and the mirror stays exactly equal to the worker's cop
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import torch
 from torch import optim
 
 from shoal.compress import Compressor, nbytes, pack, unpack
+from shoal.link import SERVER, Link
 from shoal.strategy import DONE, flat_params, push_message, set_grad, trained_params
 
 
@@ -50,6 +54,8 @@ class ParameterServer:
         self.pushes = 0
         self.dropped = 0
         self.pending: list[tuple[torch.Tensor, float, float]] = []  # sync mode: this round's
+        self.lost = 0  # workers whose link broke (they died)
+        self.joins = 0  # links opened: num_workers at the start, one more per replacement
 
     def push(self, grad: torch.Tensor, samples: float, lr: float, version: int) -> tuple[bool, int]:
         """Take one worker's gradient; return (accepted, its lag in updates).
@@ -58,6 +64,8 @@ class ParameterServer:
         """
         self.pushes += 1
         lag = self.version - version
+        if samples <= 0 and self.mode == "async":
+            return True, lag  # the worker skipped a non-finite gradient: nothing to apply
         if self.mode == "sync":
             self.pending.append((grad.clone(), samples, lr))  # grad may view a reused receive buffer
             return True, lag
@@ -70,8 +78,9 @@ class ParameterServer:
     def apply_round(self) -> None:
         """Sync mode: one update with the sample-weighted mean of the round's gradients."""
         total = sum(s for _, s, _ in self.pending)
-        grad = sum(g * s for g, s, _ in self.pending) / total
-        self._apply(grad, self.pending[-1][2])
+        if total > 0:  # 0: every worker skipped a non-finite gradient this round
+            grad = sum(g * s for g, s, _ in self.pending) / total
+            self._apply(grad, self.pending[-1][2])
         self.pending.clear()
 
     def _apply(self, grad: torch.Tensor, lr: float) -> None:
@@ -88,34 +97,81 @@ class ParameterServer:
         self.mirrors[worker] += codec.decompress(payload)
         return payload
 
-    def serve(self) -> dict[str, Any]:
-        """Answer the workers over torch.distributed until every one has said it is done."""
-        import torch.distributed as dist
+    def serve(self, store: Any) -> dict[str, Any]:
+        """Answer the workers, each over its own link, until every one has said it is done.
 
+        One thread per worker receives from that worker's link; this thread alone touches
+        the weights. A worker whose link breaks (it died) leaves the round; its replacement
+        opens the link's next generation, is greeted with the global weights, and joins in.
+        """
+        events: queue.Queue = queue.Queue()
         like = push_message(self.push_codec)
-        buffer = torch.empty(nbytes(like), dtype=torch.uint8)
-        active = set(range(self.num_workers))
+        for worker in range(self.num_workers):
+            threading.Thread(target=self._listen, args=(store, worker, like, events), daemon=True).start()
+        links: dict[int, Link] = {}
+        done: set[int] = set()
+        absent: set[int] = set()  # lost and not yet replaced: a sync round goes on without them
         waiting: list[tuple[int, bool, int]] = []  # who waits for an answer (sync: for the round)
         sps = torch.zeros(self.num_workers, dtype=torch.float64)
-        while active:
-            src = dist.recv(buffer)  # from whichever worker comes first
-            header, *payload = unpack(buffer, like)
-            kind, version, samples, lr, worker_sps = header.tolist()
-            if kind == DONE:
-                active.discard(src)
+        while len(done) < self.num_workers:
+            kind, src, item = events.get()
+            if kind == "joined":
+                links[src] = item
+                self.mirrors[src] = flat_params(self.params).clone()
+                item.send(self.mirrors[src])  # the greeting: the global weights as they are
+                absent.discard(src)
+                self.joins += 1
+            elif kind == "lost":
+                links.pop(src, None)
+                absent.add(src)
+                waiting = [w for w in waiting if w[0] != src]
+                self.lost += 1
             else:
-                sps[src] = worker_sps
-                accepted, lag = self.push(
-                    self.push_codec.decompress(tuple(payload)), samples, lr, int(version)
-                )
-                waiting.append((src, accepted, lag))
-            if self.mode == "sync" and waiting and {w for w, _, _ in waiting} < active:
+                header, *payload = unpack(item, like)
+                msg_kind, version, samples, lr, worker_sps = header.tolist()
+                if msg_kind == DONE:
+                    done.add(src)
+                else:
+                    sps[src] = worker_sps
+                    accepted, lag = self.push(
+                        self.push_codec.decompress(tuple(payload)), samples, lr, int(version)
+                    )
+                    waiting.append((src, accepted, lag))
+            expected = set(range(self.num_workers)) - done - absent
+            if self.mode == "sync" and waiting and {w for w, _, _ in waiting} < expected:
                 continue  # the round is not complete yet
             if self.mode == "sync" and self.pending:
                 self.apply_round()
             for worker, accepted, lag in waiting:
                 head = torch.tensor([self.version, accepted, lag, self.dropped], dtype=torch.float64)
-                dist.send(pack((torch.cat([head, sps]), *self.pull(worker))), dst=worker)
+                links[worker].send(pack((torch.cat([head, sps]), *self.pull(worker))))
             waiting.clear()
-        dist.send(flat_params(self.params).contiguous(), dst=0)  # the final global model, to the chief
-        return {"version": self.version, "pushes": self.pushes, "dropped": self.dropped}
+        links[0].send(flat_params(self.params).contiguous())  # the final global model, to the chief
+        return {
+            "version": self.version,
+            "pushes": self.pushes,
+            "dropped": self.dropped,
+            "workers_lost": self.lost,
+            "workers_joined": self.joins,
+        }
+
+    @staticmethod
+    def _listen(store: Any, worker: int, like: tuple, events: queue.Queue) -> None:
+        """Receive ``worker``'s messages; after a break, wait for its replacement's link."""
+        generation = 0
+        while True:
+            try:
+                link = Link(store, worker, generation, SERVER)
+            except RuntimeError:  # nobody came within the link timeout: keep waiting
+                continue
+            events.put(("joined", worker, link))
+            try:
+                while True:
+                    buffer = torch.empty(nbytes(like), dtype=torch.uint8)
+                    link.recv(buffer)
+                    events.put(("message", worker, buffer))
+                    if unpack(buffer, like)[0][0].item() == DONE:
+                        return
+            except RuntimeError:  # the worker died: its link is broken for good
+                events.put(("lost", worker, None))
+                generation += 1

@@ -10,18 +10,21 @@ an implementation of these two hooks:
 - ``ServerStrategy`` (``a3c``, ``param-server``): gradients pushed to the global model held
   by a parameter server (``shoal.server``), fresh weights pulled back.
 
-Workers ``0 .. world_size - 1`` form a torch.distributed group (gloo on CPU); the parameter
-server, when there is one, is rank ``world_size`` of the same group.
+Workers ``0 .. world_size - 1`` form a torch.distributed group (gloo on CPU); with a
+parameter server each worker talks to it over a link of its own (``shoal.link``).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn, optim
 
+from shoal import guards
 from shoal.compress import Compressor, nbytes, pack, unpack
+from shoal.link import Link
 
 # A message between a worker and the parameter server is ONE byte buffer: a float64 header
 # and the (compressed) payload. Pushes: kind, version the gradient was computed at, samples,
@@ -68,11 +71,23 @@ class Strategy:
 
     rank: int = 0
     world_size: int = 1
+    loss_decides = True  # a non-finite loss alone skips a step (see guards.gradients_ok)
+    in_lockstep = False  # its workers meet in every update, so they must also stop together
 
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.comm_seconds = 0.0
         self.steps = 0  # optimizer steps taken (updates of the weights)
+        self.nan_policy = "raise"
+        self.nonfinite_skipped = 0  # steps not taken because loss or gradients were not finite
+        self.param_names: dict[int, str] = {}
+
+    def watch(self, modules: dict[str, nn.Module], nan_policy: str) -> None:
+        """Name the parameters (for a non-finite gradient's message) and set the NaN policy."""
+        self.nan_policy = nan_policy
+        self.param_names = {
+            id(p): f"{m}.{name}" for m, module in modules.items() for name, p in module.named_parameters()
+        }
 
     @property
     def is_chief(self) -> bool:
@@ -89,10 +104,35 @@ class Strategy:
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         """Combine this worker's gradients (from ``samples`` samples) with the group's, in place."""
 
-    def step(self, optimizer: optim.Optimizer) -> None:
-        """Apply the (reduced, clipped) gradients held in the parameters' ``.grad``."""
+    def step(
+        self,
+        optimizer: optim.Optimizer,
+        loss: torch.Tensor | None = None,
+        grad_norm: torch.Tensor | None = None,
+    ) -> None:
+        """Apply the (reduced, clipped) gradients held in the parameters' ``.grad``, if finite.
+
+        ``loss`` and ``grad_norm`` (what ``clip_grad_norm`` returned) make the check cheap
+        and its message precise. Non-finite: ``NonFiniteError`` (nan_policy raise) or
+        :meth:`skip` (nan_policy skip). Subclasses change :meth:`apply` and :meth:`skip`.
+        """
+        ok = guards.gradients_ok(
+            optimizer, loss, grad_norm, self.param_names, self.nan_policy, self.loss_decides
+        )
+        if ok:
+            self.apply(optimizer)
+        else:
+            self.nonfinite_skipped += 1
+            self.skip(optimizer)
+
+    def apply(self, optimizer: optim.Optimizer) -> None:
+        """The update itself, with gradients known to be finite."""
         optimizer.step()
         self.steps += 1
+
+    def skip(self, optimizer: optim.Optimizer) -> None:
+        """No update: the weights (and the optimizer's moments) stay as they were."""
+        optimizer.zero_grad(set_to_none=True)
 
     def finish(self) -> None:
         """Training is over (called by every worker before the final checkpoint)."""
@@ -122,6 +162,8 @@ class LocalStrategy(Strategy):
 
 class CollectiveStrategy(Strategy):
     """Workers in a torch.distributed group who all call the same collectives in step."""
+
+    in_lockstep = True
 
     def __init__(self, rank: int, world_size: int, compress: str = "none", topk_ratio: float = 0.01) -> None:
         super().__init__()
@@ -190,8 +232,11 @@ class SyncStrategy(CollectiveStrategy):
     Every worker collects its own experience and computes gradients on it; one all-reduce of
     a single flattened buffer per optimizer step averages them, weighted by each worker's
     sample count, so the result is the gradient of the mean loss over everyone's samples.
-    Every worker then applies the same update: weights never drift apart.
+    Every worker then applies the same update: weights never drift apart. Whether the step
+    is taken at all is decided on the reduced gradients, the same on every worker.
     """
+
+    loss_decides = False
 
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -215,13 +260,20 @@ class ParamAvgStrategy(CollectiveStrategy):
         self.sync_every = sync_every
         self.params: list[torch.Tensor] = []
         self.anchor: torch.Tensor | None = None
+        self.calls = 0  # step calls, taken or skipped: the averaging schedule all workers share
 
-    def step(self, optimizer: optim.Optimizer) -> None:
+    def step(
+        self,
+        optimizer: optim.Optimizer,
+        loss: torch.Tensor | None = None,
+        grad_norm: torch.Tensor | None = None,
+    ) -> None:
         if not self.params:
             self.params = trained_params(optimizer)
             self.anchor = flat_params(self.params).clone()  # equal everywhere: start() synced it
-        super().step(optimizer)
-        if self.steps % self.sync_every == 0:
+        super().step(optimizer, loss, grad_norm)
+        self.calls += 1
+        if self.calls % self.sync_every == 0:
             self.average()
 
     def average(self) -> None:
@@ -236,14 +288,14 @@ class ParamAvgStrategy(CollectiveStrategy):
         self.anchor = mean.clone()
 
     def finish(self) -> None:
-        if self.params and self.steps % self.sync_every:
+        if self.params and self.calls % self.sync_every:
             self.average()  # the final model is the mean, whatever K
 
 
 class ServerStrategy(Strategy):
     """A worker of ``a3c`` or ``param-server``: push gradients to the global model, pull weights.
 
-    The parameter server (rank ``world_size`` of the group) applies each pushed gradient
+    The parameter server (over this worker's link) applies each pushed gradient
     with the global optimizer and answers with the change of the global weights since this
     worker last pulled, so the worker continues from fresh weights. In ``async`` mode the
     server does not wait for the others; in ``sync`` mode it waits for all workers and
@@ -263,9 +315,11 @@ class ServerStrategy(Strategy):
         compress: str = "none",
         topk_ratio: float = 0.01,
         pipelined: bool = False,
+        link: Link | None = None,
     ) -> None:
         super().__init__()
         self.rank, self.world_size, self.server = rank, world_size, world_size
+        self.link: Link = link  # type: ignore[assignment]  # set before start() (see shoal.link)
         self.compress, self.topk_ratio, self.pipelined = compress, topk_ratio, pipelined
         self.in_flight: tuple | None = None  # pipelined: (send work, recv work, buffers) of the last push
         self.push_codec: Compressor | None = None
@@ -281,10 +335,15 @@ class ServerStrategy(Strategy):
         self.dropped_all = 0.0  # everyone's, as the server last told us
 
     def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
-        # Nothing to exchange: the server built the same initial weights (or loaded the same
-        # checkpoint). Only sizes are fixed here, so even a worker that never steps can say DONE.
+        # The server greets every worker that opens its link with the global weights: the
+        # same as ours at the start of a run, the current ones for a worker that replaces a
+        # lost one. Sizes are fixed here too, so even a worker that never steps can say DONE.
         (optimizer,) = optimizers.values()
         self._prepare(trained_params(optimizer))
+        weights = torch.empty(self.push_codec.numel)
+        self.link.recv(weights)
+        set_params(self.params, weights.to(self.params[0].device))
+        self.bytes_sent += weights.numel() * weights.element_size()
 
     def _prepare(self, params: list[torch.Tensor]) -> None:
         self.params = params
@@ -296,27 +355,37 @@ class ServerStrategy(Strategy):
     def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
         self.samples = samples  # the server weights gradients by it in sync mode
 
-    def step(self, optimizer: optim.Optimizer) -> None:
-        import torch.distributed as dist
-
+    def apply(self, optimizer: optim.Optimizer) -> None:
         params = trained_params(optimizer)
         if self.push_codec is None:
             self._prepare(params)
-        lr = float(optimizer.param_groups[0]["lr"])
         grad = flat_grad(params).cpu()  # the server's group is gloo
         self.steps += 1
+        self._push(optimizer, lambda: self.push_codec.compress(grad), self.samples)
+
+    def skip(self, optimizer: optim.Optimizer) -> None:
+        # Still push (a sync server waits for everyone), but nothing: zeros from 0 samples,
+        # which the server does not apply; the compressor's error feedback is left untouched.
+        super().skip(optimizer)
+        if self.push_codec is None:
+            self._prepare(trained_params(optimizer))
+        self._push(optimizer, lambda: push_message(self.push_codec)[1:], 0)
+
+    def _push(self, optimizer: optim.Optimizer, payload: Any, samples: float) -> None:
+        """Send ``payload()`` (computed after the previous answer landed) and take the answer."""
+        lr = float(optimizer.param_groups[0]["lr"])
         start = time.perf_counter()
         computed_at = self.version  # the version of the weights this gradient was computed on
         self._land()  # pipelined: the answer to our previous push arrives only now
-        header = torch.tensor([PUSH, computed_at, self.samples, lr, self.sps], dtype=torch.float64)
-        message = pack((header, *self.push_codec.compress(grad)))
+        header = torch.tensor([PUSH, computed_at, samples, lr, self.sps], dtype=torch.float64)
+        message = pack((header, *payload()))
         buffer = torch.empty(nbytes(self.reply_like), dtype=torch.uint8)
         if self.pipelined:
-            sent = dist.isend(message, dst=self.server)
-            self.in_flight = (sent, dist.irecv(buffer, src=self.server), message, buffer)
+            sent = self.link.isend(message)
+            self.in_flight = (sent, self.link.irecv(buffer), message, buffer)
         else:
-            dist.send(message, dst=self.server)
-            dist.recv(buffer, src=self.server)
+            self.link.send(message)
+            self.link.recv(buffer)
             self._apply(buffer)
         self.comm_seconds += time.perf_counter() - start
         self.bytes_sent += message.numel() + buffer.numel()  # both ways
@@ -343,17 +412,15 @@ class ServerStrategy(Strategy):
         self.dropped += not accepted
 
     def finish(self) -> None:
-        import torch.distributed as dist
-
         if self.push_codec is None:
             raise RuntimeError("ServerStrategy.finish before start: the server would wait for us forever")
         self._land()
         done = push_message(self.push_codec)
         done[0][0] = DONE
-        dist.send(pack(done), dst=self.server)
+        self.link.send(pack(done))
         if self.is_chief:  # the chief saves and evaluates the global model, as it is at the very end
             final = torch.empty(self.push_codec.numel)
-            dist.recv(final, src=self.server)
+            self.link.recv(final)
             set_params(self.params, final.to(self.params[0].device))
 
     def worker_sps(self, sps: float) -> list[float]:

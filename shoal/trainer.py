@@ -7,6 +7,12 @@ resumed from checkpoint ``k`` therefore sees exactly the environments, random st
 weights the uninterrupted run saw, and ends with the same parameters. At a boundary the
 last rollout has already been used (and bootstrapped from its final values), so cutting
 episodes there costs an on-policy learner nothing; DQN keeps its replay buffer.
+
+A stop (SIGINT or SIGTERM through the CLI, see :class:`StopRequest`) saves a checkpoint
+between two env steps, off the boundaries. Resuming from it works like any resume (fresh
+episodes, seeded as at the last boundary) but is not bitwise the run that was never
+stopped: the unfinished rollout and partial n-step transitions are dropped, and the
+episodes in progress are cut.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import yaml
 
 from shoal import checkpoint as ckpt
+from shoal import guards
 from shoal.algos.base import Algorithm
 from shoal.config import TrainConfig
 from shoal.envs import make_vec
@@ -34,6 +41,26 @@ from shoal.logger import RunLogger
 from shoal.strategy import LocalStrategy, Strategy
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation envs never share seeds with training envs
+
+
+class StopRequest:
+    """Asks a running training loop to stop: it finishes its env step or update, saves a
+    checkpoint, closes its envs and returns. Set from a signal handler, so it only flips a field."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None  # why: "SIGINT", "SIGTERM", ...
+
+    def request(self, why: str = "stop") -> None:
+        self.signal = self.signal or why
+
+    def clear(self) -> None:
+        self.signal = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+STOP = StopRequest()  # this process's: the CLI's SIGINT/SIGTERM handlers set it
 
 
 def derived_seed(seed: int, k: int) -> int:
@@ -133,11 +160,13 @@ class Trainer:
         self.env_fn = env_fn
         self.strategy = strategy or LocalStrategy()
         self.progress = progress
+        self.stop = STOP  # checked once per env step; a Trainer may be given its own
         self.device = resolve_device(config.device)
         torch.set_num_threads(max(1, config.torch_threads))
         torch.manual_seed(config.seed)  # the same initial weights on every worker and the server
         obs_space, action_space = spaces_of(env_fn or config.env)
         self.algo = algo_class(config, obs_space, action_space, self.device, self.strategy)
+        self.strategy.watch(self.algo.modules(), config.nan_policy)  # no NaN gradient is ever applied
         if self.strategy.rank > 0:
             torch.manual_seed(self.strategy.worker_seed(config.seed))  # but its own sampling stream
         self.env_steps = 0
@@ -179,17 +208,24 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         arrays, meta = ckpt.load(path)
+        ckpt.check_run(meta, path)
         if meta.get("algo") != self.algo_class.name:
             raise ckpt.CheckpointError(
                 f"{path} holds a {meta.get('algo')} checkpoint, not {self.algo_class.name}"
             )
-        for name, module in self.algo.modules().items():
-            ckpt.load_module(f"model/{name}", module, arrays)
-        for name, optimizer in self.algo.optimizers().items():
-            ckpt.load_optimizer(f"optim/{name}", optimizer, arrays, meta["optimizers"][name])
-        extra = {k.removeprefix("extra/"): v for k, v in arrays.items() if k.startswith("extra/")}
-        self.algo.load_extra_state(extra, meta["extra"])
-        torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+        try:  # a checkpoint of another network size, env or version: one clear line, not a traceback
+            for name, module in self.algo.modules().items():
+                ckpt.load_module(f"model/{name}", module, arrays)
+            for name, optimizer in self.algo.optimizers().items():
+                ckpt.load_optimizer(f"optim/{name}", optimizer, arrays, meta["optimizers"][name])
+            extra = {k.removeprefix("extra/"): v for k, v in arrays.items() if k.startswith("extra/")}
+            self.algo.load_extra_state(extra, meta["extra"])
+            torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            text = " ".join(f"{type(e).__name__}: {e}".split())
+            raise ckpt.CheckpointError(
+                f"{path} does not fit this {self.algo_class.name} run ({text[:300]})"
+            ) from None
         if self.strategy.rank > 0:  # the checkpoint holds rank 0's stream; every worker needs its own
             torch.manual_seed(derived_seed(self.strategy.worker_seed(self.config.seed), meta["boundary"]))
         self.algo.updates = meta["updates"]
@@ -215,8 +251,9 @@ class Trainer:
         chief = self.strategy.is_chief
         if chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False)
+            ckpt.write_text_atomic(  # a run killed at any moment can still be resumed
+                self.run_dir / "config.yaml",
+                yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False),
             )
         seed = self.strategy.worker_seed(c.seed)
         envs = make_vec(
@@ -237,8 +274,9 @@ class Trainer:
         )
         saved = 0
         start_time, start_steps = time.perf_counter(), self.env_steps
+        screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
         try:
-            obs, _ = envs.reset(seed=derived_seed(seed, self.boundary))
+            obs = screen.after_reset(envs.reset(seed=derived_seed(seed, self.boundary))[0])
             autoreset = np.zeros(c.num_envs, dtype=bool)
             ep_return = np.zeros(c.num_envs)
             ep_length = np.zeros(c.num_envs, dtype=np.int64)
@@ -248,6 +286,8 @@ class Trainer:
             metrics: dict[str, float] = {}
             update_seconds, updates_since_log = 0.0, 0
             while self.env_steps < c.total_steps:
+                if self.stop and not self.strategy.in_lockstep:  # between two steps: saved as it is
+                    break
                 actions = self.algo.act(obs)
                 next_obs, rewards, terminated, truncated, infos = envs.step(actions)
                 # Every worker counts the group's steps: its own times the workers (exact in lockstep,
@@ -263,6 +303,14 @@ class Trainer:
                     valid &= ~lost
                     ep_return[lost] = 0.0
                     ep_length[lost] = 0
+                if screen.active or not screen.finite(next_obs, rewards):
+                    next_obs, rewards, skipped = screen.screen(next_obs, rewards)  # or NonFiniteError
+                    self.algo.cut_episodes(skipped)  # not learned from, nor logged, until the episode ends
+                    valid &= ~skipped
+                    ep_return[skipped] = 0.0
+                    ep_length[skipped] = 0
+                    ended = terminated | truncated
+                    screen.episodes_ended(ended if lost is None else ended | lost)
                 self.algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
                 ep_return += np.where(valid, rewards, 0.0)
                 ep_length += valid
@@ -282,6 +330,10 @@ class Trainer:
                     updates_since_log += 1
                     if on_update is not None and on_update(self):
                         break
+                    # Workers in lockstep stop after the same update, when any of them was asked to.
+                    if self.strategy.in_lockstep and self.strategy.mean(float(bool(self.stop))) > 0:
+                        self.stop.request(self.stop.signal or "stop")
+                        break
                     if (
                         self.env_steps >= (self.boundary + 1) * self.checkpoint_every
                         and self.env_steps < c.total_steps
@@ -295,6 +347,7 @@ class Trainer:
                         if stop_after_checkpoints is not None and saved >= stop_after_checkpoints:
                             return {"stopped_at": self.env_steps}
                         obs, infos = envs.reset(seed=derived_seed(seed, self.boundary))
+                        obs = screen.after_reset(obs)
                         faults.lost_envs(infos, envs)  # counted; every episode starts afresh here anyway
                         autoreset[:] = False
                         ep_return[:] = 0.0
@@ -313,6 +366,9 @@ class Trainer:
                     }
                     if len(worker_sps) > 1:
                         row.update({f"sps_worker_{r}": v for r, v in enumerate(worker_sps)})
+                    if c.nan_policy == "skip":
+                        row["nonfinite_skipped_steps"] = float(screen.skipped_steps)
+                        row["nonfinite_skipped_updates"] = float(self.strategy.nonfinite_skipped)
                     if updates_since_log:
                         row["update_seconds"] = update_seconds / updates_since_log
                         update_seconds, updates_since_log = 0.0, 0
@@ -323,20 +379,40 @@ class Trainer:
                         lengths.clear()
                     logger.log(self.env_steps, row)
             self.strategy.finish()
+        except guards.NonFiniteError as e:
+            # Nothing is saved after a NaN: the checkpoints on disk hold the last finite weights.
+            e.env_steps, e.context = self.env_steps, True
+            e.worker = self.strategy.rank if self.strategy.world_size > 1 else None
+            e.checkpoint = ckpt.latest(self.run_dir / "checkpoints")
+            raise
         finally:
             logger.close()
             envs.close()
         wall = time.perf_counter() - start_time
         summary: dict[str, Any] = {"env_steps": self.env_steps, "wall_time": wall}
         if chief:
+            # Episodes in progress end here (a resume starts fresh ones): drop partial n-step
+            # transitions, as at a boundary, so that the checkpoint can be resumed.
+            self.algo.on_new_episodes()
             self.save_checkpoint()
-            summary.update(evaluate(self.algo, self.env_fn or c.env, c.eval_episodes, c.seed))
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            summary.update(evaluate(self.algo, self.env_fn or c.env, c.eval_episodes, c.seed, self.stop))
+        if self.stop:  # no summary.json: the run is not finished (a resume finishes it)
+            return {**summary, "stopped": self.stop.signal}
+        if chief:
+            ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
 
-def evaluate(algo: Algorithm, env: str | Callable[..., gym.Env], episodes: int, seed: int) -> dict[str, Any]:
-    """Greedy (deterministic) returns of ``episodes`` episodes on a fresh, separately seeded env."""
+def evaluate(
+    algo: Algorithm,
+    env: str | Callable[..., gym.Env],
+    episodes: int,
+    seed: int,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
+    """Greedy (deterministic) returns of ``episodes`` episodes on a fresh, separately seeded env.
+
+    A ``stop`` request ends it early (with the episodes completed so far)."""
     one = gym.make(env) if isinstance(env, str) else env()
     results = []
     try:
@@ -344,6 +420,8 @@ def evaluate(algo: Algorithm, env: str | Callable[..., gym.Env], episodes: int, 
             obs, _ = one.reset(seed=seed + EVAL_SEED_OFFSET + k)
             total, done = 0.0, False
             while not done:
+                if stop:
+                    return _returns(results)
                 action = algo.predict(np.asarray(obs)[None])[0]
                 obs, reward, terminated, truncated, _ = one.step(action)
                 total += float(reward)
@@ -351,6 +429,10 @@ def evaluate(algo: Algorithm, env: str | Callable[..., gym.Env], episodes: int, 
             results.append(total)
     finally:
         one.close()
+    return _returns(results)
+
+
+def _returns(results: list[float]) -> dict[str, Any]:
     return {
         "mean_return": float(np.mean(results)) if results else math.nan,
         "std_return": float(np.std(results)) if results else math.nan,

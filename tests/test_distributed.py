@@ -154,8 +154,9 @@ def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
             np.testing.assert_allclose(a, ref.numpy(), atol=1e-5, rtol=0)
 
 
-def _ps_rank(rank: int, mode: str, grads: list, samples: list, pipelined: bool = False) -> list:
+def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipelined: bool = False) -> list:
     """Ranks 0 and 1 push one known gradient each; rank 2 is the parameter server (SGD, lr 1)."""
+    from shoal.link import WORKER, Link, open_store
     from shoal.server import ParameterServer
     from shoal.strategy import ServerStrategy, flat_params
 
@@ -163,10 +164,15 @@ def _ps_rank(rank: int, mode: str, grads: list, samples: list, pipelined: bool =
     net = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
     if rank == 2:
-        stats = ParameterServer(optimizer, 2, mode).serve()
+        stats = ParameterServer(optimizer, 2, mode).serve(open_store(f"file://{store}", host=True))
         assert stats["pushes"] == 2 and stats["version"] == (2 if mode == "async" else 1)
         return flat_params(list(net.parameters())).tolist()
-    strategy = ServerStrategy(rank, 2, pipelined=pipelined)
+    torch.manual_seed(rank + 1)  # a worker's own copy may differ: the server greets it with its weights
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    link = Link(open_store(f"file://{store}", host=False), rank, 0, WORKER)
+    strategy = ServerStrategy(rank, 2, pipelined=pipelined, link=link)
+    strategy.start({"net": net}, {"optimizer": optimizer})
     for p, g in zip(net.parameters(), torch.as_tensor(grads[rank]).split([6, 2])):
         p.grad = g.view_as(p).clone()
     strategy.reduce_gradients(net, samples=samples[rank])
@@ -179,13 +185,14 @@ def _ps_rank(rank: int, mode: str, grads: list, samples: list, pipelined: bool =
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["async", "sync", "pipelined"])
-def test_parameter_server_applies_exactly_the_pushed_gradients(mode):
+def test_parameter_server_applies_exactly_the_pushed_gradients(mode, tmp_path):
     torch.manual_seed(0)
     start = torch.nn.utils.parameters_to_vector(torch.nn.Linear(3, 2).parameters()).detach().numpy()
     grads = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
     samples = [1, 3]
     pipelined = mode == "pipelined"
-    got = run_group(3, _ps_rank, "async" if pipelined else mode, grads.tolist(), samples, pipelined)
+    store = str(tmp_path / "store")
+    got = run_group(3, _ps_rank, store, "async" if pipelined else mode, grads.tolist(), samples, pipelined)
     server = np.array(got[2])
     if mode != "sync":  # each push applied on its own, in whatever order they came
         np.testing.assert_allclose(server, start - grads[0] - grads[1], atol=1e-6)

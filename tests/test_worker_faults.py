@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 import pytest
@@ -39,6 +40,8 @@ class Chaos(threading.Thread):
         self.root, self.backend, self.every, self.kills = root, backend, every, kills
         self.rng = random.Random(seed)
         self.killed: list[int] = []
+        self.survivors: list[set[int]] = []  # the other ranks' pids at each kill
+        self.later: list[set[int]] = []  # the ranks' pids a few seconds after each kill
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -49,6 +52,9 @@ class Chaos(threading.Thread):
             victim = self.rng.choice(ranks)
             os.kill(victim.pid, signal.SIGKILL)
             self.killed.append(victim.pid)
+            self.survivors.append({r.pid for r in ranks if r.pid != victim.pid})
+            if not self.stop.wait(3.0):
+                self.later.append({r.pid for r in training_ranks(self.root, self.backend)})
 
 
 def chaos_run(tmp_path, backend: str, strategy: str, kills: int, every: tuple[float, float]) -> dict:
@@ -71,8 +77,16 @@ def chaos_run(tmp_path, backend: str, strategy: str, kills: int, every: tuple[fl
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(chaos.killed) >= 1, "the chaos thread killed nobody: the test proved nothing"
-    assert summary["group_rebuilds"] == len(chaos.killed), (summary, chaos.killed, err[-2000:])
-    assert "rebuilding the group" in err
+    if strategy in ("a3c", "param-server"):  # the others train on; a new worker replaces the lost one
+        assert summary["worker_replacements"] == len(chaos.killed), (summary, err[-2000:])
+        assert summary["group_rebuilds"] == 0
+        assert "while the others train on" in err
+        for before, after in zip(chaos.survivors, chaos.later):
+            assert before <= after, "a surviving worker was restarted"
+        assert summary["parameter_server"]["workers_lost"] == len(chaos.killed)
+    else:  # one group of all workers: rebuilt from the last checkpoint
+        assert summary["group_rebuilds"] == len(chaos.killed), (summary, chaos.killed, err[-2000:])
+        assert "rebuilding the group" in err
     return summary
 
 
@@ -83,6 +97,54 @@ def test_chaos_sync_on_mp_rebuilds_from_checkpoints_and_still_solves_cartpole(tm
 
 
 @pytest.mark.timeout(600)
+def test_chaos_a3c_on_mp_replaces_lost_workers_while_the_others_train_on(tmp_path):
+    summary = chaos_run(tmp_path, "mp", "a3c", kills=3, every=(5.0, 8.0))
+    assert summary["mean_return"] >= 475, summary
+
+
+@pytest.mark.timeout(600)
 def test_killed_ray_worker_actor_is_replaced_and_a3c_still_solves_cartpole(tmp_path):
     summary = chaos_run(tmp_path, "ray", "a3c", kills=1, every=(12.0, 14.0))
     assert summary["mean_return"] >= 475, summary
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("backend", "strategy", "signum", "code"),
+    [
+        ("mp", "sync", signal.SIGINT, 130),
+        ("mp", "a3c", signal.SIGTERM, 143),
+        ("ray", "sync", signal.SIGINT, 130),
+    ],
+)
+def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_no_process(
+    tmp_path, backend, strategy, signum, code
+):
+    from shoal import checkpoint as ckpt
+    from tests.test_shutdown import finish, session_ends, stopped_line
+
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "shoal.cli", "train", "ppo", "--env", "CartPole-v1", "--backend", backend,
+        "--strategy", strategy, "--num-workers", "2", "--num-envs", "4", "--total-steps", str(10**7),
+        "--run-dir", str(run_dir), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C in a terminal: the whole process group gets it
+    else:
+        os.kill(proc.pid, signum)
+    err = finish(proc, timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    _, saved, _ = stopped_line(err).groups()
+    _, meta = ckpt.load(saved)
+    assert meta["env_steps"] > 0
+    assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"

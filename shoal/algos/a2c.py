@@ -68,8 +68,8 @@ class A2C(ActorCriticAlgorithm):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.strategy.reduce_gradients(net, samples=len(advantages))
-        clip_grad_norm(net.parameters(), c.max_grad_norm)
-        self.strategy.step(self.optimizer)  # here, or on the global model
+        grad_norm = clip_grad_norm(net.parameters(), c.max_grad_norm)
+        self.strategy.step(self.optimizer, loss, grad_norm)  # here, or on the global model; never NaN
         self.updates += 1
         b.t = 0
         pg, vl, en = torch.stack([pg_loss, v_loss, ent]).tolist()

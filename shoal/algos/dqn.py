@@ -111,7 +111,8 @@ class DQN(Algorithm):
 
     def ready(self) -> bool:
         c = self.config
-        return self.env_steps >= c.learning_starts and self.env_steps - self.last_train >= c.train_freq
+        started = self.env_steps >= c.learning_starts and self.replay.size > 0  # n-step: none stored yet
+        return started and self.env_steps - self.last_train >= c.train_freq
 
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
@@ -133,8 +134,8 @@ class DQN(Algorithm):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.strategy.reduce_gradients(self.q, samples=c.batch_size)
-            clip_grad_norm(self.q.parameters(), c.max_grad_norm)
-            self.strategy.step(self.optimizer)  # here, or on the global model
+            grad_norm = clip_grad_norm(self.q.parameters(), c.max_grad_norm)
+            self.strategy.step(self.optimizer, loss, grad_norm)  # here, or on the global model; never NaN
             losses.append(loss.detach())
             q_means.append(q.detach().mean())
         self.updates += 1

@@ -96,8 +96,8 @@ class PPO(ActorCriticAlgorithm):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.strategy.reduce_gradients(net, samples=len(adv))
-                clip_grad_norm(net.parameters(), c.max_grad_norm)
-                self.strategy.step(self.optimizer)  # here, or on the global model
+                grad_norm = clip_grad_norm(net.parameters(), c.max_grad_norm)
+                self.strategy.step(self.optimizer, loss, grad_norm)  # here, or on the global model; never NaN
 
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance estimator

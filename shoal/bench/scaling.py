@@ -106,6 +106,8 @@ def run_one(
         seed=1,
     )
     settings.update(overrides)
+    if settings["compress"] != "topk":
+        settings.pop("topk_ratio", None)  # only topk reads it, and validate refuses it elsewhere
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     config = make_config(algo, env, {**settings, "run_dir": str(run_dir)})
     validate(config)
