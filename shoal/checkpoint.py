@@ -3,7 +3,8 @@
 A checkpoint is two files, ``ckpt-<steps>.safetensors`` and ``ckpt-<steps>.json``. Both
 are written to a temporary name, fsynced and renamed into place, the JSON last, so a crash
 mid-save leaves the previous checkpoint whole. The JSON records the sha256 of the tensor
-file; loading checks it, so a truncated or corrupted file is refused with a clear message.
+file and of its own values; loading checks both, so a truncated or corrupted file is
+refused with a clear message. Loading parses JSON and safetensors only: no pickle, no code.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def _write_atomic(path: Path, write: Any) -> None:
         os.close(dir_fd)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old file or the new, never half."""
+    _write_atomic(Path(path), lambda p: p.write_text(text))
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,9 +67,16 @@ def save(directory: str | Path, env_steps: int, tensors: dict[str, np.ndarray], 
         "sha256": sha256(weights),
         **meta,
     }
+    info["json_sha256"] = _digest(info)  # the JSON holds state too (optimizer steps, RNGs): checked
     index = directory / f"{stem}.json"
     _write_atomic(index, lambda p: p.write_text(json.dumps(info, indent=1)))
     return index
+
+
+def _digest(info: dict[str, Any]) -> str:
+    """sha256 of the JSON values, as they read back (tuples become lists), in a fixed key order."""
+    values = json.loads(json.dumps({k: v for k, v in info.items() if k != "json_sha256"}))
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 def latest(directory: str | Path) -> Path | None:
@@ -87,16 +100,32 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     found = info.get("format") if isinstance(info, dict) else None
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a shoal checkpoint (format {found!r}, expected {FORMAT!r})")
-    weights = path.with_name(info["weights"])
-    if not weights.exists():
+    if "json_sha256" in info and info["json_sha256"] != _digest(info):  # older checkpoints have none
+        raise CheckpointError(f"{path} is corrupted (checksum mismatch)")
+    name, digest = info.get("weights"), info.get("sha256")
+    if not (isinstance(name, str) and isinstance(digest, str)) or name != Path(name).name or not name:
+        raise CheckpointError(f"{path} is damaged: no valid 'weights' file name and 'sha256' in it")
+    weights = path.with_name(name)  # a bare file name: a checkpoint reads nothing outside its folder
+    if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
-    if sha256(weights) != info["sha256"]:
+    if sha256(weights) != digest:
         raise CheckpointError(f"{weights} is corrupted or truncated (checksum mismatch)")
     try:
-        tensors = load_file(str(weights))
+        tensors = load_file(str(weights))  # safetensors: raw arrays, nothing to execute
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{weights} cannot be read: {e}") from None
+        raise CheckpointError(f"{weights} cannot be read: {' '.join(str(e).split())}") from None
     return tensors, info
+
+
+RUN_KEYS = ("algo", "config", "optimizers", "extra", "updates", "boundary", "env_steps")
+
+
+def check_run(meta: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint that is shoal's format but not a training run's (e.g. other metadata)."""
+    missing = [k for k in RUN_KEYS if k not in meta]
+    if missing or not isinstance(meta["config"], dict) or not isinstance(meta["config"].get("env"), str):
+        lacks = ", ".join(missing) or "config with an env"
+        raise CheckpointError(f"{path} is not a checkpoint of a shoal run (no {lacks} in it)")
 
 
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -64,6 +64,7 @@ class NonFiniteCartPole(gym.Wrapper):
 
 SMALL = {
     "ppo": dict(num_envs=4, num_steps=32, num_minibatches=1, update_epochs=2, total_steps=4096),
+    "a2c": dict(num_envs=4, num_steps=5, total_steps=2000),
     "dqn": dict(
         num_envs=2,
         total_steps=3000,
@@ -74,7 +75,7 @@ SMALL = {
         buffer_size=2000,
     ),
 }
-EVERY = {"ppo": 512, "dqn": 500}  # checkpoint_every
+EVERY = {"ppo": 512, "a2c": 500, "dqn": 500}  # checkpoint_every
 
 
 def make_trainer(algo: str, tmp_path, faults: dict, policy: str) -> Trainer:
@@ -108,11 +109,13 @@ def model_arrays(path) -> dict[str, np.ndarray]:
 
 
 GRAD_PPO = "gradient of net.actor_head.weight is nan at env step 1,280"
+GRAD_A2C = "gradient of net.critic_head.weight is nan at env step 820"
 RAISE = [  # algo, faults, gradient hook (module, param, update), message, last good checkpoint
     ("ppo", {3: ("obs", 300)}, None, "observation of env 3 is nan at env step 1,260", 1024),
     ("ppo", {3: ("reward", 300)}, None, "reward of env 3 is inf at env step 1,260", 1024),
     ("ppo", {3: ("huge", 300)}, None, "loss is nan at env step 1,280", 1024),
     ("ppo", {}, ("net", "actor_head.weight", 9), GRAD_PPO, 1024),
+    ("a2c", {}, ("net", "critic_head.weight", 40), GRAD_A2C, 500),
     ("dqn", {1: ("obs", 700)}, None, "observation of env 1 is nan at env step 1,526", 1500),
     ("dqn", {}, ("q", "head.weight", 25), "gradient of q.head.weight is nan at env step 1,450", 1000),
 ]
