@@ -14,6 +14,7 @@ run; the strategy decides how the workers cooperate; the algorithm knows neither
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -41,6 +42,10 @@ log = logging.getLogger("shoal")
 
 class TrainingFailed(RuntimeError):
     """A rank failed for good: its own traceback is above, this says which and what is kept."""
+
+
+class RankError(str):
+    """A rank's exception in one line, sent to the launcher before the rank exits."""
 
 
 class WorkerLost(TrainingFailed):
@@ -78,6 +83,10 @@ def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool 
     if config.backend == "local":
         trainer = Trainer(ALGORITHMS[algo], config, progress=progress)
         return trainer.train(resume=resume), str(trainer.run_dir)
+    if resume is not None:  # a damaged checkpoint is refused here, before any rank starts
+        from shoal.checkpoint import load
+
+        load(resume)
     # Every worker (and, on a cluster, every machine) must agree on one absolute run directory.
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo, config)
     config = dataclasses.replace(config, run_dir=str(run_dir.resolve()))
@@ -245,8 +254,10 @@ def _mp_entry(key: Any, fn: Any, kwargs: dict, results: Any, parent_pid: int, st
     try:
         results.put((key, fn(**kwargs)))
         code = 0
-    except BaseException:
+    except BaseException as error:
         traceback.print_exc()
+        with contextlib.suppress(Exception):  # the launcher's one-line error says why, not just "code 1"
+            results.put((key, RankError(" ".join(f"{type(error).__name__}: {error}".split()))))
     finally:
         # Leave without interpreter teardown: torch's gloo threads can abort the process
         # there ("terminate called without an active exception") after the work is done.
@@ -337,13 +348,17 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     procs = [start(*task) for task in tasks]
     replacements = Replacements(config)
     out: dict[Any, dict] = {}
+    errors: dict[Any, RankError] = {}
     try:
         while len(out) < len(procs):
             if STOP and not stop.is_set():
                 stop.set()
             while not results.empty():  # drain as results arrive, so no worker blocks on put
                 key, value = results.get()
-                out[key] = value
+                if isinstance(value, RankError):
+                    errors[key] = value
+                else:
+                    out[key] = value
             failed = [(key, p) for (key, _, _), p in zip(tasks, procs) if p.exitcode not in (None, 0)]
             if failed:
                 # A killed rank makes its peers fail too (their gloo links break): give them a
@@ -359,7 +374,8 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                     continue
                 key, p = (killed or failed)[0]
                 when = "after returning its result" if key in out else "before returning a result"
-                raise (WorkerLost if killed else TrainingFailed)(f"{p.name} {_how(p)} {when}")
+                why = f": {errors[key]}" if key in errors else ""
+                raise (WorkerLost if killed else TrainingFailed)(f"{p.name} {_how(p)} {when}{why}")
             if results.empty() and len(out) < len(procs) and all(p.exitcode == 0 for p in procs):
                 raise TrainingFailed("a training worker ended without a result")
             time.sleep(0.05)
@@ -455,7 +471,7 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
     import tempfile
 
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from shoal.configio import ConfigError
@@ -544,6 +560,18 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 refs[key] = make_actor(key).run.remote(run_worker, worker_kwargs[key])
                 key_of[refs[key]], name[refs[key]] = key, f"worker {key}"
                 pending.append(refs[key])
+            except RayTaskError as error:  # the rank raised: not retried, its error in one line
+                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
+                for ref in ready:  # ... unless a dead actor broke its links, which is the real cause
+                    try:
+                        ray.get(ref)
+                    except RayActorError:
+                        raise WorkerLost(f"the Ray actor of {name[ref]} died") from None
+                    except Exception:
+                        pass
+                cause = error.cause if error.cause is not None else error
+                text = " ".join(f"{type(cause).__name__}: {cause}".split())
+                raise TrainingFailed(f"the Ray actor of {name[done[0]]} failed: {text}") from None
             except Exception as error:
                 # A dead actor makes its peers fail too (their gloo links break): blame the dead one.
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])

@@ -148,3 +148,22 @@ def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_no_process(
     _, meta = ckpt.load(saved)
     assert meta["env_steps"] > 0
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_a_rank_that_raises_stops_the_run_with_its_error_in_one_line(tmp_path, backend):
+    # A learning rate of 1e30 makes the second update's loss infinite on every worker.
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "train", "ppo", "--env", "CartPole-v1", "--backend", backend]
+        + ["--num-workers", "2", "--learning-rate", "1e30", "--total-steps", "20000"]
+        + ["--run-dir", str(tmp_path / "run"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("shoal: error:")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "NonFiniteError: loss is inf on worker" in lines[0], lines[0]
+    assert "training stopped before the weights changed" in lines[0]

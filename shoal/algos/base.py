@@ -78,7 +78,8 @@ class Algorithm:
         """The loop is about to reset every env (a checkpoint boundary)."""
 
     def cut_episodes(self, envs: np.ndarray) -> None:
-        """The episodes of ``envs`` (a bool mask) ended early: their env failed and was restarted.
+        """The episodes of ``envs`` (a bool mask) end early: their env failed and was restarted,
+        or returned a NaN/inf that ``--nan-policy skip`` keeps out of training.
 
         Called before ``record`` of the step that brought the new env's first observation.
         """
