@@ -560,18 +560,6 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                 refs[key] = make_actor(key).run.remote(run_worker, worker_kwargs[key])
                 key_of[refs[key]], name[refs[key]] = key, f"worker {key}"
                 pending.append(refs[key])
-            except RayTaskError as error:  # the rank raised: not retried, its error in one line
-                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
-                for ref in ready:  # ... unless a dead actor broke its links, which is the real cause
-                    try:
-                        ray.get(ref)
-                    except RayActorError:
-                        raise WorkerLost(f"the Ray actor of {name[ref]} died") from None
-                    except Exception:
-                        pass
-                cause = error.cause if error.cause is not None else error
-                text = " ".join(f"{type(cause).__name__}: {cause}".split())
-                raise TrainingFailed(f"the Ray actor of {name[done[0]]} failed: {text}") from None
             except Exception as error:
                 # A dead actor makes its peers fail too (their gloo links break): blame the dead one.
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
@@ -582,7 +570,12 @@ def _ray_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                         raise WorkerLost(f"the Ray actor of {name[ref]} died") from None
                     except Exception:
                         pass
-                raise error
+                if not isinstance(error, RayTaskError):
+                    raise
+                # The rank raised: not retried; its error in one line (its traceback is above).
+                cause = error.cause if error.cause is not None else error
+                text = " ".join(f"{type(cause).__name__}: {cause}".split())
+                raise TrainingFailed(f"the Ray actor of {name[done[0]]} failed: {text}") from None
         results = {key: ray.get(ref) for key, ref in refs.items()}
         return {"nodes": nodes, "worker_replacements": replacements.count, **results}
     finally:

@@ -383,14 +383,7 @@ class ProcessVectorEnv(VectorEnv):
                 "Calling `reset_wait` without any prior call to `reset_async`.",
                 _State.WAITING_RESET.value,
             )
-        if self.on_failure == "raise":
-            replies = self._gather(timeout, "reset_wait")
-            infos = self._merge(replies)
-        else:
-            replies, failures = self._gather_surviving(timeout if timeout is not None else self.step_timeout)
-            infos = self._merge(replies)
-            for k, reason in failures.items():
-                infos = self._restart_worker(k, reason, infos)
+        infos = self._collect(timeout, "reset_wait")  # first: the observations land meanwhile
         return self._returned_obs(), infos
 
     # -- step ----------------------------------------------------------------------------
@@ -430,14 +423,7 @@ class ProcessVectorEnv(VectorEnv):
                 "Calling `step_wait` without any prior call to `step_async`.",
                 _State.WAITING_STEP.value,
             )
-        if self.on_failure == "raise":
-            replies = self._gather(timeout if timeout is not None else self.step_timeout, "step_wait")
-            infos = self._merge(replies)
-        else:
-            replies, failures = self._gather_surviving(timeout if timeout is not None else self.step_timeout)
-            infos = self._merge(replies)
-            for k, reason in failures.items():
-                infos = self._restart_worker(k, reason, infos)
+        infos = self._collect(timeout, "step_wait")
         return (
             self._returned_obs(),
             np.copy(self._rewards),
@@ -727,6 +713,17 @@ class ProcessVectorEnv(VectorEnv):
         if errors:
             self._raise_remote(errors[0], replies[errors[0]])
         return replies
+
+    def _collect(self, timeout: float | None, what: str) -> dict[str, Any]:
+        """The replies to a reset or step, merged into infos; failed workers raise or restart."""
+        timeout = timeout if timeout is not None else self.step_timeout
+        if self.on_failure == "raise":
+            return self._merge(self._gather(timeout, what))
+        replies, failures = self._gather_surviving(timeout)
+        infos = self._merge(replies)
+        for k, reason in failures.items():
+            infos = self._restart_worker(k, reason, infos)
+        return infos
 
     def _gather_surviving(self, timeout: float | None) -> tuple[dict[int, bytes], dict[int, str]]:
         """Collect the step replies; a worker that died, raised or hung is a failure, not an error."""
