@@ -57,12 +57,14 @@ class Chaos(threading.Thread):
                 self.later.append({r.pid for r in training_ranks(self.root, self.backend)})
 
 
-def chaos_run(tmp_path, backend: str, strategy: str, kills: int, every: tuple[float, float]) -> dict:
+def chaos_run(
+    tmp_path, backend: str, strategy: str, kills: int, every: tuple[float, float], *extra: str
+) -> dict:
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "shoal.cli", "train", "ppo", "--env", "CartPole-v1",
         "--backend", backend, "--strategy", strategy, "--num-workers", "2", "--num-envs", "4",
-        "--seed", "1", "--checkpoint-every", "4096", "--run-dir", str(run_dir), "--quiet",
+        "--seed", "1", "--checkpoint-every", "4096", "--run-dir", str(run_dir), "--quiet", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     chaos = Chaos(proc.pid, backend, every, kills, seed=7)
@@ -105,6 +107,19 @@ def test_chaos_a3c_on_mp_replaces_lost_workers_while_the_others_train_on(tmp_pat
 @pytest.mark.timeout(600)
 def test_killed_ray_worker_actor_is_replaced_and_a3c_still_solves_cartpole(tmp_path):
     summary = chaos_run(tmp_path, "ray", "a3c", kills=1, every=(12.0, 14.0))
+    assert summary["mean_return"] >= 475, summary
+
+
+@pytest.mark.timeout(600)
+def test_sync_parameter_server_finishes_its_rounds_without_a_lost_worker_and_takes_its_replacement(tmp_path):
+    summary = chaos_run(tmp_path, "mp", "param-server", 2, (6.0, 9.0), "--ps-mode", "sync")
+    assert summary["parameter_server"]["workers_joined"] == 2 + 2
+    assert summary["mean_return"] >= 475, summary
+
+
+@pytest.mark.timeout(600)
+def test_killed_ray_worker_of_sync_rebuilds_the_group_and_still_solves_cartpole(tmp_path):
+    summary = chaos_run(tmp_path, "ray", "sync", kills=1, every=(12.0, 14.0))
     assert summary["mean_return"] >= 475, summary
 
 
