@@ -173,11 +173,13 @@ def run_worker(
     import torch.distributed as dist
 
     from shoal.algos import ALGORITHMS
-    from shoal.link import WORKER, Link, open_store
+    from shoal.link import WORKER, Link, announce, open_store
     from shoal.trainer import Trainer
 
     if config.strategy in SERVER_STRATEGIES:
-        link = Link(open_store(rendezvous, host=False), rank, generation, WORKER)
+        store = open_store(rendezvous, host=False)
+        announce(store, rank, generation)
+        link = Link(store, rank, generation, WORKER)
         strategy = make_strategy(config, rank, link)
         return Trainer(ALGORITHMS[algo], config, strategy=strategy, progress=progress).train(resume=resume)
     _join_group(rank, group_size(config), rendezvous)
@@ -359,12 +361,18 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
                     errors[key] = value
                 else:
                     out[key] = value
-            failed = [(key, p) for (key, _, _), p in zip(tasks, procs) if p.exitcode not in (None, 0)]
+            # (A rank killed after it returned its result has nothing left to lose or redo.)
+            failed = [
+                (key, p)
+                for (key, _, _), p in zip(tasks, procs)
+                if p.exitcode not in (None, 0) and not (key in out and p.exitcode < 0)
+            ]
             if failed:
                 # A killed rank makes its peers fail too (their gloo links break): give them a
                 # moment, then blame the one killed by a signal if there is one.
                 time.sleep(0.5)
-                killed = [(key, p) for (key, _, _), p in zip(tasks, procs) if (p.exitcode or 0) < 0]
+                ranks = zip(tasks, procs)
+                killed = [(key, p) for (key, _, _), p in ranks if (p.exitcode or 0) < 0 and key not in out]
                 if killed and replacements.possible([k for k, _ in killed], [k for k, _ in failed]):
                     for key, p in killed:  # the others train on; a new worker takes the lost one's place
                         i = [k for k, _, _ in tasks].index(key)

@@ -24,7 +24,7 @@ import torch
 from torch import optim
 
 from shoal.compress import Compressor, nbytes, pack, unpack
-from shoal.link import SERVER, Link
+from shoal.link import SERVER, Link, announced
 from shoal.strategy import DONE, flat_params, push_message, set_grad, trained_params
 
 
@@ -113,14 +113,26 @@ class ParameterServer:
         absent: set[int] = set()  # lost and not yet replaced: a sync round goes on without them
         waiting: list[tuple[int, bool, int]] = []  # who waits for an answer (sync: for the round)
         sps = torch.zeros(self.num_workers, dtype=torch.float64)
+
+        def send(worker: int, tensor: torch.Tensor) -> None:
+            """Send, unless the worker died meanwhile: its listener reports the loss; go on without it."""
+            link = links.get(worker)
+            if link is None:
+                return
+            try:
+                link.send(tensor)
+            except RuntimeError:
+                links.pop(worker, None)
+                absent.add(worker)
+
         while len(done) < self.num_workers:
             kind, src, item = events.get()
             if kind == "joined":
                 links[src] = item
-                self.mirrors[src] = flat_params(self.params).clone()
-                item.send(self.mirrors[src])  # the greeting: the global weights as they are
                 absent.discard(src)
                 self.joins += 1
+                self.mirrors[src] = flat_params(self.params).clone()
+                send(src, self.mirrors[src])  # the greeting: the global weights as they are
             elif kind == "lost":
                 links.pop(src, None)
                 absent.add(src)
@@ -144,9 +156,9 @@ class ParameterServer:
                 self.apply_round()
             for worker, accepted, lag in waiting:
                 head = torch.tensor([self.version, accepted, lag, self.dropped], dtype=torch.float64)
-                links[worker].send(pack((torch.cat([head, sps]), *self.pull(worker))))
+                send(worker, pack((torch.cat([head, sps]), *self.pull(worker))))
             waiting.clear()
-        links[0].send(flat_params(self.params).contiguous())  # the final global model, to the chief
+        send(0, flat_params(self.params).contiguous())  # the final global model, to the chief
         return {
             "version": self.version,
             "pushes": self.pushes,
@@ -160,9 +172,11 @@ class ParameterServer:
         """Receive ``worker``'s messages; after a break, wait for its replacement's link."""
         generation = 0
         while True:
+            generation = announced(store, worker, generation)
             try:
                 link = Link(store, worker, generation, SERVER)
-            except RuntimeError:  # nobody came within the link timeout: keep waiting
+            except RuntimeError:  # it died while linking: wait for the next one
+                generation += 1
                 continue
             events.put(("joined", worker, link))
             try:

@@ -394,8 +394,8 @@ class ServerStrategy(Strategy):
         """Wait for the answer to a pipelined push, if one is in flight, and apply it."""
         if self.in_flight is not None:
             sent, received, _, buffer = self.in_flight
-            sent.wait()
-            received.wait()
+            self.link.wait(sent)
+            self.link.wait(received)
             self.in_flight = None
             self._apply(buffer)
 

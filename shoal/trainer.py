@@ -297,6 +297,7 @@ class Trainer:
                 lost = faults.lost_envs(infos, envs)
                 if lost is not None:  # envs that failed and were restarted: their episodes end here
                     if faults.exhausted:
+                        self.algo.on_new_episodes()  # mid-episode: a resume starts fresh ones
                         path = self.save_checkpoint() if chief else None
                         raise faults.error(path)
                     self.algo.cut_episodes(lost)

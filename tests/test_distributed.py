@@ -156,7 +156,7 @@ def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
 
 def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipelined: bool = False) -> list:
     """Ranks 0 and 1 push one known gradient each; rank 2 is the parameter server (SGD, lr 1)."""
-    from shoal.link import WORKER, Link, open_store
+    from shoal.link import WORKER, Link, announce, open_store
     from shoal.server import ParameterServer
     from shoal.strategy import ServerStrategy, flat_params
 
@@ -170,7 +170,9 @@ def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipel
     torch.manual_seed(rank + 1)  # a worker's own copy may differ: the server greets it with its weights
     net = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
-    link = Link(open_store(f"file://{store}", host=False), rank, 0, WORKER)
+    opened = open_store(f"file://{store}", host=False)
+    announce(opened, rank, 0)
+    link = Link(opened, rank, 0, WORKER)
     strategy = ServerStrategy(rank, 2, pipelined=pipelined, link=link)
     strategy.start({"net": net}, {"optimizer": optimizer})
     for p, g in zip(net.parameters(), torch.as_tensor(grads[rank]).split([6, 2])):

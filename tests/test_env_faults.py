@@ -190,44 +190,28 @@ def test_env_errors_past_max_restarts_stop_the_run_with_a_checkpoint(tmp_path):
     assert saved, "no checkpoint was saved before stopping"
 
 
-def test_a_cut_episode_is_a_truncation_bootstrapped_from_its_last_observation():
-    from shoal.buffers import RolloutBuffer, gae
+def test_dqn_stopped_by_the_restart_limit_can_be_resumed(tmp_path):
+    # One env fails at a time, so the other holds unfinished n-step transitions at the stop.
+    trigger = tmp_path / "once"
+    env_fn = functools.partial(TriggeredCartPole, str(trigger), "raise")
+    config = make_config(
+        "dqn",
+        "CartPole-v1",
+        {"num_envs": 2, "total_steps": 3000, "learning_starts": 200, "train_freq": 10, "n_step": 3,
+         "buffer_size": 3000, "max_restarts": 2, "eval_episodes": 1, "run_dir": str(tmp_path / "run"),
+         "vectorization": "sync"},
+    )  # fmt: skip
 
-    buf = RolloutBuffer(3, 2, (1,), torch.float32, (), torch.long, torch.device("cpu"))
-    values = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
-    for t in range(3):
-        if t == 2:  # env 1 failed during step 2 and was restarted: its episode ended at step 1
-            buf.truncate(np.array([False, True]))
-        valid = np.array([True, t != 2])
-        buf.add(
-            torch.zeros(2, 1),
-            torch.zeros(2, dtype=torch.long),
-            torch.zeros(2),
-            values[t],
-            np.ones(2),
-            np.zeros(2, bool),
-            np.zeros(2, bool),
-            valid,
-        )
-    adv = gae(buf.rewards, buf.values, torch.tensor([6.0, 6.0]), buf.terminated, buf.done, 0.5, 1.0)
-    # Env 1, step 1: reward 1 + 0.5 * V(obs of step 2) - V(obs of step 1), nothing from step 2.
-    assert adv[1, 1].item() == pytest.approx(1 + 0.5 * 3.0 - 2.0)
-    assert adv[1, 0].item() != pytest.approx(adv[1, 1].item())  # env 0's episode goes on
+    def fail_now_and_then(t: Trainer) -> bool:
+        if t.env_steps >= 600:
+            trigger.touch()  # one env takes it at the next step
+        return False
 
+    with pytest.raises(RestartLimitError):
+        Trainer(ALGORITHMS["dqn"], config, env_fn=env_fn, progress=False).train(on_update=fail_now_and_then)
+    trigger.unlink(missing_ok=True)
+    from shoal.checkpoint import latest
 
-def test_dqn_drops_the_unfinished_n_step_transitions_of_a_cut_episode():
-    from shoal.buffers import ReplayBuffer
-
-    buf = ReplayBuffer(10, 2, (1,), np.float32, (), np.int64, 3, 0.9)
-    for _ in range(2):
-        buf.add(
-            np.zeros((2, 1)),
-            np.zeros(2),
-            np.ones(2),
-            np.ones((2, 1)),
-            np.zeros(2, bool),
-            np.zeros(2, bool),
-            np.ones(2, bool),
-        )
-    buf.clear_pending(np.array([True, False]))
-    assert [len(q) for q in buf.pending] == [0, 2] and buf.size == 0
+    resumed = Trainer(ALGORITHMS["dqn"], config, env_fn=env_fn, progress=False)
+    summary = resumed.train(resume=latest(tmp_path / "run" / "checkpoints"))
+    assert summary["env_steps"] >= 3000

@@ -183,3 +183,57 @@ def test_a_rank_that_raises_stops_the_run_with_its_error_in_one_line(tmp_path, b
     assert len(lines) == 1, done.stderr[-3000:]
     assert "NonFiniteError: loss is inf on worker" in lines[0], lines[0]
     assert "training stopped before the weights changed" in lines[0]
+
+
+def _linked_worker(store_path: str, generation: int, die: bool, results) -> None:
+    """A worker of generation ``generation``: links, takes the greeting, pushes once (or dies)."""
+    import torch
+
+    from shoal.link import WORKER, Link, announce, open_store
+    from shoal.strategy import ServerStrategy
+
+    store = open_store(f"file://{store_path}", host=False)
+    announce(store, 0, generation)
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    strategy = ServerStrategy(0, 1, link=Link(store, 0, generation, WORKER))
+    strategy.start({"net": net}, {"optimizer": optimizer})
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    strategy.step(optimizer)
+    strategy.finish()
+    results.put(strategy.version)
+    os._exit(0)
+
+
+@pytest.mark.timeout(120)
+def test_server_links_the_newest_replacement_and_skips_one_that_died_before_linking(tmp_path):
+    import multiprocessing as mp
+
+    import torch
+
+    from shoal.link import announce, open_store
+    from shoal.server import ParameterServer
+
+    store_path = str(tmp_path / "store")
+    store = open_store(f"file://{store_path}", host=True)
+    net = torch.nn.Linear(3, 2)
+    server = ParameterServer(torch.optim.SGD(net.parameters(), lr=1.0), 1, "async")
+    stats: dict = {}
+    thread = threading.Thread(target=lambda: stats.update(server.serve(store)), daemon=True)
+    thread.start()
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    first = ctx.Process(target=_linked_worker, args=(store_path, 0, True, results))
+    first.start()
+    first.join(60)
+    assert first.exitcode == -signal.SIGKILL
+    announce(store, 0, 1)  # a replacement that died before it could link: never comes
+    last = ctx.Process(target=_linked_worker, args=(store_path, 2, False, results))
+    last.start()
+    assert results.get() == 1  # its push was applied: global version 1
+    last.join(30)
+    thread.join(30)
+    assert stats == {"version": 1, "pushes": 1, "dropped": 0, "workers_lost": 1, "workers_joined": 2}
