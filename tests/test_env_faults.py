@@ -215,3 +215,46 @@ def test_dqn_stopped_by_the_restart_limit_can_be_resumed(tmp_path):
     resumed = Trainer(ALGORITHMS["dqn"], config, env_fn=env_fn, progress=False)
     summary = resumed.train(resume=latest(tmp_path / "run" / "checkpoints"))
     assert summary["env_steps"] >= 3000
+
+
+def test_a_cut_episode_is_a_truncation_bootstrapped_from_its_last_observation():
+    from shoal.buffers import RolloutBuffer, gae
+
+    buf = RolloutBuffer(3, 2, (1,), torch.float32, (), torch.long, torch.device("cpu"))
+    values = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    for t in range(3):
+        if t == 2:  # env 1 failed during step 2 and was restarted: its episode ended at step 1
+            buf.truncate(np.array([False, True]))
+        valid = np.array([True, t != 2])
+        buf.add(
+            torch.zeros(2, 1),
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(2),
+            values[t],
+            np.ones(2),
+            np.zeros(2, bool),
+            np.zeros(2, bool),
+            valid,
+        )
+    adv = gae(buf.rewards, buf.values, torch.tensor([6.0, 6.0]), buf.terminated, buf.done, 0.5, 1.0)
+    # Env 1, step 1: reward 1 + 0.5 * V(obs of step 2) - V(obs of step 1), nothing from step 2.
+    assert adv[1, 1].item() == pytest.approx(1 + 0.5 * 3.0 - 2.0)
+    assert adv[1, 0].item() != pytest.approx(adv[1, 1].item())  # env 0's episode goes on
+
+
+def test_dqn_drops_the_unfinished_n_step_transitions_of_a_cut_episode():
+    from shoal.buffers import ReplayBuffer
+
+    buf = ReplayBuffer(10, 2, (1,), np.float32, (), np.int64, 3, 0.9)
+    for _ in range(2):
+        buf.add(
+            np.zeros((2, 1)),
+            np.zeros(2),
+            np.ones(2),
+            np.ones((2, 1)),
+            np.zeros(2, bool),
+            np.zeros(2, bool),
+            np.ones(2, bool),
+        )
+    buf.clear_pending(np.array([True, False]))
+    assert [len(q) for q in buf.pending] == [0, 2] and buf.size == 0
