@@ -663,9 +663,10 @@ class ProcessVectorEnv(VectorEnv):
                     return True
                 raise self._broken(k, self._state.value)
 
-    def _recv(self, k: int) -> bytes:
-        """The next reply of worker ``k`` (waits for it)."""
-        self._take(k, None)
+    def _recv(self, k: int, deadline: float | None = None) -> bytes | None:
+        """The next reply of worker ``k``; None only if ``deadline`` passes first."""
+        if not self._take(k, deadline):
+            return None
         if self._codes[k, 1] == w.CODE_OK:
             return w.OK
         try:
@@ -701,13 +702,13 @@ class ProcessVectorEnv(VectorEnv):
         else:
             deadline = time.perf_counter() + timeout
             for n, k in enumerate(waiting):
-                if not self._take(k, deadline):
+                msg = self._recv(k, deadline)
+                if msg is None:
                     for late in waiting[n:]:
                         self._late[late] += 1
                     self._state = _State.DEFAULT
                     raise mp.TimeoutError(f"The call to `{what}` has timed out after {timeout} second(s).")
-                self._done[k].release()  # _recv takes the token again
-                replies[k] = self._recv(k)
+                replies[k] = msg
         self._state = _State.DEFAULT
         errors = [k for k in waiting if replies[k][:1] == w.ERROR]
         if errors:
@@ -732,16 +733,15 @@ class ProcessVectorEnv(VectorEnv):
         failures: dict[int, str] = {}
         for k in self._waiting:
             try:
-                if not self._take(k, deadline):
-                    failures[k] = f"did not answer within {timeout} s (step_timeout)"
-                    continue
-                msg = w.OK if self._codes[k, 1] == w.CODE_OK else self.parent_pipes[k].recv_bytes()
-            except (EnvWorkerError, EOFError, OSError):
+                msg = self._recv(k, deadline)
+            except EnvWorkerError:
                 self.processes[k].join(timeout=1.0)
                 failures[k] = w.describe_exit(self.processes[k].exitcode)
                 self._dead = None  # only this worker is lost, and it is about to be replaced
                 continue
-            if msg[:1] == w.ERROR:
+            if msg is None:
+                failures[k] = f"did not answer within {timeout} s (step_timeout)"
+            elif msg[:1] == w.ERROR:
                 index, _, type_name, text, tb = pickle.loads(msg[1:])
                 where = f"env {index}" if index is not None else "env creation"
                 failures[k] = f"raised {type_name}: {text} (in {where}):\n{tb}"
@@ -773,9 +773,9 @@ class ProcessVectorEnv(VectorEnv):
         seeds = [None if self.reseed is None else self.reseed(i, self.worker_restarts) for i in range(lo, hi)]
         self._send(k, w.RESET + pickle.dumps((seeds, None, None)))
         deadline = None if self.step_timeout is None else time.perf_counter() + max(self.step_timeout, 30.0)
-        if not self._take(k, deadline):
+        msg = self._recv(k, deadline)
+        if msg is None:
             raise self._broken(k, "the reset after a restart")
-        msg = w.OK if self._codes[k, 1] == w.CODE_OK else self._recv_after_take(k)
         if msg[:1] == w.ERROR:
             self._dead = f"{self._worker_name(k)} could not reset its new envs after a restart"
             self._raise_remote(k, msg)
@@ -783,12 +783,6 @@ class ProcessVectorEnv(VectorEnv):
         for i in range(lo, hi):
             infos = self._add_info(infos, {"env_worker_restarted": True}, i)
         return infos
-
-    def _recv_after_take(self, k: int) -> bytes:
-        try:
-            return self.parent_pipes[k].recv_bytes()
-        except (EOFError, OSError) as e:
-            raise self._broken(k, "the reset after a restart") from e
 
     def _raise_remote(self, k: int, msg: bytes) -> None:
         index, exc, type_name, text, tb = pickle.loads(msg[1:])
