@@ -387,8 +387,7 @@ def _mp_attempt(job: dict[str, Any], progress: bool) -> dict[Any, dict]:
             if results.empty() and len(out) < len(procs) and all(p.exitcode == 0 for p in procs):
                 raise TrainingFailed("a training worker ended without a result")
             time.sleep(0.05)
-        out["worker_replacements"] = replacements.count
-        return out
+        return {**out, "worker_replacements": replacements.count}
     finally:
         finished = len(out) == len(procs)
         for p in procs:
