@@ -37,6 +37,7 @@ from shoal import guards
 from shoal.algos.base import Algorithm
 from shoal.config import TrainConfig
 from shoal.envs import make_vec
+from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S
 from shoal.logger import RunLogger
 from shoal.strategy import LocalStrategy, Strategy
 
@@ -264,6 +265,7 @@ class Trainer:
             num_workers=c.env_workers or self.env_worker_share(),
             on_error=c.on_env_error,  # type: ignore[arg-type]
             step_timeout=c.step_timeout or None,
+            process_overhead_s=TRAINING_PROCESS_OVERHEAD_S,
         )
         faults = EnvFaults(c.max_restarts)
         logger = RunLogger(

@@ -7,7 +7,7 @@ import pytest
 from gymnasium.vector import SyncVectorEnv
 
 from shoal.envs import ProcessVectorEnv, make_vec
-from shoal.envs.make import choose_vectorization
+from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S, choose_vectorization
 
 
 def trajectory(envs, steps: int = 60) -> list[np.ndarray]:
@@ -72,6 +72,11 @@ def test_auto_picks_processes_only_when_they_pay_off():
     assert choose_vectorization(5e-6, 128, 2) == "process"
     assert choose_vectorization(200e-6, 8, 2) == "process"  # a heavy env
     assert choose_vectorization(200e-6, 8, 1) == "sync"  # one core: nothing to gain
+    # In a training loop, waking the env workers costs more: CartPole's 8 envs stay
+    # in-process even when a noisy timing makes a step look slow, heavy envs do not.
+    assert choose_vectorization(15e-6, 8, 2) == "process"
+    assert choose_vectorization(15e-6, 8, 2, TRAINING_PROCESS_OVERHEAD_S) == "sync"
+    assert choose_vectorization(200e-6, 8, 2, TRAINING_PROCESS_OVERHEAD_S) == "process"
     envs = make_vec("shoal/HeavyCartPole-v1", 4, seed=0, num_workers=2)
     try:
         assert isinstance(envs, ProcessVectorEnv)

@@ -28,6 +28,11 @@ if not log.handlers:  # say what "auto" picked, unless the user configured loggi
 # A process step costs about this much more than an in-process one, whatever the env
 # (two semaphore wake-ups per step; measured with benchmarks/vector_envs.py).
 PROCESS_OVERHEAD_S = 30e-6
+# Inside a training loop it costs more: the learner's work between two steps lets the env
+# workers fall asleep, and waking them is slow. PPO on CartPole-v1 with 8 envs ran 6% slower
+# with 2 env workers than in-process (medians of 3: 5.8k vs 6.2k env steps/s), although
+# a lone process step is faster there (benchmarks/vector_envs.py): ~120 us per step.
+TRAINING_PROCESS_OVERHEAD_S = 120e-6
 
 Vectorization = Literal["auto", "sync", "process"]
 
@@ -159,12 +164,15 @@ def _worker_restart_seed(seed: int | None, index: int, restart: int) -> int | No
     return restart_seed(seed, index, restart, kind=1)
 
 
-def choose_vectorization(step_s: float, num_envs: int, num_workers: int) -> str:
-    """'process' when splitting the envs over workers saves more than processes cost."""
+def choose_vectorization(
+    step_s: float, num_envs: int, num_workers: int, overhead_s: float = PROCESS_OVERHEAD_S
+) -> str:
+    """'process' when splitting the envs over workers saves more than processes cost
+    (``overhead_s`` per step on top of an in-process step)."""
     if num_workers < 2 or num_envs < 2:
         return "sync"
     serial = step_s * num_envs
-    parallel = step_s * math.ceil(num_envs / num_workers) + PROCESS_OVERHEAD_S
+    parallel = step_s * math.ceil(num_envs / num_workers) + overhead_s
     return "process" if parallel < 0.8 * serial else "sync"
 
 
@@ -179,6 +187,7 @@ def make_vec(
     vector_kwargs: dict[str, Any] | None = None,
     on_error: Literal["raise", "restart"] = "raise",
     step_timeout: float | None = None,
+    process_overhead_s: float = PROCESS_OVERHEAD_S,
     **env_kwargs: Any,
 ) -> VectorEnv:
     """Make ``num_envs`` copies of an env, stepped in-process or by worker processes.
@@ -199,6 +208,8 @@ def make_vec(
             (``info["env_worker_restarted"]``).
         step_timeout: with ``"process"``, seconds a step may take before its worker counts
             as hung (``None``: no limit). In-process envs cannot be interrupted.
+        process_overhead_s: for ``"auto"``, what a process step costs on top of an
+            in-process one (``TRAINING_PROCESS_OVERHEAD_S`` inside a training loop).
         **env_kwargs: passed to ``gym.make`` (or to the callable).
     """
     if not isinstance(num_envs, int) or num_envs < 1:
@@ -225,7 +236,7 @@ def make_vec(
     name = env if isinstance(env, str) else getattr(env, "__name__", repr(env))
     if vectorization == "auto":
         step_s = _step_time(_EnvFactory(env, 0, None, wrappers, env_kwargs))
-        vectorization = choose_vectorization(step_s, num_envs, num_workers)  # type: ignore[assignment]
+        vectorization = choose_vectorization(step_s, num_envs, num_workers, process_overhead_s)  # type: ignore[assignment]
         detail = f" with {min(num_workers, num_envs)} env workers" if vectorization == "process" else ""
         log.info(
             f"make_vec({name!r}, {num_envs}): vectorization='auto' picked {vectorization!r}"
