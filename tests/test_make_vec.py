@@ -99,3 +99,32 @@ def test_auto_picks_processes_only_when_they_pay_off():
 def test_bad_input_is_refused_before_anything_starts(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_vec(**kwargs)
+
+
+def test_trainer_keeps_cheap_envs_in_process_when_a_step_times_slow(monkeypatch, tmp_path):
+    # CartPole times at 8-15 us per step depending on noise; at 15 us the standalone rule
+    # picks processes, which are slower inside training. The trainer must stay in-process.
+    import shoal.envs.make as make_module
+    import shoal.trainer as trainer_module
+    from shoal.agent import make_config
+    from shoal.algos import PPO
+
+    made = []
+
+    def recording_make_vec(*args, **kwargs):
+        envs = make_vec(*args, **kwargs)
+        made.append(envs)
+        return envs
+
+    monkeypatch.setattr(make_module, "_step_time", lambda factory: 15e-6)
+    monkeypatch.setattr(trainer_module, "make_vec", recording_make_vec)
+    config = make_config(
+        "ppo", "CartPole-v1", {"total_steps": 256, "run_dir": str(tmp_path / "run"), "eval_episodes": 1}
+    )
+    trainer_module.Trainer(PPO, config, progress=False).train()
+    assert len(made) == 1 and isinstance(made[0], SyncVectorEnv)
+    standalone = make_vec("CartPole-v1", 8, seed=0, num_workers=2)  # same timing, the standalone rule
+    try:
+        assert isinstance(standalone, ProcessVectorEnv)
+    finally:
+        standalone.close()
