@@ -12,7 +12,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from shoal import checkpoint as ckpt
 from shoal.algos import ALGORITHMS
 from shoal.config import TrainConfig
 from shoal.configio import (
@@ -25,7 +24,8 @@ from shoal.configio import (
     unknown_hint,
     validate,
 )
-from shoal.trainer import Trainer, config_dict, spaces_of
+from shoal.run import checkpoint as ckpt
+from shoal.training.trainer import Trainer, config_dict, spaces_of
 
 
 def make_config(algo: str, env: str, overrides: dict[str, Any], *, presets: bool = True) -> TrainConfig:

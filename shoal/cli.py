@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from shoal.algos import ALGORITHMS
 
 if TYPE_CHECKING:
-    from shoal.trainer import StopRequest
+    from shoal.training.trainer import StopRequest
 
 _FLAGS: dict[str, set[str]] = {}  # every flag of every (sub)command, for "did you mean" hints
 
@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
                 f"--resume {run_dir}: that run trained {show(file_values['algo'])}, not {args.algo}"
             )
         flags["run_dir"] = str(run_dir)
-        from shoal.checkpoint import latest
+        from shoal.run.checkpoint import latest
 
         resume = latest(run_dir / "checkpoints")
         if resume is None:  # stopped (or killed) before its first checkpoint: nothing to continue from
@@ -154,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
                 f" which its checkpoint needs; drop --{name.replace('_', '-')}"
             )
     check_env_fits(args.algo, config)
-    from shoal.trainer import STOP
+    from shoal.training.trainer import STOP
 
     # Local runs stop gracefully; mp and ray keep the launcher's own handling (shoal.launch).
     with _graceful_stop(STOP):  # on mp and ray the launcher passes the request on to every rank
@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace) -> int:
     why = STOP.signal
     STOP.clear()  # the process's request: a later run in this process starts afresh
     if why:
-        from shoal.checkpoint import latest
+        from shoal.run.checkpoint import latest
 
         saved_to = latest(Path(run_dir) / "checkpoints")
         sys.stdout.flush()
@@ -220,7 +220,7 @@ def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
 def _eval(args: argparse.Namespace) -> int:
     from shoal.agent import load
     from shoal.configio import ConfigError
-    from shoal.trainer import evaluate
+    from shoal.training.trainer import evaluate
 
     if args.episodes < 1:
         raise ConfigError(f"--episodes must be a positive integer, got {args.episodes}")
@@ -244,7 +244,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from shoal.plot import plot_runs
+    from shoal.run.plot import plot_runs
 
     out = args.out or str(Path(args.run_dirs[0]) / "curves.png")
     print(f"shoal: wrote {plot_runs(args.run_dirs, out)}")
@@ -280,11 +280,11 @@ def _after_signal(code: int, program: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shoal.checkpoint import CheckpointError
     from shoal.configio import ConfigError
     from shoal.guards import NonFiniteError
     from shoal.launch import TrainingFailed
-    from shoal.trainer import RestartLimitError
+    from shoal.run.checkpoint import CheckpointError
+    from shoal.training.trainer import RestartLimitError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -384,7 +384,7 @@ def validate(
         )
     _check_run_dir(c.run_dir)
 
-    from shoal.launch import BACKENDS, STRATEGIES
+    from shoal.distributed.names import BACKENDS, STRATEGIES
 
     for name, choices in (
         ("backend", BACKENDS),
@@ -397,7 +397,7 @@ def validate(
         if getattr(c, name) not in choices:
             allowed = " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
             raise ConfigError(f"{name} must be {allowed}, got {show(getattr(c, name))}")
-    from shoal.compress import MODES
+    from shoal.distributed.compress import MODES
 
     if c.compress not in MODES:
         raise ConfigError(f"compress must be one of {', '.join(MODES)}, got {show(c.compress)}")

@@ -17,7 +17,7 @@ import shoal.launch
 from shoal.algos import ALGORITHMS
 from shoal.cli import main
 from shoal.configio import ConfigError, load_config_file, resolve
-from shoal.trainer import config_dict
+from shoal.training.trainer import config_dict
 
 MP2 = ["--backend", "mp", "--num-workers", "2"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import shoal
-from shoal import checkpoint as ckpt
+from shoal.run import checkpoint as ckpt
 
 
 def test_roundtrip_and_latest(tmp_path):

@@ -18,11 +18,11 @@ import numpy as np
 import psutil
 import pytest
 
-from shoal import checkpoint as ckpt
 from shoal.agent import load, make_config
 from shoal.algos import ALGORITHMS
 from shoal.cli import main
-from shoal.trainer import Trainer
+from shoal.run import checkpoint as ckpt
+from shoal.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CRASHING_SAVE = r"""
 import os, sys, time
 import numpy as np
-from shoal import checkpoint as ckpt
+from shoal.run import checkpoint as ckpt
 
 directory, point = sys.argv[1], sys.argv[2]
 ckpt.save(directory, 1, {"w": np.full(50_000, 1.0, np.float32)}, {"n": 1})

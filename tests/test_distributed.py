@@ -114,7 +114,7 @@ def run_group(size: int, fn, *args) -> dict[int, object]:
 
 
 def _worker_update(rank: int, data: dict, strategy_name: str, sgd: bool, max_grad_norm: float) -> list:
-    from shoal.strategy import ParamAvgStrategy, SyncStrategy
+    from shoal.distributed.strategy import ParamAvgStrategy, SyncStrategy
 
     half = {
         k: (v[rank * E : (rank + 1) * E] if k == "next_obs" else v[:, rank * E : (rank + 1) * E])
@@ -156,9 +156,9 @@ def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
 
 def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipelined: bool = False) -> list:
     """Ranks 0 and 1 push one known gradient each; rank 2 is the parameter server (SGD, lr 1)."""
-    from shoal.link import WORKER, Link, announce, open_store
-    from shoal.server import ParameterServer
-    from shoal.strategy import ServerStrategy, flat_params
+    from shoal.distributed.link import WORKER, Link, announce, open_store
+    from shoal.distributed.server import ParameterServer
+    from shoal.distributed.strategy import ServerStrategy, flat_params
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
@@ -270,7 +270,7 @@ def test_each_strategy_learns_cartpole_with_two_workers(backend, algo, strategy,
 
 @pytest.mark.timeout(300)
 def test_sync_on_mp_and_on_ray_end_with_identical_parameters(tmp_path):
-    from shoal import checkpoint as ckpt
+    from shoal.run import checkpoint as ckpt
 
     weights = {}
     for backend in ("mp", "ray"):

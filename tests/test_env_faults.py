@@ -17,7 +17,7 @@ from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
 from shoal.envs import ProcessVectorEnv, make_vec
 from shoal.envs.make import restart_seed
-from shoal.trainer import RestartLimitError, Trainer
+from shoal.training.trainer import RestartLimitError, Trainer
 from tests.envs import SpaceEnv, TriggeredCartPole, fns
 
 
@@ -210,7 +210,7 @@ def test_dqn_stopped_by_the_restart_limit_can_be_resumed(tmp_path):
     with pytest.raises(RestartLimitError):
         Trainer(ALGORITHMS["dqn"], config, env_fn=env_fn, progress=False).train(on_update=fail_now_and_then)
     trigger.unlink(missing_ok=True)
-    from shoal.checkpoint import latest
+    from shoal.run.checkpoint import latest
 
     resumed = Trainer(ALGORITHMS["dqn"], config, env_fn=env_fn, progress=False)
     summary = resumed.train(resume=latest(tmp_path / "run" / "checkpoints"))

@@ -105,7 +105,7 @@ def test_trainer_keeps_cheap_envs_in_process_when_a_step_times_slow(monkeypatch,
     # CartPole times at 8-15 us per step depending on noise; at 15 us the standalone rule
     # picks processes, which are slower inside training. The trainer must stay in-process.
     import shoal.envs.make as make_module
-    import shoal.trainer as trainer_module
+    import shoal.training.trainer as trainer_module
     from shoal.agent import make_config
     from shoal.algos import PPO
 

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from shoal import checkpoint as ckpt
 from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
 from shoal.cli import main
+from shoal.distributed.server import ParameterServer
+from shoal.distributed.strategy import LocalStrategy, ParamAvgStrategy, SyncStrategy, trained_params
 from shoal.guards import NonFiniteError
 from shoal.nn import clip_grad_norm
-from shoal.server import ParameterServer
-from shoal.strategy import LocalStrategy, ParamAvgStrategy, SyncStrategy, trained_params
-from shoal.trainer import Trainer
+from shoal.run import checkpoint as ckpt
+from shoal.training.trainer import Trainer
 
 
 class NonFiniteCartPole(gym.Wrapper):

@@ -6,8 +6,8 @@ import torch
 
 from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
-from shoal.checkpoint import latest
-from shoal.trainer import Trainer
+from shoal.run.checkpoint import latest
+from shoal.training.trainer import Trainer
 
 SMALL = {
     "ppo": dict(num_envs=4, num_steps=64, total_steps=4096, checkpoint_every=1024, update_epochs=2),

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from shoal import checkpoint as ckpt
 from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
 from shoal.cli import Interrupted, _graceful_stop
-from shoal.trainer import StopRequest, Trainer
+from shoal.run import checkpoint as ckpt
+from shoal.training.trainer import StopRequest, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "ppo", "--env", "CartPole-v1", "--vectorization", "process", "--env-workers", "2"]

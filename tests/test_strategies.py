@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shoal.compress import Compressor
-from shoal.server import ParameterServer
-from shoal.strategy import flat_params
+from shoal.distributed.compress import Compressor
+from shoal.distributed.server import ParameterServer
+from shoal.distributed.strategy import flat_params
 
 
 @pytest.mark.parametrize("mode", ["fp16", "topk"])
@@ -99,7 +99,7 @@ def test_pulls_bring_a_worker_copy_to_the_global_weights(compress):
 
 
 def test_progress_line_shows_workers_lag_bytes_and_communication():
-    from shoal.logger import distributed_summary
+    from shoal.run.logger import distributed_summary
 
     line = distributed_summary(
         {"sps_worker_10": 5.0, "sps_worker_2": 2000.0, "policy_lag": 0.5, "bytes_per_update": 73328.0}

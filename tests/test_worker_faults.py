@@ -136,7 +136,7 @@ def test_killed_ray_worker_of_sync_rebuilds_the_group_and_still_solves_cartpole(
 def test_signal_stops_every_rank_with_a_checkpoint_and_leaves_no_process(
     tmp_path, backend, strategy, signum, code
 ):
-    from shoal import checkpoint as ckpt
+    from shoal.run import checkpoint as ckpt
     from tests.test_shutdown import finish, session_ends, stopped_line
 
     run_dir = tmp_path / "run"
@@ -189,8 +189,8 @@ def _linked_worker(store_path: str, generation: int, die: bool, results) -> None
     """A worker of generation ``generation``: links, takes the greeting, pushes once (or dies)."""
     import torch
 
-    from shoal.link import WORKER, Link, announce, open_store
-    from shoal.strategy import ServerStrategy
+    from shoal.distributed.link import WORKER, Link, announce, open_store
+    from shoal.distributed.strategy import ServerStrategy
 
     store = open_store(f"file://{store_path}", host=False)
     announce(store, 0, generation)
@@ -214,8 +214,8 @@ def test_server_links_the_newest_replacement_and_skips_one_that_died_before_link
 
     import torch
 
-    from shoal.link import announce, open_store
-    from shoal.server import ParameterServer
+    from shoal.distributed.link import announce, open_store
+    from shoal.distributed.server import ParameterServer
 
     store_path = str(tmp_path / "store")
     store = open_store(f"file://{store_path}", host=True)

@@ -1,6 +1,6 @@
 """What the shared training loop needs from an algorithm, and nothing more.
 
-The loop (``shoal.trainer``) steps the vector env and, each step, calls ``act`` then
+The loop (``shoal.training.trainer``) steps the vector env and, each step, calls ``act`` then
 ``record``; when ``ready()`` it calls ``update``. Everything else of an algorithm (its
 networks, buffers and losses) lives in its own module and reads top to bottom there.
 """
@@ -15,8 +15,8 @@ from gymnasium import spaces
 
 from shoal.buffers import RolloutBuffer
 from shoal.config import TrainConfig
+from shoal.distributed.strategy import LocalStrategy, Strategy
 from shoal.nn import ActorCritic
-from shoal.strategy import LocalStrategy, Strategy
 
 
 def fused_ok(device: torch.device) -> bool:

@@ -32,7 +32,7 @@ import torch
 from shoal.agent import make_config
 from shoal.algos import PPO
 from shoal.bench import machine
-from shoal.trainer import Trainer, evaluate
+from shoal.training.trainer import Trainer, evaluate
 
 THRESHOLD = 475.0
 

@@ -90,7 +90,7 @@ def run_one(
     from shoal.agent import make_config
     from shoal.configio import validate
     from shoal.launch import train
-    from shoal.trainer import config_dict
+    from shoal.training.trainer import config_dict
 
     total = steps_per_worker * workers
     settings: dict[str, Any] = dict(

@@ -8,10 +8,10 @@ an implementation of these two hooks:
 - ``SyncStrategy`` (``sync``): gradients all-reduced (DD-PPO, sync SGD); weights never drift.
 - ``ParamAvgStrategy`` (``param-avg``): local steps, parameters averaged every K steps.
 - ``ServerStrategy`` (``a3c``, ``param-server``): gradients pushed to the global model held
-  by a parameter server (``shoal.server``), fresh weights pulled back.
+  by a parameter server (``shoal.distributed.server``), fresh weights pulled back.
 
 Workers ``0 .. world_size - 1`` form a torch.distributed group (gloo on CPU); with a
-parameter server each worker talks to it over a link of its own (``shoal.link``).
+parameter server each worker talks to it over a link of its own (``shoal.distributed.link``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch import nn, optim
 
 from shoal import guards
-from shoal.compress import Compressor, nbytes, pack, unpack
-from shoal.link import Link
+from shoal.distributed.compress import Compressor, nbytes, pack, unpack
+from shoal.distributed.link import Link
 
 # A message between a worker and the parameter server is ONE byte buffer: a float64 header
 # and the (compressed) payload. Pushes: kind, version the gradient was computed at, samples,
@@ -319,7 +319,7 @@ class ServerStrategy(Strategy):
     ) -> None:
         super().__init__()
         self.rank, self.world_size, self.server = rank, world_size, world_size
-        self.link: Link = link  # type: ignore[assignment]  # set before start() (see shoal.link)
+        self.link: Link = link  # type: ignore[assignment]  # set before start() (see shoal.distributed.link)
         self.compress, self.topk_ratio, self.pipelined = compress, topk_ratio, pipelined
         self.in_flight: tuple | None = None  # pipelined: (send work, recv work, buffers) of the last push
         self.push_codec: Compressor | None = None

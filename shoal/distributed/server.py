@@ -1,7 +1,7 @@
 """The parameter server: the global model and its optimizer, for ``a3c`` and ``param-server``.
 
 It runs beside the workers (a process on ``mp``, a Ray actor on ``ray``) and talks to each
-over its own link (``shoal.link``), so a worker that dies takes only its link down. A
+over its own link (``shoal.distributed.link``), so a worker that dies takes only its link down. A
 worker pushes a gradient (with the global version its weights came from); the server
 applies it with the algorithm's own optimizer and answers with the change of the global
 weights since that worker last pulled. In ``async`` mode (A3C) each push is applied at
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import optim
 
-from shoal.compress import Compressor, nbytes, pack, unpack
-from shoal.link import SERVER, Link, announced
-from shoal.strategy import DONE, flat_params, push_message, set_grad, trained_params
+from shoal.distributed.compress import Compressor, nbytes, pack, unpack
+from shoal.distributed.link import SERVER, Link, announced
+from shoal.distributed.strategy import DONE, flat_params, push_message, set_grad, trained_params
 
 
 class ParameterServer:

@@ -6,7 +6,7 @@
 
 On ``mp`` and ``ray`` the workers of ``sync`` and ``param-avg`` join one torch.distributed
 group; with a parameter server (``a3c``, ``param-server``) each worker opens its own link to
-it (``shoal.link``). Every backend runs the same code: :func:`run_worker` and
+it (``shoal.distributed.link``). Every backend runs the same code: :func:`run_worker` and
 :func:`run_server`; a lost worker is replaced (links) or the group rebuilt (see
 :class:`Replacements`, :func:`_with_rebuilds`). The backend only decides where those functions
 run; the strategy decides how the workers cooperate; the algorithm knows neither.
@@ -29,13 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import TrainConfig
-from shoal.strategy import ParamAvgStrategy, ServerStrategy, Strategy, SyncStrategy
-from shoal.trainer import STOP
-
-STRATEGIES = ("sync", "a3c", "param-avg", "param-server")
-BACKENDS = ("local", "mp", "ray")
-SERVER_STRATEGIES = ("a3c", "param-server")
-
+from shoal.distributed.names import SERVER_STRATEGIES, STRATEGIES
+from shoal.distributed.strategy import ParamAvgStrategy, ServerStrategy, Strategy, SyncStrategy
+from shoal.training.trainer import STOP
 
 log = logging.getLogger("shoal")
 
@@ -78,13 +74,13 @@ def make_strategy(config: TrainConfig, rank: int, link: Any = None) -> Strategy:
 def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool = True) -> tuple[dict, str]:
     """Train with the config's backend; return (the chief's summary, the run directory)."""
     from shoal.algos import ALGORITHMS
-    from shoal.trainer import Trainer, default_run_dir
+    from shoal.training.trainer import Trainer, default_run_dir
 
     if config.backend == "local":
         trainer = Trainer(ALGORITHMS[algo], config, progress=progress)
         return trainer.train(resume=resume), str(trainer.run_dir)
     if resume is not None:  # a damaged checkpoint is refused here, before any rank starts
-        from shoal.checkpoint import load
+        from shoal.run.checkpoint import load
 
         load(resume)
     # Every worker (and, on a cluster, every machine) must agree on one absolute run directory.
@@ -117,7 +113,7 @@ def _with_rebuilds(attempt: Any, job: dict[str, Any]) -> dict[Any, dict]:
     steps since then are trained again). Errors raised by the training code itself are not
     retried: they would happen again.
     """
-    from shoal.checkpoint import latest
+    from shoal.run.checkpoint import latest
 
     config: TrainConfig = job["config"]
     rebuilds = 0
@@ -150,7 +146,7 @@ def _join_group(rank: int, size: int, rendezvous: str) -> None:
     then listens beyond 127.0.0.1 (a TCP rendezvous store listens on every interface)."""
     import torch.distributed as dist
 
-    from shoal.link import local_gloo
+    from shoal.distributed.link import local_gloo
 
     local_gloo(rendezvous)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=size)
@@ -173,8 +169,8 @@ def run_worker(
     import torch.distributed as dist
 
     from shoal.algos import ALGORITHMS
-    from shoal.link import WORKER, Link, announce, open_store
-    from shoal.trainer import Trainer
+    from shoal.distributed.link import WORKER, Link, announce, open_store
+    from shoal.training.trainer import Trainer
 
     if config.strategy in SERVER_STRATEGIES:
         store = open_store(rendezvous, host=False)
@@ -199,11 +195,11 @@ def run_server(algo: str, config: TrainConfig, resume: str | None, rendezvous: s
     """
     import torch
 
-    from shoal import checkpoint as ckpt
     from shoal.algos import ALGORITHMS
-    from shoal.link import open_store
-    from shoal.server import ParameterServer
-    from shoal.trainer import spaces_of
+    from shoal.distributed.link import open_store
+    from shoal.distributed.server import ParameterServer
+    from shoal.run import checkpoint as ckpt
+    from shoal.training.trainer import spaces_of
 
     store = open_store(rendezvous, host=True)
     torch.set_num_threads(1)
@@ -239,7 +235,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _stop_when_set(event: Any) -> None:
     """Turn the launcher's stop event into this process's stop request (see Trainer.stop)."""
-    from shoal.trainer import STOP
+    from shoal.training.trainer import STOP
 
     event.wait()
     STOP.request("stop")
@@ -307,7 +303,7 @@ class Replacements:
 
     def replace(self, key: Any, kwargs: dict[str, Any], why: str) -> dict[str, Any]:
         """The arguments of the worker that replaces ``key``; logs why."""
-        from shoal.checkpoint import latest
+        from shoal.run.checkpoint import latest
 
         self.count += 1
         self.generation[key] = self.generation.get(key, 0) + 1
@@ -420,7 +416,7 @@ class _RayRank:
 
     def stop(self) -> None:
         """Ask the rank's training loop to save and return (runs beside ``run``: 2 threads)."""
-        from shoal.trainer import STOP
+        from shoal.training.trainer import STOP
 
         STOP.request("stop")
 

@@ -32,14 +32,14 @@ import numpy as np
 import torch
 import yaml
 
-from shoal import checkpoint as ckpt
 from shoal import guards
 from shoal.algos.base import Algorithm
 from shoal.config import TrainConfig
+from shoal.distributed.strategy import LocalStrategy, Strategy
 from shoal.envs import make_vec
 from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S
-from shoal.logger import RunLogger
-from shoal.strategy import LocalStrategy, Strategy
+from shoal.run import checkpoint as ckpt
+from shoal.run.logger import RunLogger
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation envs never share seeds with training envs
 

@@ -1,0 +1,1 @@
+"""Run files: checkpoints, metrics and plots of one run directory."""

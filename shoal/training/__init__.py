@@ -1,0 +1,1 @@
+"""The training loop every algorithm shares, and the learner that owns the optimizer steps."""
