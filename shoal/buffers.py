@@ -77,6 +77,10 @@ class RolloutBuffer:
     def full(self) -> bool:
         return self.t == self.steps
 
+    def clear(self) -> None:
+        """Start the next rollout (the stored one has been learned from)."""
+        self.t = 0
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
 

@@ -154,13 +154,11 @@ def _train(args: argparse.Namespace) -> int:
                 f" which its checkpoint needs; drop --{name.replace('_', '-')}"
             )
     check_env_fits(args.algo, config)
-    from shoal.training.trainer import STOP
+    from shoal.training.trainer import StopRequest
 
-    # Local runs stop gracefully; mp and ray keep the launcher's own handling (shoal.launch).
-    with _graceful_stop(STOP):  # on mp and ray the launcher passes the request on to every rank
-        summary, run_dir = launch.train(args.algo, config, resume=resume, progress=not args.quiet)
-    why = STOP.signal
-    STOP.clear()  # the process's request: a later run in this process starts afresh
+    with _graceful_stop(StopRequest()) as stop:  # on mp and ray the supervisor passes it to every rank
+        summary, run_dir = launch.train(args.algo, config, resume=resume, progress=not args.quiet, stop=stop)
+    why = stop.signal
     if why:
         from shoal.run.checkpoint import latest
 

@@ -53,6 +53,9 @@ class TrainConfig:
     step_timeout: float = opt(
         60.0, "seconds an env step may take before its worker counts as hung (0: no limit)"
     )
+    hang_timeout: float = opt(
+        60.0, "seconds a training worker or the server may show no sign of life before it is lost (0: never)"
+    )
     max_restarts: int = opt(
         10, "env-worker and training-worker restarts allowed before the run stops (with a checkpoint)"
     )

@@ -46,7 +46,8 @@ def one_update(
     torch.manual_seed(0)  # identical initial weights everywhere
     algo = PPO(config, OBS, ACT, torch.device("cpu"), strategy)
     if sgd:
-        algo.optimizer = torch.optim.SGD(algo.net.parameters(), lr=0.05)
+        sgd_ = torch.optim.SGD(algo.net.parameters(), lr=0.05)
+        algo.learner.add("optimizer", algo.net.parameters(), sgd_, max_grad_norm=config.max_grad_norm)
     b = algo.buffer
     b.obs[:] = torch.from_numpy(data["obs"])
     b.actions[:] = torch.from_numpy(data["actions"])

@@ -16,7 +16,6 @@ import torch
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
 from shoal.config import TrainConfig, opt
-from shoal.nn import clip_grad_norm
 
 
 @dataclass
@@ -42,15 +41,20 @@ class A2C(ActorCriticAlgorithm):
 
     def __init__(self, config: A2CConfig, obs_space, action_space, device, strategy=None) -> None:
         super().__init__(config, obs_space, action_space, device, strategy)
-        self.optimizer = torch.optim.RMSprop(
+        rmsprop = torch.optim.RMSprop(
             self.net.parameters(), lr=config.learning_rate, alpha=config.rms_alpha, eps=config.rms_eps
+        )
+        self.learner.add(
+            "optimizer",
+            self.net.parameters(),
+            rmsprop,
+            max_grad_norm=config.max_grad_norm,
+            anneal=config.anneal_lr,
         )
 
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c, b, net = self.config, self.buffer, self.net
-        lr = c.learning_rate * (1.0 - self.updates / self.total_updates) if c.anneal_lr else c.learning_rate
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.learner.schedule(1.0 - self.updates / self.total_updates)
         with torch.no_grad():
             next_value = net.value(self._obs(next_obs))
             advantages = gae(b.rewards, b.values, next_value, b.terminated, b.done, c.gamma, c.gae_lambda)
@@ -65,13 +69,9 @@ class A2C(ActorCriticAlgorithm):
         ent = entropy.mean()
         loss = pg_loss - c.ent_coef * ent + c.vf_coef * v_loss
 
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.strategy.reduce_gradients(net, samples=len(advantages))
-        grad_norm = clip_grad_norm(net.parameters(), c.max_grad_norm)
-        self.strategy.step(self.optimizer, loss, grad_norm)  # here, or on the global model; never NaN
+        self.learner.step("optimizer", loss, samples=len(advantages))
         self.updates += 1
-        b.t = 0
+        b.clear()
         pg, vl, en = torch.stack([pg_loss, v_loss, ent]).tolist()
         return {"policy_loss": pg, "value_loss": vl, "entropy": en, "learning_rate": lr}
 

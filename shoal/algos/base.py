@@ -17,6 +17,7 @@ from shoal.buffers import RolloutBuffer
 from shoal.config import TrainConfig
 from shoal.distributed.strategy import LocalStrategy, Strategy
 from shoal.nn import ActorCritic
+from shoal.training.learner import Learner
 
 
 def fused_ok(device: torch.device) -> bool:
@@ -43,6 +44,7 @@ class Algorithm:
         self.obs_space, self.action_space = obs_space, action_space
         self.device = device
         self.strategy = strategy or LocalStrategy()
+        self.learner = Learner(self.strategy)  # takes every optimizer step (see shoal.training.learner)
         self.updates = 0
 
     # -- the loop's interface --------------------------------------------------------------
@@ -90,7 +92,8 @@ class Algorithm:
         raise NotImplementedError
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        raise NotImplementedError
+        """Every optimizer, as registered with the learner."""
+        return self.learner.optimizers()
 
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays and JSON-able values beyond weights and optimizers (buffers, RNGs)."""
@@ -117,8 +120,6 @@ class ActorCriticAlgorithm(Algorithm):
 
     Its config needs ``num_steps``, ``hidden`` and ``log_std_init`` besides the common fields.
     """
-
-    optimizer: torch.optim.Optimizer
 
     def __init__(
         self,
@@ -170,6 +171,3 @@ class ActorCriticAlgorithm(Algorithm):
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"net": self.net}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"optimizer": self.optimizer}

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import ReplayBuffer
 from shoal.config import TrainConfig, opt
-from shoal.nn import QNetwork, clip_grad_norm
+from shoal.nn import QNetwork
 
 
 def td_target(
@@ -71,7 +71,10 @@ class DQN(Algorithm):
         c = config
         self.q = QNetwork(obs_space, action_space, c.hidden).to(device)
         self.q_target = copy.deepcopy(self.q)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=c.learning_rate, fused=fused_ok(device))
+        adam = torch.optim.Adam(self.q.parameters(), lr=c.learning_rate, fused=fused_ok(device))
+        self.learner.add(
+            "optimizer", self.q.parameters(), adam, max_grad_norm=c.max_grad_norm, anneal=c.anneal_lr
+        )
         sample = np.asarray(obs_space.sample())
         self.replay = ReplayBuffer(
             c.buffer_size, c.num_envs, sample.shape, sample.dtype, (), np.int64, c.n_step, c.gamma
@@ -118,9 +121,7 @@ class DQN(Algorithm):
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c = self.config
         self.last_train = env_steps
-        lr = c.learning_rate * max(0.0, 1.0 - env_steps / c.total_steps) if c.anneal_lr else c.learning_rate
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
         losses, q_means = [], []
         for _ in range(c.gradient_steps):
             obs, actions, returns, next_o, discounts = (
@@ -131,11 +132,7 @@ class DQN(Algorithm):
             q = self.q(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
             loss = F.smooth_l1_loss(q, target)
 
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.strategy.reduce_gradients(self.q, samples=c.batch_size)
-            grad_norm = clip_grad_norm(self.q.parameters(), c.max_grad_norm)
-            self.strategy.step(self.optimizer, loss, grad_norm)  # here, or on the global model; never NaN
+            self.learner.step("optimizer", loss, samples=c.batch_size)
             losses.append(loss.detach())
             q_means.append(q.detach().mean())
         self.updates += 1
@@ -156,9 +153,6 @@ class DQN(Algorithm):
     # -- state ----------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
         return {"q": self.q, "q_target": self.q_target}
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"optimizer": self.optimizer}
 
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays, meta = self.replay.state()

@@ -17,7 +17,6 @@ import torch
 from shoal.algos.base import ActorCriticAlgorithm, fused_ok
 from shoal.buffers import gae
 from shoal.config import TrainConfig, opt
-from shoal.nn import clip_grad_norm
 
 
 @dataclass
@@ -47,18 +46,23 @@ class PPO(ActorCriticAlgorithm):
 
     def __init__(self, config: PPOConfig, obs_space, action_space, device, strategy=None) -> None:
         super().__init__(config, obs_space, action_space, device, strategy)
-        self.optimizer = torch.optim.Adam(
+        adam = torch.optim.Adam(
             self.net.parameters(), lr=config.learning_rate, eps=1e-5, fused=fused_ok(device)
+        )
+        self.learner.add(
+            "optimizer",
+            self.net.parameters(),
+            adam,
+            max_grad_norm=config.max_grad_norm,
+            anneal=config.anneal_lr,
         )
 
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c, b, net = self.config, self.buffer, self.net
         frac = 1.0 - self.updates / self.total_updates
-        lr = c.learning_rate * frac if c.anneal_lr else c.learning_rate
+        lr = self.learner.schedule(frac)
         clip = c.clip_coef * frac if c.anneal_clip else c.clip_coef
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
         with torch.no_grad():
             next_value = net.value(self._obs(next_obs))
@@ -93,11 +97,7 @@ class PPO(ActorCriticAlgorithm):
                 ent = entropy.mean()
                 loss = pg_loss - c.ent_coef * ent + c.vf_coef * v_loss
 
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.strategy.reduce_gradients(net, samples=len(adv))
-                grad_norm = clip_grad_norm(net.parameters(), c.max_grad_norm)
-                self.strategy.step(self.optimizer, loss, grad_norm)  # here, or on the global model; never NaN
+                self.learner.step("optimizer", loss, samples=len(adv))
 
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance estimator
@@ -107,7 +107,7 @@ class PPO(ActorCriticAlgorithm):
             if c.target_kl is not None and self.strategy.mean(approx_kl.item()) > c.target_kl:
                 break
         self.updates += 1
-        b.t = 0
+        b.clear()
         pg, vl, ent, kl, cf = (stats / max(count, 1)).tolist()
         var = returns.var()
         explained = float(1 - (returns - old_values).var() / var) if var > 0 else float("nan")

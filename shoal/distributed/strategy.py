@@ -101,8 +101,8 @@ class Strategy:
     def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
         """Called once before training (after a resume): make the workers' copies agree."""
 
-    def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
-        """Combine this worker's gradients (from ``samples`` samples) with the group's, in place."""
+    def reduce_gradients(self, params: list[torch.Tensor], samples: int = 1) -> None:
+        """Combine this worker's gradients of ``params`` (from ``samples`` samples) with the group's."""
 
     def step(
         self,
@@ -238,8 +238,10 @@ class SyncStrategy(CollectiveStrategy):
 
     loss_decides = False
 
-    def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
-        params = [p for p in module.parameters() if p.requires_grad]
+    def reduce_gradients(self, params: list[torch.Tensor], samples: int = 1) -> None:
+        params = [
+            p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad
+        ]
         total, count = self._sum(flat_grad(params) * float(samples), float(samples))
         set_grad(params, total / count)  # sum of samples x gradient, over the sum of samples
 
@@ -352,7 +354,7 @@ class ServerStrategy(Strategy):
         self.pull_codec = Compressor(self.compress, n, self.topk_ratio, error_feedback=False)
         self.reply_like = reply_message(self.pull_codec, self.world_size)  # layout of every answer
 
-    def reduce_gradients(self, module: nn.Module, samples: int = 1) -> None:
+    def reduce_gradients(self, params: list[torch.Tensor], samples: int = 1) -> None:
         self.samples = samples  # the server weights gradients by it in sync mode
 
     def apply(self, optimizer: optim.Optimizer) -> None:

@@ -40,6 +40,18 @@ from shoal.envs import make_vec
 from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S
 from shoal.run import checkpoint as ckpt
 from shoal.run.logger import RunLogger
+from shoal.training.callbacks import (
+    Callback,
+    CheckpointBoundaries,
+    CrashAfterCheckpoints,
+    FaultInjection,
+    MetricsRow,
+    StopVote,
+    UserHook,
+)
+from shoal.training.episodes import EnvFaults, Episodes, RestartLimitError
+
+__all__ = ["RestartLimitError", "StopRequest", "Trainer", "evaluate"]
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation envs never share seeds with training envs
 
@@ -59,9 +71,6 @@ class StopRequest:
 
     def __bool__(self) -> bool:
         return self.signal is not None
-
-
-STOP = StopRequest()  # this process's: the CLI's SIGINT/SIGTERM handlers set it
 
 
 def derived_seed(seed: int, k: int) -> int:
@@ -95,56 +104,6 @@ def spaces_of(env: str | Callable[..., gym.Env]) -> tuple[gym.Space, gym.Space]:
         probe.close()
 
 
-class RestartLimitError(RuntimeError):
-    """More env restarts than ``max_restarts``: the env is broken, not unlucky."""
-
-
-class EnvFaults:
-    """Counts env restarts reported by the vector env and says when they are too many.
-
-    A restart is one env made anew after it raised (``info["env_restarted"]``) or one env
-    worker process started again after it died or hung (``envs.worker_restarts``).
-    """
-
-    def __init__(self, max_restarts: int) -> None:
-        self.max_restarts = max_restarts
-        self.env_restarts = 0
-        self.worker_restarts = 0
-
-    @property
-    def restarts(self) -> int:
-        return self.env_restarts + self.worker_restarts
-
-    @property
-    def exhausted(self) -> bool:
-        return self.restarts > self.max_restarts
-
-    def lost_envs(self, infos: dict[str, Any], envs: Any) -> np.ndarray | None:
-        """The mask of envs restarted during this step, or None (the common case, checked cheaply)."""
-        if "env_restarted" not in infos and "env_worker_restarted" not in infos:
-            return None
-        lost = np.zeros(envs.num_envs, dtype=bool)
-        if "env_restarted" in infos:
-            restarted = infos["_env_restarted"] & infos["env_restarted"].astype(bool)
-            self.env_restarts += int(restarted.sum())
-            lost |= restarted
-        if "env_worker_restarted" in infos:
-            lost |= infos["_env_worker_restarted"]
-            self.worker_restarts = envs.worker_restarts
-        return lost
-
-    def metrics(self) -> dict[str, float]:
-        return {"env_restarts": float(self.env_restarts), "env_worker_restarts": float(self.worker_restarts)}
-
-    def error(self, checkpoint: Path | None) -> RestartLimitError:
-        saved = f"; checkpoint saved to {checkpoint}" if checkpoint else ""
-        return RestartLimitError(
-            f"envs were restarted {self.restarts} times ({self.env_restarts} env errors, "
-            f"{self.worker_restarts} dead or hung env workers), more than --max-restarts "
-            f"{self.max_restarts}; the warnings above say why{saved}"
-        )
-
-
 class Trainer:
     """Runs one algorithm on one vector env, writing a run directory."""
 
@@ -156,12 +115,14 @@ class Trainer:
         env_fn: Callable[..., gym.Env] | None = None,
         strategy: Strategy | None = None,
         progress: bool = True,
+        stop: StopRequest | None = None,
     ) -> None:
         self.algo_class, self.config = algo_class, config
         self.env_fn = env_fn
         self.strategy = strategy or LocalStrategy()
         self.progress = progress
-        self.stop = STOP  # checked once per env step; a Trainer may be given its own
+        # Checked once per env step; the CLI's signal handlers (or the supervisor) set it.
+        self.stop = stop if stop is not None else StopRequest()
         self.device = resolve_device(config.device)
         torch.set_num_threads(max(1, config.torch_threads))
         torch.manual_seed(config.seed)  # the same initial weights on every worker and the server
@@ -244,144 +205,37 @@ class Trainer:
         """Train to ``total_steps``; return the summary (final evaluation included).
 
         ``on_update`` is called after every update; returning True stops training early.
+        ``stop_after_checkpoints`` ends the run like a crash after that many boundaries.
         """
-        c = self.config
-        if resume is not None:
-            self.load_checkpoint(resume)
-        self.strategy.start(self.algo.modules(), self.algo.optimizers())  # e.g. rank 0's weights for all
-        chief = self.strategy.is_chief
-        if chief:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text_atomic(  # a run killed at any moment can still be resumed
-                self.run_dir / "config.yaml",
-                yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False),
-            )
-        seed = self.strategy.worker_seed(c.seed)
-        envs = make_vec(
-            self.env_fn or c.env,
-            c.num_envs,
-            seed=seed,
-            vectorization=c.vectorization,
-            num_workers=c.env_workers or self.env_worker_share(),
-            on_error=c.on_env_error,  # type: ignore[arg-type]
-            step_timeout=c.step_timeout or None,
-            process_overhead_s=TRAINING_PROCESS_OVERHEAD_S,
-        )
-        faults = EnvFaults(c.max_restarts)
-        logger = RunLogger(
-            self.run_dir if chief else None,
-            c.total_steps,
-            progress=self.progress and chief,
-            start_step=self.env_steps,
-        )
-        saved = 0
-        start_time, start_steps = time.perf_counter(), self.env_steps
-        screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
+        self._open(resume)
+        callbacks = self._callbacks(on_update, stop_after_checkpoints)
+        c, algo = self.config, self.algo
         try:
-            obs = screen.after_reset(envs.reset(seed=derived_seed(seed, self.boundary))[0])
-            autoreset = np.zeros(c.num_envs, dtype=bool)
-            ep_return = np.zeros(c.num_envs)
-            ep_length = np.zeros(c.num_envs, dtype=np.int64)
-            returns: list[float] = []
-            lengths: list[int] = []
-            last_log = self.env_steps
-            metrics: dict[str, float] = {}
-            update_seconds, updates_since_log = 0.0, 0
+            self.start_episodes()
             while self.env_steps < c.total_steps:
                 if self.stop and not self.strategy.in_lockstep:  # between two steps: saved as it is
                     break
-                actions = self.algo.act(obs)
-                next_obs, rewards, terminated, truncated, infos = envs.step(actions)
-                # Every worker counts the group's steps: its own times the workers (exact in lockstep,
-                # an estimate for the asynchronous strategies, whose workers run at their own pace).
+                actions = algo.act(self.obs)
+                next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+                # Every worker counts the group's steps: its own times the workers (exact in
+                # lockstep, an estimate for asynchronous workers, who run at their own pace).
                 self.env_steps += c.num_envs * self.strategy.world_size
-                valid = ~autoreset
-                lost = faults.lost_envs(infos, envs)
-                if lost is not None:  # envs that failed and were restarted: their episodes end here
-                    if faults.exhausted:
-                        self.algo.on_new_episodes()  # mid-episode: a resume starts fresh ones
-                        path = self.save_checkpoint() if chief else None
-                        raise faults.error(path)
-                    self.algo.cut_episodes(lost)
-                    valid &= ~lost
-                    ep_return[lost] = 0.0
-                    ep_length[lost] = 0
-                if screen.active or not screen.finite(next_obs, rewards):
-                    next_obs, rewards, skipped = screen.screen(next_obs, rewards)  # or NonFiniteError
-                    self.algo.cut_episodes(skipped)  # not learned from, nor logged, until the episode ends
-                    valid &= ~skipped
-                    ep_return[skipped] = 0.0
-                    ep_length[skipped] = 0
-                    ended = terminated | truncated
-                    screen.episodes_ended(ended if lost is None else ended | lost)
-                self.algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
-                ep_return += np.where(valid, rewards, 0.0)
-                ep_length += valid
-                done = (terminated | truncated) & valid
-                for e in np.flatnonzero(done):
-                    returns.append(float(ep_return[e]))
-                    lengths.append(int(ep_length[e]))
-                ep_return[done] = 0.0
-                ep_length[done] = 0
-                autoreset = terminated | truncated
-                obs = next_obs
-
-                if self.algo.ready():
-                    update_start = time.perf_counter()
-                    metrics = self.algo.update(next_obs, self.env_steps)
-                    update_seconds += time.perf_counter() - update_start
-                    updates_since_log += 1
-                    if on_update is not None and on_update(self):
+                ended = terminated | truncated
+                next_obs, rewards, valid = self._screen(next_obs, rewards, ended, infos)
+                algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
+                self.episodes.step(rewards, valid, ended)
+                self.autoreset = ended
+                self.obs = next_obs
+                if algo.ready():
+                    with self.timing:
+                        self.update_metrics = algo.update(next_obs, self.env_steps)
+                    if any(cb.after_update(self) for cb in callbacks):  # the first True stops here
                         break
-                    # Workers in lockstep stop after the same update, when any of them was asked to.
-                    if self.strategy.in_lockstep and self.strategy.mean(float(bool(self.stop))) > 0:
-                        self.stop.request(self.stop.signal or "stop")
-                        break
-                    if (
-                        self.env_steps >= (self.boundary + 1) * self.checkpoint_every
-                        and self.env_steps < c.total_steps
-                    ):
-                        # A checkpoint boundary: save, then every run starts fresh episodes here.
-                        self.boundary += 1
-                        self.algo.on_new_episodes()
-                        if chief:
-                            self.save_checkpoint()
-                        saved += 1
-                        if stop_after_checkpoints is not None and saved >= stop_after_checkpoints:
-                            return {"stopped_at": self.env_steps}
-                        obs, infos = envs.reset(seed=derived_seed(seed, self.boundary))
-                        obs = screen.after_reset(obs)
-                        faults.lost_envs(infos, envs)  # counted; every episode starts afresh here anyway
-                        autoreset[:] = False
-                        ep_return[:] = 0.0
-                        ep_length[:] = 0
-                if self.env_steps - last_log >= c.log_every or self.env_steps >= c.total_steps:
-                    last_log = self.env_steps
-                    wall = time.perf_counter() - start_time
-                    own_steps = (self.env_steps - start_steps) / self.strategy.world_size
-                    worker_sps = self.strategy.worker_sps(own_steps / max(wall, 1e-9))
-                    row = {
-                        "wall_time": wall,
-                        "sps": sum(worker_sps),
-                        **metrics,
-                        **self.strategy.metrics(),
-                        **faults.metrics(),
-                    }
-                    if len(worker_sps) > 1:
-                        row.update({f"sps_worker_{r}": v for r, v in enumerate(worker_sps)})
-                    if c.nan_policy == "skip":
-                        row["nonfinite_skipped_steps"] = float(screen.skipped_steps)
-                        row["nonfinite_skipped_updates"] = float(self.strategy.nonfinite_skipped)
-                    if updates_since_log:
-                        row["update_seconds"] = update_seconds / updates_since_log
-                        update_seconds, updates_since_log = 0.0, 0
-                    if returns:
-                        row["episode_return"] = float(np.mean(returns))
-                        row["episode_length"] = float(np.mean(lengths))
-                        returns.clear()
-                        lengths.clear()
-                    logger.log(self.env_steps, row)
+                for cb in callbacks:
+                    cb.after_step(self)
             self.strategy.finish()
+        except CrashAfterCheckpoints:
+            return {"stopped_at": self.env_steps}
         except guards.NonFiniteError as e:
             # Nothing is saved after a NaN: the checkpoints on disk hold the last finite weights.
             e.env_steps, e.context = self.env_steps, True
@@ -389,10 +243,89 @@ class Trainer:
             e.checkpoint = ckpt.latest(self.run_dir / "checkpoints")
             raise
         finally:
-            logger.close()
-            envs.close()
-        wall = time.perf_counter() - start_time
-        summary: dict[str, Any] = {"env_steps": self.env_steps, "wall_time": wall}
+            self.logger.close()
+            self.envs.close()
+        return self._finish()
+
+    def _callbacks(
+        self, on_update: Callable[[Trainer], bool] | None, crash_after: int | None
+    ) -> list[Callback]:
+        """The periodic work, in the order it runs after an update."""
+        callbacks: list[Callback] = [UserHook(on_update)] if on_update else []
+        callbacks += [StopVote(), CheckpointBoundaries(crash_after), MetricsRow(self)]
+        faults = FaultInjection.from_environment(self.strategy.rank)
+        return [faults, *callbacks] if faults else callbacks
+
+    def _open(self, resume: str | Path | None) -> None:
+        """Load the checkpoint, agree on weights with the group, open the run dir, envs and logs."""
+        c = self.config
+        if resume is not None:
+            self.load_checkpoint(resume)
+        self.strategy.start(self.algo.modules(), self.algo.optimizers())  # e.g. rank 0's weights for all
+        if self.strategy.is_chief:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text_atomic(  # a run killed at any moment can still be resumed
+                self.run_dir / "config.yaml",
+                yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False),
+            )
+        self.seed = self.strategy.worker_seed(c.seed)
+        self.envs = make_vec(
+            self.env_fn or c.env,
+            c.num_envs,
+            seed=self.seed,
+            vectorization=c.vectorization,
+            num_workers=c.env_workers or self.env_worker_share(),
+            on_error=c.on_env_error,  # type: ignore[arg-type]
+            step_timeout=c.step_timeout or None,
+            process_overhead_s=TRAINING_PROCESS_OVERHEAD_S,
+        )
+        self.faults = EnvFaults(c.max_restarts)
+        self.screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
+        self.episodes = Episodes(c.num_envs)
+        self.timing = UpdateTiming()
+        self.update_metrics: dict[str, float] = {}
+        chief = self.strategy.is_chief
+        self.logger = RunLogger(
+            self.run_dir if chief else None,
+            c.total_steps,
+            progress=self.progress and chief,
+            start_step=self.env_steps,
+        )
+
+    def start_episodes(self) -> None:
+        """Every env starts a fresh episode, seeded by the last checkpoint boundary."""
+        obs, infos = self.envs.reset(seed=derived_seed(self.seed, self.boundary))
+        self.obs = self.screen.after_reset(obs)
+        self.faults.lost_envs(infos, self.envs)  # counted; every episode starts afresh here anyway
+        self.autoreset = np.zeros(self.config.num_envs, dtype=bool)
+        self.episodes.cut()
+
+    def _screen(
+        self, next_obs: Any, rewards: np.ndarray, ended: np.ndarray, infos: dict[str, Any]
+    ) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Which envs' steps count: not the reset step of an autoreset, not a restarted env's,
+        not a quarantined NaN's. Cut episodes end here, as truncations."""
+        valid = ~self.autoreset
+        lost = self.faults.lost_envs(infos, self.envs)
+        if lost is not None:  # envs that failed and were restarted: their episodes end here
+            if self.faults.exhausted:
+                self.algo.on_new_episodes()  # mid-episode: a resume starts fresh ones
+                raise self.faults.error(self.save_checkpoint() if self.strategy.is_chief else None)
+            self.algo.cut_episodes(lost)
+            self.episodes.cut(lost)
+            valid &= ~lost
+        if self.screen.active or not self.screen.finite(next_obs, rewards):
+            next_obs, rewards, skipped = self.screen.screen(next_obs, rewards)  # or NonFiniteError
+            self.algo.cut_episodes(skipped)  # not learned from, nor logged, until the episode ends
+            self.episodes.cut(skipped)
+            valid &= ~skipped
+            self.screen.episodes_ended(ended if lost is None else ended | lost)
+        return next_obs, rewards, valid
+
+    def _finish(self) -> dict[str, Any]:
+        """The final checkpoint, evaluation and summary (the chief's); a stopped run has no summary."""
+        c, chief = self.config, self.strategy.is_chief
+        summary: dict[str, Any] = {"env_steps": self.env_steps, "wall_time": self.timing.since_start()}
         if chief:
             # Episodes in progress end here (a resume starts fresh ones): drop partial n-step
             # transitions, as at a boundary, so that the checkpoint can be resumed.
@@ -404,6 +337,32 @@ class Trainer:
         if chief:
             ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+
+class UpdateTiming:
+    """Seconds spent in updates, averaged over those since the last metrics row."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds, self.updates = 0.0, 0
+
+    def __enter__(self) -> UpdateTiming:
+        self.begin = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self.begin
+        self.updates += 1
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.started
+
+    def drain(self) -> dict[str, float]:
+        if not self.updates:
+            return {}
+        row = {"update_seconds": self.seconds / self.updates}
+        self.seconds, self.updates = 0.0, 0
+        return row
 
 
 def evaluate(

@@ -1,0 +1,158 @@
+"""Periodic work of the training loop, handed control at fixed points (as SB3's callbacks are).
+
+The loop (``shoal.training.trainer``) calls every callback's ``after_update`` after each
+update, in order, and stops training when one returns True; ``after_step`` after every env
+step. Checkpoint boundaries, the lockstep stop vote, metrics rows, the user's hook and the
+test suite's fault injection are all callbacks, not branches inside the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shoal.training.trainer import Trainer
+
+
+class Callback:
+    """Both hooks do nothing; a callback overrides what it needs."""
+
+    def after_update(self, trainer: Trainer) -> bool:
+        """Called after every update; True stops training here."""
+        return False
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Called after every env step (and after the update it may have triggered)."""
+
+
+class UserHook(Callback):
+    """``Trainer.train(on_update=f)``: ``f(trainer)`` after every update; True stops training."""
+
+    def __init__(self, fn: Callable[[Trainer], bool]) -> None:
+        self.fn = fn
+
+    def after_update(self, trainer: Trainer) -> bool:
+        return bool(self.fn(trainer))
+
+
+class StopVote(Callback):
+    """Workers in lockstep stop after the same update, when any of them was asked to."""
+
+    def after_update(self, trainer: Trainer) -> bool:
+        strategy, stop = trainer.strategy, trainer.stop
+        if strategy.in_lockstep and strategy.mean(float(bool(stop))) > 0:
+            stop.request(stop.signal or "stop")
+            return True
+        return False
+
+
+class CrashAfterCheckpoints(Exception):
+    """Raised by :class:`CheckpointBoundaries` to end a run as abruptly as a crash would (tests)."""
+
+
+class CheckpointBoundaries(Callback):
+    """Every ``checkpoint_every`` env steps: save, then every env starts a fresh, seeded episode.
+
+    Cutting the episodes at a boundary is what makes a resume exact (see the trainer's
+    docstring). ``crash_after``: after that many boundaries the run ends at once, without a
+    final checkpoint or evaluation, as if the machine had died (tests of resume use it).
+    """
+
+    def __init__(self, crash_after: int | None = None) -> None:
+        self.crash_after = crash_after
+        self.passed = 0
+
+    def after_update(self, trainer: Trainer) -> bool:
+        c = trainer.config
+        due = trainer.env_steps >= (trainer.boundary + 1) * trainer.checkpoint_every
+        if not due or trainer.env_steps >= c.total_steps:  # the end has its own checkpoint
+            return False
+        trainer.boundary += 1
+        trainer.algo.on_new_episodes()
+        if trainer.strategy.is_chief:
+            trainer.save_checkpoint()
+        self.passed += 1
+        if self.crash_after is not None and self.passed >= self.crash_after:
+            raise CrashAfterCheckpoints
+        trainer.start_episodes()
+        return False
+
+
+class MetricsRow(Callback):
+    """Every ``log_every`` env steps (and at the end): one row of metrics, written by the chief."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.last = trainer.env_steps
+        self.start_time, self.start_steps = time.perf_counter(), trainer.env_steps
+
+    def after_step(self, trainer: Trainer) -> None:
+        c, strategy = trainer.config, trainer.strategy
+        if trainer.env_steps - self.last < c.log_every and trainer.env_steps < c.total_steps:
+            return
+        self.last = trainer.env_steps
+        wall = time.perf_counter() - self.start_time
+        own_steps = (trainer.env_steps - self.start_steps) / strategy.world_size
+        worker_sps = strategy.worker_sps(own_steps / max(wall, 1e-9))  # a collective in lockstep
+        row = {
+            "wall_time": wall,
+            "sps": sum(worker_sps),
+            **trainer.update_metrics,
+            **strategy.metrics(),
+            **trainer.faults.metrics(),
+        }
+        if len(worker_sps) > 1:
+            row.update({f"sps_worker_{r}": v for r, v in enumerate(worker_sps)})
+        if c.nan_policy == "skip":
+            row["nonfinite_skipped_steps"] = float(trainer.screen.skipped_steps)
+            row["nonfinite_skipped_updates"] = float(strategy.nonfinite_skipped)
+        row.update(trainer.timing.drain())
+        row.update(trainer.episodes.drain())
+        trainer.logger.log(trainer.env_steps, row)
+
+
+FAULTS_VARIABLE = "SHOAL_TEST_FAULTS"
+
+
+class FaultInjection(Callback):
+    """Test-suite faults at deterministic points: signal this worker after env step N.
+
+    Read from the ``SHOAL_TEST_FAULTS`` environment variable (JSON), so that a test can
+    reach workers started by ``shoal train`` on any backend::
+
+        {"dir": "/tmp/claims", "faults": [{"at_steps": 12000, "signal": "SIGKILL", "ranks": [1]}]}
+
+    Fault ``j`` fires once per run, in the first worker (of ``ranks``, default any) to finish
+    an update at or past ``at_steps`` env steps: it claims ``dir/fault-<j>`` (created
+    exclusively, holding its pid), then sends itself the signal. Replacements and rebuilt
+    groups see the claim and do not fire it again.
+    """
+
+    def __init__(self, spec: dict[str, Any], rank: int) -> None:
+        self.dir = Path(spec["dir"])
+        self.faults = list(enumerate(spec["faults"]))
+        self.rank = rank
+
+    @classmethod
+    def from_environment(cls, rank: int) -> FaultInjection | None:
+        text = os.environ.get(FAULTS_VARIABLE)
+        return cls(json.loads(text), rank) if text else None
+
+    def after_update(self, trainer: Trainer) -> bool:
+        for j, fault in self.faults:
+            if trainer.env_steps < fault["at_steps"] or self.rank not in fault.get("ranks", [self.rank]):
+                continue
+            claim = self.dir / f"fault-{j}"
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue
+            os.write(fd, f"{os.getpid()} {self.rank} {trainer.env_steps}\n".encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.Signals[fault["signal"]])
+        return False
