@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import json
 import logging
@@ -109,10 +110,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         p = algos.add_parser(
             name,
             help=(algo.__module__ and sys.modules[algo.__module__].__doc__ or "").split("\n")[0],
+            usage=f"shoal train {name} [--env ENV] [--config FILE] [--resume RUN_DIR] [--quiet]"
+            " [--SETTING VALUE ...]",
             description=(
                 f"Train {name} on --env (default {algo.config_class.env}). The defaults below are the"
                 f" values that will run for --env {run_env}: {name}'s dataclass defaults with {preset}"
-                f" applied (marked 'preset'). Presets ship for: {shipped}. Precedence: defaults <"
+                f" applied (marked '{run_env} preset'). Presets ship for: {shipped}. Precedence: defaults <"
                 " preset < --config FILE < flags."
             ),
         )
@@ -170,10 +173,6 @@ def _flag_int(text: str, name: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid value {text!r} for {name}: give an integer") from None
 
 
-# Settings a checkpoint's tensors are shaped by: a resumed run must keep them.
-FROZEN_ON_RESUME = ("env", "hidden", "buffer_size")
-
-
 def _train(args: argparse.Namespace) -> int:
     from shoal import launch
     from shoal.configio import ConfigError, check_env_fits, load_config_file, resolve, show
@@ -208,7 +207,8 @@ def _train(args: argparse.Namespace) -> int:
             )
         file_values = {**file_values, **from_file}
     config = resolve(algo.config_class, algo.presets, file_values, flags)
-    for name in FROZEN_ON_RESUME:
+    frozen = [f.name for f in dataclasses.fields(config) if f.metadata.get("frozen")]  # shape the tensors
+    for name in frozen:
         value = getattr(config, name, None)
         was = saved.get(name, value)
         if isinstance(was, list):

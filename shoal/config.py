@@ -55,6 +55,7 @@ def opt(
     only_with: tuple[Callable[[Any], bool], str] | None = None,
     item_ge: int | None = None,
     items: str = "",
+    frozen: bool = False,
 ) -> Any:
     """A dataclass field with a default, a one-line help string and its constraints.
 
@@ -62,10 +63,11 @@ def opt(
     ``choices`` lists the allowed strings (a callable: looked up when validating, so that
     a heavy module is imported only then); ``only_with`` is ``(applies(config), where)``:
     the setting means something only where ``applies`` holds; ``item_ge`` bounds each
-    entry of a tuple (``items`` names the entries in the error line).
+    entry of a tuple (``items`` names the entries in the error line); ``frozen``: the
+    checkpoint's tensors are shaped by it, so ``--resume`` must keep it.
     """
     meta = dict(help=help, group=group, ge=ge, gt=gt, le=le, lt=lt, note=note, choices=choices)
-    meta.update(only_with=only_with, item_ge=item_ge, items=items)
+    meta.update(only_with=only_with, item_ge=item_ge, items=items, frozen=frozen or None)
     return field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, "")})
 
 
@@ -144,7 +146,7 @@ def _compress_modes() -> tuple[str, ...]:
 class TrainConfig:
     """What every algorithm's run needs, whatever the algorithm."""
 
-    env: str = opt("CartPole-v1", "gymnasium env id", group=ENVS)
+    env: str = opt("CartPole-v1", "gymnasium env id", group=ENVS, frozen=True)
     num_envs: int = opt(
         8, "parallel environments", group=ENVS, ge=1, le=MAX_NUM_ENVS, note="each env runs on this machine"
     )
@@ -327,7 +329,10 @@ class TrainConfig:
             )
 
     def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
-        """Rough bytes one learner allocates, by the setting that sizes it (none by default)."""
+        """Rough bytes one learner allocates, by the setting that sizes it (none by default).
+
+        A key names the setting(s) to lower: ``"buffer_size"``, or ``"num_steps*num_envs"``.
+        """
         return {}
 
 
@@ -421,6 +426,6 @@ def rollout_memory(config: Any, obs_bytes: int, act_bytes: int, inputs: float) -
     weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 64
     rows = config.num_steps * config.num_envs
     return {
-        "num_steps": rows * (obs_bytes + act_bytes + 4 * 8.0),
+        "num_steps*num_envs": rows * (obs_bytes + act_bytes + 4 * 8.0),
         "hidden": 2 * 4 * 4 * weights + 2 * 4 * 4 * rows * sum(widths),
     }

@@ -87,7 +87,7 @@ def add_config_flags(
     hints = _field_types(cls)
     env = env or cls.env
     preset = (presets or {}).get(env, {})
-    groups = {g: parser.add_argument_group(f"{g} settings") for g in GROUPS}
+    groups = {g: parser.add_argument_group(GROUP_TITLES.get(g, g)) for g in GROUPS}
     for f in dataclasses.fields(cls):
         base, _ = base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
@@ -102,7 +102,11 @@ def add_config_flags(
                 flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
-            metavar = "N,N" if typing.get_origin(base) is tuple else base.__name__.upper()
+            choices = f.metadata.get("choices")
+            if isinstance(choices, tuple):
+                metavar = "{" + ",".join(choices) + "}"
+            else:
+                metavar = "N,N" if typing.get_origin(base) is tuple else base.__name__.upper()
             group.add_argument(
                 flag(f.name),
                 dest=f.name,
@@ -111,6 +115,15 @@ def add_config_flags(
                 help=help_text,
                 type=lambda text, tp=hints[f.name], name=f.name: _flag_value(tp, text, name),
             )
+
+
+GROUP_TITLES = {
+    "algorithm": "algorithm and learner",
+    "envs": "environments",
+    "distribution": "distribution (several training workers)",
+    "run files": "run files (checkpoints, metrics, evaluation)",
+    "faults": "faults",
+}
 
 
 def _shown(value: Any) -> str:
@@ -168,7 +181,7 @@ def coerce(cls: type, name: str, value: Any, *, text: bool = True) -> Any:
     """A value from a config file (or, with ``text=False``, a Python keyword) as the field's type.
 
     Numbers and lists convert to the field's type (an int where a float goes, a list of ints
-    for ``hidden``); with ``text``, so do strings, as on the command line, because YAML reads
+    for a tuple); with ``text``, so do strings, as on the command line, because YAML reads
     ``1e-3`` as a string. Anything else is refused with one line naming the field.
     """
     tp = _field_types(cls)[name]
@@ -208,7 +221,7 @@ def check_types(config: TrainConfig) -> None:
 
 
 def unknown_hint(cls: type, key: Any) -> str:
-    """ "; it is a setting of dqn" or "; did you mean 'gamma'?" for a name ``cls`` lacks."""
+    """ "; it is a setting of <algo> only" or "; did you mean <name>?" for a name ``cls`` lacks."""
     from shoal.algos import ALGORITHMS
 
     fields = {n: a.config_class.__dataclass_fields__ for n, a in ALGORITHMS.items()}
@@ -345,10 +358,11 @@ def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env
     total = workers * sum(need.values())
     if total > available:
         biggest = max(need, key=need.__getitem__)
-        lower = "--num-steps or --num-envs" if biggest == "num_steps" else flag(biggest)
+        lower = " or ".join(flag(name) for name in biggest.split("*"))
         raise ConfigError(
             f"this config needs about {_size(total)} of memory ({_size(workers * need[biggest])} sized by"
-            f" {biggest}) but this machine has {_size(available)} available; lower {lower}"
+            f" {biggest.replace('*', ' x ')}) but this machine has {_size(available)} available;"
+            f" lower {lower}"
         )
 
 

@@ -35,7 +35,7 @@ class A2CConfig(TrainConfig):
     rms_alpha: float = opt(0.99, "RMSprop smoothing constant", ge=0, lt=1)
     rms_eps: float = opt(1e-5, "RMSprop epsilon", gt=0)
     hidden: tuple[int, ...] = opt(
-        (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes"
+        (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
     )
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"

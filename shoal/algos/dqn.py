@@ -46,7 +46,7 @@ class DQNConfig(TrainConfig):
 
     learning_rate: float = opt(1e-4, "Adam learning rate", gt=0)
     anneal_lr: bool = opt(False, "decay the learning rate linearly to 0 over training")
-    buffer_size: int = opt(100_000, "replay buffer capacity (transitions)", ge=1)
+    buffer_size: int = opt(100_000, "replay buffer capacity (transitions)", ge=1, frozen=True)
     learning_starts: int = opt(1_000, "env steps of pure exploration before learning", ge=0)
     batch_size: int = opt(64, "transitions per gradient step", ge=1)
     gamma: float = opt(0.99, "discount factor", gt=0, le=1)
@@ -61,7 +61,7 @@ class DQNConfig(TrainConfig):
     exploration_final_eps: float = opt(0.05, "epsilon after the decay", ge=0, le=1)
     max_grad_norm: float = opt(10.0, "gradient norm clip", gt=0)
     hidden: tuple[int, ...] = opt(
-        (64, 64), "hidden layer sizes of the Q-network", item_ge=1, items="hidden layer sizes"
+        (64, 64), "hidden layer sizes of the Q-network", item_ge=1, items="hidden layer sizes", frozen=True
     )
 
     def validate(self, *, explicit: Iterable[str] = ()) -> None:

@@ -41,7 +41,7 @@ class PPOConfig(TrainConfig):
     max_grad_norm: float = opt(0.5, "gradient norm clip", gt=0)
     target_kl: float | None = opt(None, "stop the epochs early past this KL (None: never)", gt=0)
     hidden: tuple[int, ...] = opt(
-        (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes"
+        (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
     )
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
