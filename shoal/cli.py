@@ -142,7 +142,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="evaluation seed (default: the run's)",
     )
     ev.add_argument(
-        "--device", default="cpu", help="device to evaluate on: cpu|cuda|cuda:N|auto (default: cpu)"
+        "--device",
+        default=None,
+        help="device to evaluate on: auto|cpu|cuda|cuda:N (default: the run's, or the CPU without a GPU)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_eval)

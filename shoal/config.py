@@ -274,7 +274,10 @@ class TrainConfig:
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, *, explicit: Iterable[str] = ()) -> None:
-        """Raise ConfigError for the first problem found; cheap checks, no env is made.
+        """Raise ConfigError for the first problem found in the values alone.
+
+        Nothing here looks at this machine (cores, GPUs, the file system: see
+        ``shoal.configio.validate``), so a checkpoint made elsewhere validates the same.
 
         Subclasses add their cross-field rules after ``super().validate(explicit=explicit)``.
         ``explicit`` names the settings the user gave (flags, keywords): a setting that only
@@ -289,7 +292,6 @@ class TrainConfig:
                 f"env_workers {c.env_workers} is more than num_envs {c.num_envs} (or {MAX_ENV_WORKERS}):"
                 " each env worker steps at least one env; lower --env-workers"
             )
-        check_run_dir(c.run_dir)
         if c.device not in ("auto", "cpu", "cuda") and not (
             c.device.startswith("cuda:") and c.device[5:].isdigit()
         ):
@@ -306,12 +308,6 @@ class TrainConfig:
             raise ConfigError(
                 f"compress {c.compress} is for several workers (--backend mp or ray):"
                 " a local run sends nothing"
-            )
-        cores = os.cpu_count() or 1
-        if c.backend == "mp" and c.num_workers > 4 * cores:
-            raise ConfigError(
-                f"num_workers {c.num_workers} on --backend mp starts that many processes on this machine's"
-                f" {cores} cores; use at most {4 * cores}, or --backend ray for a cluster"
             )
         check_only_with(self, explicit)
 

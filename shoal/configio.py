@@ -30,6 +30,7 @@ from shoal.config import (
     TrainConfig,
     base_type,
     check_fields,
+    check_run_dir,
     flag,
     is_int,
     kind,
@@ -268,11 +269,18 @@ def validate(
     """Raise ConfigError for the first problem found: the config's own rules, then this machine's.
 
     ``config.validate`` holds every rule about values (the class's, then its bases');
-    here: what this machine has (Ray, a GPU) and whether the env id is registered
-    (``registered=False``: the env is a callable, not an id).
+    here: what this machine has (cores, Ray, a GPU, a writable run directory) and whether
+    the env id is registered (``registered=False``: the env is a callable, not an id).
     """
     config.validate(explicit=explicit)
     c = config
+    check_run_dir(c.run_dir)
+    cores = os.cpu_count() or 1
+    if c.backend == "mp" and c.num_workers > 4 * cores:
+        raise ConfigError(
+            f"num_workers {c.num_workers} on --backend mp starts that many processes on this machine's"
+            f" {cores} cores; use at most {4 * cores}, or --backend ray for a cluster"
+        )
     if c.backend == "ray":
         import importlib.util
 

@@ -153,6 +153,17 @@ def test_int_flags_take_whole_numbers_written_as_floats(nothing_starts, capsys):
     assert "invalid value '1.5' for total_steps" in capsys.readouterr().err
 
 
+def test_the_final_line_names_an_absolute_run_dir_on_every_backend(
+    nothing_starts, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the launcher answers with a relative path (as local runs did)
+    for extra in ([], ["--backend", "mp", "--num-workers", "1"]):
+        assert main(["train", "ppo", *extra]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.endswith(f"; run in {tmp_path / 'runs' / 'fake'}"), line
+        assert "mean greedy return 1.0 +- 0.0 over 1 episodes" in line
+
+
 def test_an_unknown_flag_suggests_the_flag_meant(capsys):
     for wrong, meant in (("--lr", "--learning-rate"), ("--ne", "--num-envs"), ("--gama", "--gamma")):
         with pytest.raises(SystemExit):

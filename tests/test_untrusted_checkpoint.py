@@ -157,3 +157,14 @@ def test_a_loaded_agent_run_dir_is_the_folder_it_was_loaded_from(small_run, tmp_
     saved = tmp_path / "saved"
     agent.save(saved)
     assert shoal.load(saved).run_dir == saved.absolute()
+
+
+def test_a_checkpoint_from_another_machine_loads(small_run, tmp_path, capsys):
+    """Only the values are checked, not this machine: a run of 64 mp workers on a big machine,
+    written to a directory that does not exist here, still loads and evaluates."""
+    run_dir, index = copy_run(small_run, tmp_path)
+    forge(index, **{"config.backend": "mp", "config.num_workers": 64, "config.run_dir": "/nonexistent/x"})
+    agent = shoal.load(run_dir)
+    assert agent.config.num_workers == 64 and agent.run_dir == run_dir.absolute()
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--episodes", "1"]) == 0, capsys.readouterr().err
