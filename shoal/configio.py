@@ -29,7 +29,6 @@ from shoal.config import (
     ConfigError,
     TrainConfig,
     base_type,
-    check_fields,
     check_run_dir,
     flag,
     is_int,
@@ -214,11 +213,6 @@ def coerce(cls: type, name: str, value: Any, *, text: bool = True) -> Any:
     if base is str and isinstance(value, str):
         return value
     raise bad
-
-
-def check_types(config: TrainConfig) -> None:
-    """Every field holds its declared type and bounds (a config built in Python may hold anything)."""
-    check_fields(config)
 
 
 def unknown_hint(cls: type, key: Any) -> str:
