@@ -1,4 +1,9 @@
-"""The Python API: ``shoal.PPO("CartPole-v1", num_envs=8, seed=1).learn(100_000)``."""
+"""The Python API: ``shoal.PPO("CartPole-v1", num_envs=8, seed=1).learn(100_000)``.
+
+Two things are called PPO, on purpose: ``shoal.PPO(...)`` (here) makes an :class:`Agent`,
+what a user trains, saves, loads and acts with; ``shoal.algos.PPO`` is the algorithm inside
+it (networks, buffers, loss), which the training loop drives. Users need only the first.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ from shoal.configio import (
     ConfigError,
     UnknownSettingError,
     check_env_fits,
+    check_env_id,
     coerce,
     show,
     unknown_hint,
     validate,
 )
 from shoal.run import checkpoint as ckpt
-from shoal.training.trainer import Trainer, config_dict, spaces_of
+from shoal.training.trainer import Trainer, config_dict
 
 
 def make_config(algo: str, env: str, overrides: dict[str, Any], *, presets: bool = True) -> TrainConfig:
@@ -97,18 +103,25 @@ class Agent:
         if self.config.backend == "local":
             self.trainer.progress = progress
             self.summary = self.trainer.train()
-            return self
-        from shoal.launch import train
+        else:
+            from shoal.launch import train
 
-        validate(self.config)
-        self.summary, run_dir = train(self.algo_name, self.config, progress=progress)
-        self.trainer.run_dir = Path(run_dir)
-        self.trainer.load_checkpoint(ckpt.latest(self.trainer.run_dir / "checkpoints"))  # the chief's weights
+            validate(self.config)
+            self.summary, run_dir = train(self.algo_name, self.config, progress=progress)
+            self.trainer.run_dir = Path(run_dir)
+            self.trainer.load_checkpoint(ckpt.latest(self.trainer.run_dir / "checkpoints"))  # the chief's
+        if progress and "mean_return" in self.summary:  # what a run ends with, as the CLI prints it
+            print(result_line(self.algo_name, self.env_name, self.summary, self.run_dir))
         return self
 
     @property
+    def env_name(self) -> str:
+        return self.config.env
+
+    @property
     def run_dir(self) -> Path:
-        return self.trainer.run_dir
+        """Where this agent's run (or, once loaded, its checkpoint) lives: an absolute path."""
+        return Path(self.trainer.run_dir).absolute()
 
     def act(self, obs: Any, deterministic: bool = True) -> np.ndarray:
         """Actions for one observation or a batch (greedy unless ``deterministic=False``)."""
@@ -123,21 +136,96 @@ class Agent:
         return self.trainer.save_checkpoint()
 
 
-def load(path: str | Path, env: Callable[..., gym.Env] | None = None) -> Agent:
-    """An agent from a saved path, a run directory or a checkpoint file (never unpickles)."""
-    arrays, meta = ckpt.load(path)
-    ckpt.check_run(meta, path)
-    algo = meta["algo"]
-    values = dict(meta["config"])
-    env_id = values.pop("env")
-    config = make_config(algo, env_id, values, presets=False)
+def load(
+    path: str | Path, env: str | Callable[..., gym.Env] | None = None, *, device: str | None = None
+) -> Agent:
+    """An agent from a saved path, a run directory or a checkpoint file (never unpickles).
+
+    A checkpoint is data: its config is validated like flags, and its env id must be
+    registered already (a ``module:Env`` id, which ``gym.make`` would import, is refused;
+    import your module, or pass ``env``). Its ``device`` is a preference: without a GPU a
+    CUDA checkpoint loads on the CPU; ``device`` overrides it.
+    """
+    algo, config, _meta = read_checkpoint(path, env=None if callable(env) else env, custom_env=callable(env))
+    if device is not None:
+        config.device = device
+        validate(config, registered=False)
+    elif config.device != "cpu" and not _device_usable(config.device):
+        config.device = "cpu"
+    env_fn = env if callable(env) else None
     agent = Agent.__new__(Agent)
-    agent.algo_name, agent.env_fn, agent.config, agent.summary = algo, env, config, {}
-    spaces_of(env or env_id)  # fail early, and clearly, for an unknown env
-    agent.trainer = Trainer(ALGORITHMS[algo], config, env_fn=env)
+    agent.algo_name, agent.env_fn, agent.config, agent.summary = algo, env_fn, config, {}
+    if env_fn is None:
+        check_env_fits(algo, config)  # spaces supported, before anything is built
+    agent.trainer = Trainer(ALGORITHMS[algo], config, env_fn=env_fn)
+    agent.trainer.run_dir = run_dir_of(path)
     agent.trainer.load_checkpoint(path)
     agent.algorithm = agent.trainer.algo
     return agent
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The folder a saved agent lives in: ``path`` itself, or the one holding ``checkpoints/``."""
+    path = Path(path).absolute()
+    if path.is_file():
+        path = path.parent
+    return path.parent if path.name == "checkpoints" else path
+
+
+def _device_usable(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def read_checkpoint(
+    path: str | Path, env: str | None = None, *, custom_env: bool = False
+) -> tuple[str, TrainConfig, dict[str, Any]]:
+    """(algorithm, validated config, meta) of a checkpoint, checked like user input, nothing imported.
+
+    ``env``: the env id the user named (it must be the one the checkpoint was trained on);
+    ``custom_env``: the user passes the env as a function, so the saved id is only a name.
+    """
+    _, meta = ckpt.load(path)
+    ckpt.check_run(meta, path)
+    where = f"checkpoint {path}"
+    algo = meta["algo"]
+    if algo not in ALGORITHMS:
+        raise ckpt.CheckpointError(f"{where} is of algorithm {show(algo)}; shoal has {', '.join(ALGORITHMS)}")
+    values = dict(meta["config"])
+    env_id = values.pop("env")
+    if env is not None and env != env_id:
+        raise ConfigError(f"{where} was trained on {show(env_id)}, not {show(env)}")
+    try:
+        if not custom_env:
+            check_env_id(env_id)  # never gym.make an id from a file that is not registered
+        config = make_config(algo, env_id, values, presets=False)
+        config.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    for name in ("env_steps", "updates", "boundary"):
+        value = meta[name]
+        if not (type(value) is int and 0 <= value <= MAX_INT):
+            raise ConfigError(f"{where}: {name} must be a non-negative integer, got {show(value)}")
+    slack = config.num_envs * config.num_workers  # the last step of a run may pass total_steps
+    if meta["env_steps"] > config.total_steps + slack:
+        raise ConfigError(
+            f"{where}: env_steps {meta['env_steps']:,} is past the run's total_steps {config.total_steps:,}"
+        )
+    if meta["boundary"] > meta["env_steps"]:
+        raise ConfigError(f"{where}: boundary {meta['boundary']} is past env_steps {meta['env_steps']}")
+    return algo, config, meta
+
+
+def result_line(algo: str, env: str, result: dict[str, Any], run_dir: str | Path | None = None) -> str:
+    """The one line a run or an evaluation ends with, in the same words from the CLI and Python."""
+    line = (
+        f"shoal: {algo} on {env}: mean greedy return {result['mean_return']:.1f}"
+        f" +- {result['std_return']:.1f} over {result['episodes']} episodes"
+    )
+    return line + (f"; run in {Path(run_dir).absolute()}" if run_dir is not None else "")
 
 
 def PPO(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
@@ -155,4 +243,4 @@ def DQN(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N80
     return Agent("dqn", env, **config)
 
 
-__all__ = ["Agent", "PPO", "A2C", "DQN", "load", "make_config", "config_dict"]
+__all__ = ["Agent", "PPO", "A2C", "DQN", "load", "make_config", "config_dict", "read_checkpoint"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,72 +21,131 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from shoal.algos import ALGORITHMS
+from shoal.config import MAX_EVAL_EPISODES
 
 if TYPE_CHECKING:
     from shoal.training.trainer import StopRequest
 
-_FLAGS: dict[str, set[str]] = {}  # every flag of every (sub)command, for "did you mean" hints
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line (the usage is one ``--help`` away)."""
-
-    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
-        _FLAGS.setdefault(self.prog, set()).update(n for n in names if n.startswith("--"))
-        return super().add_argument(*names, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"shoal: error: {' '.join(message.split())}\n")
         sys.exit(2)
 
 
+def _flags_of(parser: argparse.ArgumentParser) -> list[str]:
+    return sorted(s for a in parser._actions for s in a.option_strings if s.startswith("--"))
+
+
+def _nearest(name: str, flags: list[str]) -> str | None:
+    """The flag meant: an abbreviation by initials (--lr: --learning-rate), else the closest."""
+    flags = [f for f in flags if f != "--help"]
+    word = name.removeprefix("--").replace("_", "-")
+    by_initials = [f for f in flags if "".join(p[0] for p in f[2:].split("-")) == word]
+    if len(word) >= 2 and by_initials:
+        return by_initials[0]
+    near = difflib.get_close_matches("--" + word, flags, n=1)
+    return near[0] if near else None
+
+
 def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> NoReturn:
     """Refuse unknown arguments, naming the flag meant: of this command, or of another algorithm."""
-    command = " ".join(["shoal", *(getattr(args, k) for k in ("command", "algo") if getattr(args, k, None))])
-    own = sorted(_FLAGS.get(command, set()))
+    own = _flags_of(_subparser(parser, args))
     message = f"unrecognized arguments: {' '.join(extra)}"
     for word in extra:
         name = word.split("=")[0]
         if not name.startswith("--"):
             continue
-        owners = [
-            prog.rsplit(" ", 1)[1] for prog, flags in _FLAGS.items() if name in flags and prog != command
-        ]
-        near = difflib.get_close_matches(name, own, n=1)
-        if owners and command.startswith("shoal train "):
+        field = name[2:].replace("-", "_")
+        owners = [n for n, a in ALGORITHMS.items() if field in a.config_class.__dataclass_fields__]
+        near = _nearest(name, own)
+        if owners and getattr(args, "algo", None):
             message += f" ({name} is a setting of {' and '.join(sorted(owners))} only)"
         elif near:
-            message += f" (did you mean {near[0]}?)"
+            message += f" (did you mean {near}?)"
         else:
             continue
         break
     parser.error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command's own parser, e.g. that of ``shoal train ppo``."""
+    for key in ("command", "algo"):
+        choice = getattr(args, key, None)
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if choice is None or sub is None or choice not in sub.choices:
+            break
+        parser = sub.choices[choice]
+    return parser
+
+
+def _env_in(argv: list[str]) -> str | None:
+    """The ``--env`` given, if any: ``--help`` shows the defaults that will run for it."""
+    for i, word in enumerate(argv):
+        if word == "--env" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--env="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``shoal`` parser; with ``argv``, train's help shows the defaults for its ``--env``."""
     from shoal.configio import add_config_flags
 
     parser = _Parser(prog="shoal", description="Parallel and distributed RL.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,eval,plot,bench}")
 
     train = sub.add_parser("train", help="train an agent (writes a run directory)")
-    algos = train.add_subparsers(dest="algo", required=True, parser_class=_Parser, metavar="{ppo,a2c,dqn}")
+    names = ",".join(ALGORITHMS)
+    algos = train.add_subparsers(dest="algo", parser_class=_Parser, metavar=f"{{{names}}}")
+    env = _env_in(argv or [])
     for name, algo in ALGORITHMS.items():
+        run_env = env or algo.config_class.env
+        shipped = ", ".join(algo.presets) or "none"
+        preset = f"its {run_env} preset" if run_env in algo.presets else f"no preset for {run_env}"
         p = algos.add_parser(
-            name, help=(algo.__module__ and sys.modules[algo.__module__].__doc__ or "").split("\n")[0]
+            name,
+            help=(algo.__module__ and sys.modules[algo.__module__].__doc__ or "").split("\n")[0],
+            usage=f"shoal train {name} [--env ENV] [--config FILE] [--resume RUN_DIR] [--quiet]"
+            " [--SETTING VALUE ...]",
+            description=(
+                f"Train {name} on --env (default {algo.config_class.env}). The defaults below are the"
+                f" values that will run for --env {run_env}: {name}'s dataclass defaults with {preset}"
+                f" applied (marked '{run_env} preset'). Presets ship for: {shipped}. Precedence: defaults <"
+                " preset < --config FILE < flags."
+            ),
         )
         p.add_argument("--config", help="YAML or TOML file of settings (flags override it)")
         p.add_argument(
             "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
         )
         p.add_argument("--quiet", action="store_true", help="no progress output")
-        add_config_flags(p, algo.config_class)
+        add_config_flags(p, algo.config_class, algo.presets, run_env)
         p.set_defaults(run=_train)
 
     ev = sub.add_parser("eval", help="greedy evaluation of a run's latest checkpoint")
     ev.add_argument("run_dir")
-    ev.add_argument("--episodes", type=int, default=20, help="episodes to evaluate (default: 20)")
-    ev.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's)")
+    ev.add_argument(
+        "--episodes",
+        type=lambda text: _flag_int(text, "--episodes"),
+        default=20,
+        help=f"episodes to evaluate, at most {MAX_EVAL_EPISODES:,} (default: 20)",
+    )
+    ev.add_argument(
+        "--seed",
+        type=lambda text: _flag_int(text, "--seed"),
+        default=None,
+        help="evaluation seed (default: the run's)",
+    )
+    ev.add_argument(
+        "--device",
+        default=None,
+        help="device to evaluate on: auto|cpu|cuda|cuda:N (default: the run's, or the CPU without a GPU)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_eval)
 
@@ -105,8 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Settings a checkpoint's tensors are shaped by: a resumed run must keep them.
-FROZEN_ON_RESUME = ("env", "hidden", "buffer_size")
+def _flag_int(text: str, name: str) -> int:
+    from shoal.configio import _parse
+
+    try:
+        return _parse(int, text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} for {name}: give an integer") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -143,7 +209,8 @@ def _train(args: argparse.Namespace) -> int:
             )
         file_values = {**file_values, **from_file}
     config = resolve(algo.config_class, algo.presets, file_values, flags)
-    for name in FROZEN_ON_RESUME:
+    frozen = [f.name for f in dataclasses.fields(config) if f.metadata.get("frozen")]  # shape the tensors
+    for name in frozen:
         value = getattr(config, name, None)
         was = saved.get(name, value)
         if isinstance(was, list):
@@ -153,6 +220,10 @@ def _train(args: argparse.Namespace) -> int:
                 f"--resume {args.resume}: {name} {show(value)} differs from the run's {show(was)},"
                 f" which its checkpoint needs; drop --{name.replace('_', '-')}"
             )
+    if resume is not None:  # a checkpoint is data: checked like flags before anything uses it
+        from shoal.agent import read_checkpoint
+
+        read_checkpoint(resume, env=config.env)
     check_env_fits(args.algo, config)
     from shoal.training.trainer import StopRequest
 
@@ -169,10 +240,9 @@ def _train(args: argparse.Namespace) -> int:
             f" resume with: shoal train {args.algo} --resume {run_dir}\n"
         )
         return 128 + signal.Signals[why]
-    print(
-        f"shoal: {args.algo} on {config.env}: mean greedy return {summary['mean_return']:.1f} "
-        f"+- {summary['std_return']:.1f} over {summary['episodes']} episodes; run in {run_dir}"
-    )
+    from shoal.agent import result_line
+
+    print(result_line(args.algo, config.env, summary, run_dir))
     return 0
 
 
@@ -216,28 +286,24 @@ def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from shoal.agent import load
+    from shoal.agent import load, result_line
     from shoal.configio import ConfigError
     from shoal.training.trainer import evaluate
 
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes must be a positive integer, got {args.episodes}")
+    if not 1 <= args.episodes <= MAX_EVAL_EPISODES:
+        raise ConfigError(
+            f"--episodes must be an integer in [1, {MAX_EVAL_EPISODES:,}], got {args.episodes:,}"
+        )
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir} is not a directory")
-    agent = load(args.run_dir)
+    agent = load(args.run_dir, device=args.device)
     seed = agent.config.seed if args.seed is None else args.seed
     result = evaluate(agent.algorithm, agent.config.env, args.episodes, seed)
     if args.json:
-        print(
-            json.dumps(
-                {"run_dir": str(args.run_dir), "env": agent.config.env, "algo": agent.algo_name, **result}
-            )
-        )
+        run_dir = str(Path(args.run_dir).absolute())
+        print(json.dumps({"run_dir": run_dir, "env": agent.config.env, "algo": agent.algo_name, **result}))
     else:
-        print(
-            f"{agent.algo_name} on {agent.config.env}: mean return {result['mean_return']:.2f} "
-            f"+- {result['std_return']:.2f} over {result['episodes']} episodes"
-        )
+        print(result_line(agent.algo_name, agent.config.env, result))
     return 0
 
 
@@ -277,6 +343,30 @@ def _after_signal(code: int, program: bool) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _logging(quiet: bool) -> Iterator[None]:
+    """shoal's log lines on stderr ("shoal: make_vec ... picked 'sync'"), warnings only with --quiet.
+
+    The library installs no handler (a program using shoal decides); the CLI is a program.
+    """
+    log = logging.getLogger("shoal")
+    if log.handlers:  # the user's (or an embedding program's) logging setup wins
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("shoal: %(message)s"))
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     from shoal.configio import ConfigError
     from shoal.guards import NonFiniteError
@@ -284,12 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     from shoal.run.checkpoint import CheckpointError
     from shoal.training.trainer import RestartLimitError
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words)
+    args, extra = parser.parse_known_args(words)
+    if getattr(args, "run", None) is None:  # `shoal` or `shoal train` alone: what can follow
+        _subparser(parser, args).print_help()
+        return 2
     if extra:
         _unknown_flags(parser, args, extra)
     try:
-        code = args.run(args)
+        with _logging(quiet=getattr(args, "quiet", False)):
+            code = args.run(args)
         return _after_signal(code, argv is None) if code > 128 else code
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"shoal: error: {' '.join(str(e).split())}\n")  # one line, whatever it holds

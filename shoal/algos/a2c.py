@@ -15,24 +15,33 @@ import torch
 
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
-from shoal.config import TrainConfig, opt
+from shoal.config import TrainConfig, opt, rollout_memory
 
 
 @dataclass
 class A2CConfig(TrainConfig):
-    num_steps: int = opt(5, "steps per env between updates")
-    learning_rate: float = opt(7e-4, "RMSprop learning rate")
+    """A2C's hyperparameters (RMSprop, as in the paper)."""
+
+    num_steps: int = opt(5, "steps per env between updates", ge=1)
+    learning_rate: float = opt(7e-4, "RMSprop learning rate", gt=0)
     anneal_lr: bool = opt(False, "decay the learning rate linearly to 0 over training")
-    gamma: float = opt(0.99, "discount factor")
-    gae_lambda: float = opt(1.0, "GAE lambda (1.0: plain n-step returns)")
+    gamma: float = opt(0.99, "discount factor", gt=0, le=1)
+    gae_lambda: float = opt(1.0, "GAE lambda (1.0: plain n-step returns)", ge=0, le=1)
     norm_adv: bool = opt(False, "normalise advantages over each rollout")
-    ent_coef: float = opt(0.0, "entropy bonus coefficient")
-    vf_coef: float = opt(0.5, "value loss coefficient")
-    max_grad_norm: float = opt(0.5, "gradient norm clip")
-    rms_alpha: float = opt(0.99, "RMSprop smoothing constant")
-    rms_eps: float = opt(1e-5, "RMSprop epsilon")
-    hidden: tuple[int, ...] = opt((64, 64), "hidden layer sizes of actor and critic")
-    log_std_init: float = opt(0.0, "initial log standard deviation (continuous actions)")
+    ent_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
+    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    max_grad_norm: float = opt(0.5, "gradient norm clip", gt=0)
+    rms_alpha: float = opt(0.99, "RMSprop smoothing constant", ge=0, lt=1)
+    rms_eps: float = opt(1e-5, "RMSprop epsilon", gt=0)
+    hidden: tuple[int, ...] = opt(
+        (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
+    )
+    log_std_init: float = opt(
+        0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
+    )
+
+    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+        return rollout_memory(self, obs_bytes, act_bytes, inputs)
 
 
 class A2C(ActorCriticAlgorithm):

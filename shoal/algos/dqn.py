@@ -10,6 +10,7 @@ Polyak-averaged with ``tau < 1``) every ``target_update_interval`` env steps.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch.nn import functional as F
 
 from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import ReplayBuffer
-from shoal.config import TrainConfig, opt
+from shoal.config import ConfigError, TrainConfig, opt
 from shoal.nn import QNetwork
 
 
@@ -41,23 +42,49 @@ def td_target(
 
 @dataclass
 class DQNConfig(TrainConfig):
-    learning_rate: float = opt(1e-4, "Adam learning rate")
+    """DQN's hyperparameters; ``validate`` and ``check_spaces`` add what replay and argmax need."""
+
+    learning_rate: float = opt(1e-4, "Adam learning rate", gt=0)
     anneal_lr: bool = opt(False, "decay the learning rate linearly to 0 over training")
-    buffer_size: int = opt(100_000, "replay buffer capacity (transitions)")
-    learning_starts: int = opt(1_000, "env steps of pure exploration before learning")
-    batch_size: int = opt(64, "transitions per gradient step")
-    gamma: float = opt(0.99, "discount factor")
-    n_step: int = opt(1, "n-step returns (1: plain one-step targets)")
-    train_freq: int = opt(4, "env steps between training phases")
-    gradient_steps: int = opt(1, "gradient steps per training phase")
-    target_update_interval: int = opt(1_000, "env steps between target network updates")
-    tau: float = opt(1.0, "target update rate (1.0: hard copy)")
+    buffer_size: int = opt(100_000, "replay buffer capacity (transitions)", ge=1, frozen=True)
+    learning_starts: int = opt(1_000, "env steps of pure exploration before learning", ge=0)
+    batch_size: int = opt(64, "transitions per gradient step", ge=1)
+    gamma: float = opt(0.99, "discount factor", gt=0, le=1)
+    n_step: int = opt(1, "n-step returns (1: plain one-step targets)", ge=1)
+    train_freq: int = opt(4, "env steps between training phases", ge=1)
+    gradient_steps: int = opt(1, "gradient steps per training phase", ge=1)
+    target_update_interval: int = opt(1_000, "env steps between target network updates", ge=1)
+    tau: float = opt(1.0, "target update rate (1.0: hard copy)", gt=0, le=1)
     double_q: bool = opt(True, "double-DQN target")
-    exploration_fraction: float = opt(0.1, "fraction of training over which epsilon decays")
-    exploration_initial_eps: float = opt(1.0, "epsilon at the start")
-    exploration_final_eps: float = opt(0.05, "epsilon after the decay")
-    max_grad_norm: float = opt(10.0, "gradient norm clip")
-    hidden: tuple[int, ...] = opt((64, 64), "hidden layer sizes of the Q-network")
+    exploration_fraction: float = opt(0.1, "fraction of training over which epsilon decays", ge=0, le=1)
+    exploration_initial_eps: float = opt(1.0, "epsilon at the start", ge=0, le=1)
+    exploration_final_eps: float = opt(0.05, "epsilon after the decay", ge=0, le=1)
+    max_grad_norm: float = opt(10.0, "gradient norm clip", gt=0)
+    hidden: tuple[int, ...] = opt(
+        (64, 64), "hidden layer sizes of the Q-network", item_ge=1, items="hidden layer sizes", frozen=True
+    )
+
+    def validate(self, *, explicit: Iterable[str] = ()) -> None:
+        super().validate(explicit=explicit)
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is more than buffer_size {self.buffer_size};"
+                " lower --batch-size"
+            )
+
+    def check_spaces(self, algo: str, env: str, obs_space: Any, action_space: Any) -> None:
+        if not isinstance(action_space, spaces.Discrete):
+            raise ConfigError(f"dqn needs discrete actions but {env} has {action_space}; use ppo or a2c")
+        super().check_spaces(algo, env, obs_space, action_space)
+
+    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+        # online + target network, gradient, two Adam moments; a batch's activations
+        widths = [inputs, *self.hidden]
+        weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 64
+        return {
+            "buffer_size": self.buffer_size * (2.0 * obs_bytes + 8 + 8),
+            "hidden": 5 * 4 * weights + 4 * 4 * self.batch_size * sum(widths),
+        }
 
 
 class DQN(Algorithm):

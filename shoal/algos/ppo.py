@@ -9,6 +9,7 @@ learning rate (and, optionally, clip range).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,28 +17,46 @@ import torch
 
 from shoal.algos.base import ActorCriticAlgorithm, fused_ok
 from shoal.buffers import gae
-from shoal.config import TrainConfig, opt
+from shoal.config import ConfigError, TrainConfig, opt, rollout_memory
 
 
 @dataclass
 class PPOConfig(TrainConfig):
-    num_steps: int = opt(128, "steps per env between updates (rollout length)")
-    learning_rate: float = opt(2.5e-4, "Adam learning rate")
+    """PPO's hyperparameters; ``validate`` adds the minibatch-vs-rollout rule."""
+
+    num_steps: int = opt(128, "steps per env between updates (rollout length)", ge=1)
+    learning_rate: float = opt(2.5e-4, "Adam learning rate", gt=0)
     anneal_lr: bool = opt(True, "decay the learning rate linearly to 0 over training")
-    gamma: float = opt(0.99, "discount factor")
-    gae_lambda: float = opt(0.95, "GAE lambda")
-    num_minibatches: int = opt(4, "minibatches per epoch")
-    update_epochs: int = opt(4, "passes over each rollout")
+    gamma: float = opt(0.99, "discount factor", gt=0, le=1)
+    gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    num_minibatches: int = opt(4, "minibatches per epoch", ge=1)
+    update_epochs: int = opt(4, "passes over each rollout", ge=1)
     norm_adv: bool = opt(True, "normalise advantages within each minibatch")
-    clip_coef: float = opt(0.2, "surrogate clipping range")
+    clip_coef: float = opt(0.2, "surrogate clipping range", gt=0)
     anneal_clip: bool = opt(False, "decay the clipping range linearly to 0 over training")
     clip_vloss: bool = opt(True, "clip the value loss like the policy")
-    ent_coef: float = opt(0.01, "entropy bonus coefficient")
-    vf_coef: float = opt(0.5, "value loss coefficient")
-    max_grad_norm: float = opt(0.5, "gradient norm clip")
-    target_kl: float | None = opt(None, "stop the epochs early past this KL (None: never)")
-    hidden: tuple[int, ...] = opt((64, 64), "hidden layer sizes of actor and critic")
-    log_std_init: float = opt(0.0, "initial log standard deviation (continuous actions)")
+    ent_coef: float = opt(0.01, "entropy bonus coefficient", ge=0)
+    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    max_grad_norm: float = opt(0.5, "gradient norm clip", gt=0)
+    target_kl: float | None = opt(None, "stop the epochs early past this KL (None: never)", gt=0)
+    hidden: tuple[int, ...] = opt(
+        (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
+    )
+    log_std_init: float = opt(
+        0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
+    )
+
+    def validate(self, *, explicit: Iterable[str] = ()) -> None:
+        super().validate(explicit=explicit)
+        rows = self.num_steps * self.num_envs
+        if self.num_minibatches > rows:
+            raise ConfigError(
+                f"num_minibatches {self.num_minibatches} is more than the {rows} transitions of a rollout"
+                f" (num_steps {self.num_steps} x num_envs {self.num_envs}); lower --num-minibatches"
+            )
+
+    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+        return rollout_memory(self, obs_bytes, act_bytes, inputs)
 
 
 class PPO(ActorCriticAlgorithm):

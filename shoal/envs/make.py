@@ -17,13 +17,7 @@ from gymnasium.vector import SyncVectorEnv, VectorEnv
 
 from shoal.envs.process_vector_env import ProcessVectorEnv
 
-log = logging.getLogger("shoal")
-if not log.handlers:  # say what "auto" picked, unless the user configured logging
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("shoal: %(message)s"))
-    log.addHandler(_handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+log = logging.getLogger("shoal")  # the CLI shows it (unless --quiet); a library installs no handler
 
 # A process step costs about this much more than an in-process one, whatever the env
 # (two semaphore wake-ups per step; measured with benchmarks/vector_envs.py).

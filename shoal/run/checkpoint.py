@@ -100,7 +100,7 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     found = info.get("format") if isinstance(info, dict) else None
     if found != FORMAT:
         raise CheckpointError(f"{path} is not a shoal checkpoint (format {found!r}, expected {FORMAT!r})")
-    if "json_sha256" in info and info["json_sha256"] != _digest(info):  # older checkpoints have none
+    if info.get("json_sha256") != _digest(info):  # required: a JSON without one is refused
         raise CheckpointError(f"{path} is corrupted (checksum mismatch)")
     name, digest = info.get("weights"), info.get("sha256")
     if not (isinstance(name, str) and isinstance(digest, str)) or name != Path(name).name or not name:
