@@ -30,6 +30,7 @@ class TrainConfig:
     run_dir: str | None = opt(None, "where to write the run (default: runs/<env>-<algo>-<seed>-<time>)")
     eval_episodes: int = opt(20, "episodes of the final greedy evaluation")
     checkpoint_every: int = opt(0, "env steps between checkpoints (0: 10 per run)")
+    keep_checkpoints: int = opt(3, "newest checkpoints kept (0: all); only the newest keeps a replay buffer")
     log_every: int = opt(2_000, "env steps between metric rows")
     torch_threads: int = opt(1, "torch CPU threads of the learner (small nets are fastest on 1)")
     backend: str = opt(

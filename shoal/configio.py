@@ -290,6 +290,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "learning_starts",
     "checkpoint_every",
+    "keep_checkpoints",
     "seed",
     "max_restarts",
     "max_policy_lag",

@@ -74,6 +74,7 @@ def make_strategy(config: TrainConfig, rank: int, link: Any = None) -> Strategy:
 def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool = True) -> tuple[dict, str]:
     """Train with the config's backend; return (the chief's summary, the run directory)."""
     from shoal.algos import ALGORITHMS
+    from shoal.run.rundir import choose_run_dir
     from shoal.training.trainer import Trainer, default_run_dir
 
     if config.backend == "local":
@@ -84,7 +85,9 @@ def train(algo: str, config: TrainConfig, *, resume: Any = None, progress: bool 
 
         load(resume)
     # Every worker (and, on a cluster, every machine) must agree on one absolute run directory.
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo, config)
+    run_dir = choose_run_dir(
+        config.run_dir or default_run_dir(algo, config), explicit=bool(config.run_dir), claim=not resume
+    )
     config = dataclasses.replace(config, run_dir=str(run_dir.resolve()))
     job = dict(algo=algo, config=config, resume=str(resume) if resume else None)
     results = _train_mp(job, progress) if config.backend == "mp" else _train_ray(job, progress)
