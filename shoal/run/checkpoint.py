@@ -9,8 +9,9 @@ the JSON last, so a crash mid-save leaves the previous checkpoint whole. After t
 older checkpoints lose their heavy file, and all but the newest ``keep`` are deleted.
 
 The JSON records the sha256 of the tensor files and of its own values; loading checks
-them, so a truncated or corrupted file is refused with a clear message, and so is an
-older checkpoint whose heavy arrays were pruned. Loading parses JSON and safetensors only.
+them, so a truncated or corrupted file is refused with a clear message. An older
+checkpoint whose heavy arrays were pruned still loads (its weights can still be read),
+but :func:`check_run` refuses to resume from it. Loading parses JSON and safetensors only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from safetensors.numpy import save as tensor_bytes
 
 FORMAT = "shoal-checkpoint-1"
 HEAVY = "heavy"  # a key segment: ``extra/heavy/replay/obs`` is stored in the newest checkpoint only
+PRUNED = "heavy_pruned"  # set by load() on an older checkpoint: the newest one's path
 
 
 class CheckpointError(ValueError):
@@ -187,13 +189,10 @@ def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         heavy, heavy_digest = info["heavy"], info.get("heavy_sha256")
         if not (isinstance(heavy, str) and isinstance(heavy_digest, str)) or heavy != Path(heavy).name:
             raise CheckpointError(f"{path} is damaged: no valid 'heavy' file name and 'heavy_sha256' in it")
-        if not path.with_name(heavy).is_file():
-            newest = latest(path.parent)
-            raise CheckpointError(
-                f"{path} is an older checkpoint: its heavy arrays (a replay buffer) were pruned, only"
-                f" the newest checkpoint keeps them; resume from the newest, {newest}"
-            )
-        tensors.update(_read_tensors(path.with_name(heavy), heavy_digest))
+        if path.with_name(heavy).is_file():
+            tensors.update(_read_tensors(path.with_name(heavy), heavy_digest))
+        else:  # an older checkpoint: its weights can be read, a resume is refused (check_run)
+            info[PRUNED] = str(latest(path.parent))
     return tensors, info
 
 
@@ -212,11 +211,17 @@ RUN_KEYS = ("algo", "config", "optimizers", "extra", "updates", "boundary", "env
 
 
 def check_run(meta: dict[str, Any], path: str | Path) -> None:
-    """Refuse a checkpoint that is shoal's format but not a training run's (e.g. other metadata)."""
+    """Refuse a checkpoint that cannot restore a training run: shoal's format but not a run's
+    (e.g. other metadata), or an older checkpoint whose heavy arrays were pruned."""
     missing = [k for k in RUN_KEYS if k not in meta]
     if missing or not isinstance(meta["config"], dict) or not isinstance(meta["config"].get("env"), str):
         lacks = ", ".join(missing) or "config with an env"
         raise CheckpointError(f"{path} is not a checkpoint of a shoal run (no {lacks} in it)")
+    if PRUNED in meta:
+        raise CheckpointError(
+            f"{path} is an older checkpoint: its heavy arrays (a replay buffer) were pruned, only"
+            f" the newest checkpoint keeps them; resume from the newest, {meta[PRUNED]}"
+        )
 
 
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
