@@ -29,7 +29,6 @@ from typing import IO, Any
 import numpy as np
 import torch
 from safetensors.numpy import load_file
-from safetensors.numpy import save as tensor_bytes
 
 FORMAT = "shoal-checkpoint-1"
 HEAVY = "heavy"  # a key segment: ``extra/heavy/replay/obs`` is stored in the newest checkpoint only
@@ -80,8 +79,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     _write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+SAFETENSORS_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
+    "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64", "float64": "F64",
+}  # fmt: skip
+
+
 def _write_tensors(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
-    f.write(tensor_bytes(arrays))
+    """``arrays`` in the safetensors format, written from the arrays' own memory into ``f``.
+
+    safetensors' ``save`` would first build the whole file in memory (a replay buffer of
+    gigabytes, twice), and its ``save_file`` opens a path, following a link planted there.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, array in arrays.items():
+        if array.dtype.name not in SAFETENSORS_DTYPES or array.dtype.byteorder == ">":
+            raise ValueError(f"array {name!r} of dtype {array.dtype} cannot be saved (safetensors)")
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads it: the data starts 8-byte aligned
+    f.write(len(text).to_bytes(8, "little") + text)
+    for array in arrays.values():
+        f.write(np.ascontiguousarray(array).data)
 
 
 def sha256(path: Path) -> str:
