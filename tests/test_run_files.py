@@ -312,3 +312,29 @@ def test_stale_scratch_directories_are_removed_and_live_ones_kept(tmp_path):
     other.mkdir()
     assert rundir.clean_stale_scratch(base=tmp_path) == [gone]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, older.name, other.name])
+
+
+def test_a_full_disk_while_logging_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    from shoal.run import logger
+
+    real = logger.open_append
+
+    def full_disk_file(path: Path):  # noqa: ANN202
+        f = real(path)
+
+        class Full:
+            name = f.name
+
+            def write(self, text: str) -> int:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            def close(self) -> None:
+                f.close()
+
+        return Full()
+
+    monkeypatch.setattr(logger, "open_append", full_disk_file)
+    run_dir = tmp_path / "run"
+    assert train("--total-steps", "512", "--run-dir", str(run_dir)) == 1
+    err = capsys.readouterr().err
+    assert err == f"shoal: error: cannot append to {run_dir / 'metrics.jsonl'}: No space left on device\n"

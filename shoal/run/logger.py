@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from shoal.run.checkpoint import write_text_atomic
+from shoal.run.checkpoint import RunWriteError, write_text_atomic
 
 
 def distributed_summary(metrics: dict[str, float]) -> str:
@@ -69,7 +69,7 @@ class RunLogger:
                 text = "" if path.is_symlink() else path.read_text()
                 rows = [r for r in text.splitlines() if _step(r) <= start_step]
                 write_text_atomic(path, "".join(r + "\n" for r in rows))  # killed meanwhile: old rows stay
-            self.file = open_append(path)
+            self.file, self.path = open_append(path), path
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -99,7 +99,10 @@ class RunLogger:
     def log(self, env_steps: int, metrics: dict[str, float]) -> None:
         row: dict[str, Any] = {"env_steps": env_steps, **metrics}
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
+            try:
+                self.file.write(json.dumps(row) + "\n")
+            except OSError as e:  # a full disk: one line (exit 1), not a traceback
+                raise RunWriteError(f"cannot append to {self.path}: {e.strerror or e}") from None
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
