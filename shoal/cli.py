@@ -196,10 +196,12 @@ def _train(args: argparse.Namespace) -> int:
             )
         flags["run_dir"] = str(run_dir)
         from shoal.run.checkpoint import latest
+        from shoal.run.rundir import allow_restart
 
         resume = latest(run_dir / "checkpoints")
         if resume is None:  # stopped (or killed) before its first checkpoint: nothing to continue from
             sys.stderr.write(f"shoal: --resume {run_dir}: no checkpoint yet, starting the run over\n")
+            allow_restart(run_dir)
     if args.config:
         from_file = load_config_file(args.config)
         if from_file.get("algo", args.algo) != args.algo:
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     from shoal.configio import ConfigError
     from shoal.guards import NonFiniteError
     from shoal.launch import TrainingFailed
-    from shoal.run.checkpoint import CheckpointError
+    from shoal.run.checkpoint import CheckpointError, RunWriteError
     from shoal.training.trainer import RestartLimitError
 
     words = sys.argv[1:] if argv is None else argv
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"shoal: error: {' '.join(str(e).split())}\n")  # one line, whatever it holds
         return 2
-    except (NonFiniteError, RestartLimitError, TrainingFailed) as e:
+    except (NonFiniteError, RestartLimitError, TrainingFailed, RunWriteError) as e:
         # A failure at run time (exit 1), not bad input: says where, and what is kept.
         sys.stderr.write(f"shoal: error: {e}\n")
         return 1

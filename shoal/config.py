@@ -170,6 +170,9 @@ class TrainConfig:
         20, "episodes of the final greedy evaluation", group=RUN_FILES, ge=1, le=MAX_EVAL_EPISODES
     )
     checkpoint_every: int = opt(0, "env steps between checkpoints (0: 10 per run)", group=RUN_FILES, ge=0)
+    keep_checkpoints: int = opt(
+        3, "newest checkpoints kept (0: all); only the newest keeps a replay buffer", group=RUN_FILES, ge=0
+    )
     log_every: int = opt(2_000, "env steps between metric rows", group=RUN_FILES, ge=1)
     torch_threads: int = opt(
         1, "torch CPU threads of the learner (small nets are fastest on 1)", ge=1, le=MAX_TORCH_THREADS

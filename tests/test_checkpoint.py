@@ -86,3 +86,24 @@ def test_custom_env_by_callable(tmp_path):
     np.testing.assert_array_equal(
         loaded.act(np.ones(3, dtype=np.float32)), agent.act(np.ones(3, dtype=np.float32))
     )
+
+
+def test_tensor_files_are_safetensors_of_every_dtype_and_shape(tmp_path):
+    """shoal writes the safetensors format itself (from the arrays' memory, into its own file)."""
+    from safetensors.numpy import load, load_file, save
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"{name}/{shape}": (rng.normal(size=shape) * 100).astype(name)
+        for name in ckpt.SAFETENSORS_DTYPES
+        for shape in [(0,), (1,), (3,), (2, 3, 4)]
+    }
+    arrays["strided"] = np.arange(20, dtype=np.float32)[::2]  # not contiguous: copied
+    path = ckpt.save(tmp_path, 1, arrays, {})
+    theirs = load(save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+    for read in (load_file(str(path.with_suffix(".safetensors"))), ckpt.load(path)[0]):
+        assert read.keys() == arrays.keys()
+        for key, value in arrays.items():
+            assert read[key].dtype == value.dtype and read[key].shape == value.shape, key
+            np.testing.assert_array_equal(read[key], value)
+            np.testing.assert_array_equal(read[key], theirs[key])

@@ -218,15 +218,15 @@ def test_second_signal_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypa
     )
     trainer = Trainer(ALGORITHMS["ppo"], config, progress=False)
     stop = trainer.stop = StopRequest()
-    real_save_file = ckpt.save_file
+    real_write = ckpt._write_tensors
 
-    def save_file(arrays, path):  # noqa: ANN001, ANN202
-        real_save_file(arrays, path)
+    def write_tensors(f, arrays):  # noqa: ANN001, ANN202
+        real_write(f, arrays)
         if stop:  # the stop's checkpoint: its tensors are written, its index is not yet
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
 
-    monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(ckpt, "_write_tensors", write_tensors)
 
     def first_signal(t: Trainer) -> bool:
         if t.env_steps == 1152:  # after an update that is no boundary: the next checkpoint is the stop's

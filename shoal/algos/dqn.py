@@ -184,7 +184,7 @@ class DQN(Algorithm):
     def extra_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays, meta = self.replay.state()
         return (
-            {f"replay/{k}": v for k, v in arrays.items()},
+            {f"heavy/replay/{k}": v for k, v in arrays.items()},  # heavy: in the newest checkpoint only
             {
                 "replay": meta,
                 "rng": self.rng.bit_generator.state,
@@ -196,7 +196,7 @@ class DQN(Algorithm):
 
     def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.replay.load(
-            {k.removeprefix("replay/"): v for k, v in arrays.items() if k.startswith("replay/")},
+            {k.rsplit("/", 1)[1]: v for k, v in arrays.items() if k.startswith(("heavy/replay/", "replay/"))},
             meta["replay"],
         )
         self.rng.bit_generator.state = meta["rng"]

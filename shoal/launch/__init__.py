@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from shoal.config import TrainConfig
 from shoal.launch.ranks import free_port
 from shoal.launch.supervisor import Supervisor, Topology, TrainingFailed, WorkerLost
+from shoal.run.checkpoint import write_text_atomic
+from shoal.run.rundir import clean_stale_scratch, make_scratch_dir
 from shoal.training.trainer import StopRequest
 
 __all__ = ["train", "free_port", "TrainingFailed", "WorkerLost"]
@@ -40,6 +41,7 @@ def train(
     ``stop``: set it (e.g. from a signal handler) to have every rank save and return.
     """
     from shoal.algos import ALGORITHMS
+    from shoal.run.rundir import choose_run_dir
     from shoal.training.trainer import Trainer, default_run_dir
 
     stop = stop if stop is not None else StopRequest()
@@ -51,7 +53,9 @@ def train(
 
         load(resume)
     # Every worker (and, on a cluster, every machine) must agree on one absolute run directory.
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(algo, config)
+    run_dir = choose_run_dir(
+        config.run_dir or default_run_dir(algo, config), explicit=bool(config.run_dir), claim=not resume
+    )
     config = dataclasses.replace(config, run_dir=str(run_dir.resolve()))
     job = dict(algo=algo, config=config, resume=str(resume) if resume else None, progress=progress)
     results = _supervise(job, stop)
@@ -66,14 +70,15 @@ def train(
     summary.update({k: v for k, v in extra.items() if v is not None})
     written = Path(config.run_dir) / "summary.json"
     if written.exists():  # on a cluster without a shared disk, the chief may have written elsewhere
-        written.write_text(json.dumps(summary, indent=1))
+        write_text_atomic(written, json.dumps(summary, indent=1))
     return summary, config.run_dir
 
 
 def _supervise(job: dict[str, Any], stop: StopRequest) -> dict[Any, Any]:
     """Run the job's topology on its backend under one supervisor."""
     config: TrainConfig = job["config"]
-    scratch = tempfile.mkdtemp(prefix="shoal-group-")  # rendezvous files of the ranks on this machine
+    clean_stale_scratch()  # left by launchers killed with SIGKILL
+    scratch = str(make_scratch_dir())  # rendezvous files of the ranks on this machine, named by our pid
     try:
         if config.backend == "mp":
             from shoal.launch.mp_backend import MpBackend

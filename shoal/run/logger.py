@@ -12,7 +12,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from shoal.run.checkpoint import RunWriteError, write_text_atomic
 
 
 def distributed_summary(metrics: dict[str, float]) -> str:
@@ -28,6 +30,12 @@ def distributed_summary(metrics: dict[str, float]) -> str:
     if metrics.get("wall_time") and "comm_seconds" in metrics:
         parts.append(f"comm {100 * metrics['comm_seconds'] / metrics['wall_time']:.0f}%")
     return " | ".join(parts)
+
+
+def open_append(path: Path) -> TextIO:
+    """``path`` opened for appending, line-buffered, never through a link planted at its name."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "a", buffering=1)
 
 
 def _step(row: str) -> float:
@@ -57,12 +65,11 @@ class RunLogger:
         if run_dir is not None:
             path = Path(run_dir) / "metrics.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # a resumed (or restarted) run: drop rows past its checkpoint
-                rows = [r for r in path.read_text().splitlines() if _step(r) <= start_step]
-                tmp = path.with_name(path.name + ".tmp")  # killed while rewriting: the old rows stay
-                tmp.write_text("".join(r + "\n" for r in rows))
-                os.replace(tmp, path)
-            self.file = open(path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+            if os.path.lexists(path):  # a resumed run: drop rows past its checkpoint (a link: replaced)
+                text = "" if path.is_symlink() else path.read_text()
+                rows = [r for r in text.splitlines() if _step(r) <= start_step]
+                write_text_atomic(path, "".join(r + "\n" for r in rows))  # killed meanwhile: old rows stay
+            self.file, self.path = open_append(path), path
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -92,7 +99,10 @@ class RunLogger:
     def log(self, env_steps: int, metrics: dict[str, float]) -> None:
         row: dict[str, Any] = {"env_steps": env_steps, **metrics}
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
+            try:
+                self.file.write(json.dumps(row) + "\n")
+            except OSError as e:  # a full disk: one line (exit 1), not a traceback
+                raise RunWriteError(f"cannot append to {self.path}: {e.strerror or e}") from None
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):

@@ -40,6 +40,7 @@ from shoal.envs import make_vec
 from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S
 from shoal.run import checkpoint as ckpt
 from shoal.run.logger import RunLogger
+from shoal.run.rundir import choose_run_dir
 from shoal.training.callbacks import (
     Callback,
     CheckpointBoundaries,
@@ -166,7 +167,8 @@ class Trainer:
             boundary=self.boundary,
             env_steps=self.env_steps,
         )
-        return ckpt.save(self.run_dir / "checkpoints", self.env_steps, arrays, meta)
+        keep = self.config.keep_checkpoints
+        return ckpt.save(self.run_dir / "checkpoints", self.env_steps, arrays, meta, keep=keep)
 
     def load_checkpoint(self, path: str | Path) -> None:
         arrays, meta = ckpt.load(path)
@@ -262,8 +264,9 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         self.strategy.start(self.algo.modules(), self.algo.optimizers())  # e.g. rank 0's weights for all
-        if self.strategy.is_chief:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.strategy.is_chief:  # a new run claims its directory (mp/ray: the launcher did)
+            fresh = resume is None and self.env_steps == 0 and c.backend == "local"
+            self.run_dir = choose_run_dir(self.run_dir, explicit=bool(c.run_dir), claim=fresh)
             ckpt.write_text_atomic(  # a run killed at any moment can still be resumed
                 self.run_dir / "config.yaml",
                 yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False),
