@@ -70,7 +70,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path, mo
         assert {p.stem for p in (run / "checkpoints").glob("*.json")} == {
             f"ckpt-{s:012d}" for s in (256, 512, 768) if s <= total
         }
-    assert capsys.readouterr().out.count("run in runs/CartPole-v1-ppo-s1-20261201-120000") == 2
+    assert capsys.readouterr().out.count(f"run in {tmp_path}/runs/CartPole-v1-ppo-s1-20261201-120000") == 2
 
 
 def test_concurrent_claims_never_share_a_directory(tmp_path):
