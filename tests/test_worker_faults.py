@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+
+from shoal.training.callbacks import FAULTS_VARIABLE
 
 
 def training_ranks(root: int, backend: str) -> list[psutil.Process]:
@@ -33,52 +35,66 @@ def training_ranks(root: int, backend: str) -> list[psutil.Process]:
 
 
 class Chaos(threading.Thread):
-    """Kills a random training worker every ``every`` seconds (jittered), ``kills`` times."""
+    """Kills training workers at deterministic points: worker ``r`` that first finishes an
+    update past ``at_steps[j]`` env steps SIGKILLs itself (``SHOAL_TEST_FAULTS``, see
+    ``shoal.training.callbacks.FaultInjection``). This thread only watches the claims and
+    records which ranks were alive around each kill."""
 
-    def __init__(self, root: int, backend: str, every: tuple[float, float], kills: int, seed: int) -> None:
+    def __init__(self, root: int, backend: str, claims: Path) -> None:
         super().__init__(daemon=True)
-        self.root, self.backend, self.every, self.kills = root, backend, every, kills
-        self.rng = random.Random(seed)
+        self.root, self.backend, self.claims = root, backend, claims
         self.killed: list[int] = []
         self.survivors: list[set[int]] = []  # the other ranks' pids at each kill
         self.later: list[set[int]] = []  # the ranks' pids a few seconds after each kill
         self.stop = threading.Event()
 
+    @staticmethod
+    def spec(claims: Path, at_steps: list[int]) -> str:
+        faults = [{"at_steps": n, "signal": "SIGKILL"} for n in at_steps]
+        return json.dumps({"dir": str(claims), "faults": faults})
+
     def run(self) -> None:
-        while len(self.killed) < self.kills and not self.stop.wait(self.rng.uniform(*self.every)):
-            ranks = training_ranks(self.root, self.backend)
-            if len(ranks) < 2:  # between rebuilds, or the run is ending: try again later
-                continue
-            victim = self.rng.choice(ranks)
-            os.kill(victim.pid, signal.SIGKILL)
-            self.killed.append(victim.pid)
-            self.survivors.append({r.pid for r in ranks if r.pid != victim.pid})
-            if not self.stop.wait(3.0):
-                self.later.append({r.pid for r in training_ranks(self.root, self.backend)})
+        seen: set[str] = set()
+        while not self.stop.wait(0.05):
+            for claim in sorted(self.claims.glob("fault-*")):
+                text = claim.read_text()
+                if claim.name in seen or not text.endswith("\n"):
+                    continue
+                seen.add(claim.name)
+                pid = int(text.split()[0])
+                self.killed.append(pid)
+                self.survivors.append(
+                    {r.pid for r in training_ranks(self.root, self.backend) if r.pid != pid}
+                )
+                if not self.stop.wait(3.0):
+                    self.later.append({r.pid for r in training_ranks(self.root, self.backend)})
 
 
-def chaos_run(
-    tmp_path, backend: str, strategy: str, kills: int, every: tuple[float, float], *extra: str
-) -> dict:
-    run_dir = tmp_path / "run"
+def chaos_run(tmp_path, backend: str, strategy: str, at_steps: list[int], *extra: str) -> dict:
+    run_dir, claims = tmp_path / "run", tmp_path / "claims"
+    claims.mkdir()
     cmd = [
         sys.executable, "-m", "shoal.cli", "train", "ppo", "--env", "CartPole-v1",
         "--backend", backend, "--strategy", strategy, "--num-workers", "2", "--num-envs", "4",
         "--seed", "1", "--checkpoint-every", "4096", "--run-dir", str(run_dir), "--quiet", *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    chaos = Chaos(proc.pid, backend, every, kills, seed=7)
+    env = {**os.environ, FAULTS_VARIABLE: Chaos.spec(claims, at_steps)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    chaos = Chaos(proc.pid, backend, claims)
     chaos.start()
     try:
         out, err = proc.communicate(timeout=400)
     finally:
         chaos.stop.set()
+        chaos.join()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(chaos.killed) >= 1, "the chaos thread killed nobody: the test proved nothing"
+    assert len(chaos.killed) == len(at_steps), (
+        f"faults fired {len(chaos.killed)} of {len(at_steps)}: {err[-2000:]}"
+    )
     if strategy in ("a3c", "param-server"):  # the others train on; a new worker replaces the lost one
         assert summary["worker_replacements"] == len(chaos.killed), (summary, err[-2000:])
         assert summary["group_rebuilds"] == 0
@@ -95,32 +111,32 @@ def chaos_run(
 
 @pytest.mark.timeout(600)
 def test_chaos_sync_on_mp_rebuilds_from_checkpoints_and_still_solves_cartpole(tmp_path):
-    summary = chaos_run(tmp_path, "mp", "sync", kills=3, every=(5.0, 8.0))
+    summary = chaos_run(tmp_path, "mp", "sync", [12_000, 30_000, 48_000])
     assert summary["mean_return"] >= 475, summary
 
 
 @pytest.mark.timeout(600)
 def test_chaos_a3c_on_mp_replaces_lost_workers_while_the_others_train_on(tmp_path):
-    summary = chaos_run(tmp_path, "mp", "a3c", kills=3, every=(5.0, 8.0))
+    summary = chaos_run(tmp_path, "mp", "a3c", [12_000, 30_000, 48_000])
     assert summary["mean_return"] >= 475, summary
 
 
 @pytest.mark.timeout(600)
 def test_killed_ray_worker_actor_is_replaced_and_a3c_still_solves_cartpole(tmp_path):
-    summary = chaos_run(tmp_path, "ray", "a3c", kills=1, every=(12.0, 14.0))
+    summary = chaos_run(tmp_path, "ray", "a3c", [20_000])
     assert summary["mean_return"] >= 475, summary
 
 
 @pytest.mark.timeout(600)
 def test_sync_parameter_server_finishes_its_rounds_without_a_lost_worker_and_takes_its_replacement(tmp_path):
-    summary = chaos_run(tmp_path, "mp", "param-server", 2, (6.0, 9.0), "--ps-mode", "sync")
+    summary = chaos_run(tmp_path, "mp", "param-server", [12_000, 30_000], "--ps-mode", "sync")
     assert summary["parameter_server"]["workers_joined"] == 2 + 2
     assert summary["mean_return"] >= 475, summary
 
 
 @pytest.mark.timeout(600)
 def test_killed_ray_worker_of_sync_rebuilds_the_group_and_still_solves_cartpole(tmp_path):
-    summary = chaos_run(tmp_path, "ray", "sync", kills=1, every=(12.0, 14.0))
+    summary = chaos_run(tmp_path, "ray", "sync", [20_000])
     assert summary["mean_return"] >= 475, summary
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from pathlib import Path
 from typing import Any
 
 from shoal.config import TrainConfig
@@ -68,11 +69,25 @@ def run_worker(
 
     from shoal.algos import ALGORITHMS
     from shoal.distributed.link import WORKER, Link, announce, open_store
+    from shoal.run.checkpoint import CheckpointError, latest
     from shoal.training.trainer import Trainer
 
     def train(strategy: Strategy) -> dict[str, Any]:
-        trainer = Trainer(ALGORITHMS[algo], config, strategy=strategy, progress=progress, stop=stop)
-        return trainer.train(resume=resume)
+        if generation == 0:
+            return Trainer(ALGORITHMS[algo], config, strategy=strategy, progress=progress, stop=stop).train(
+                resume=resume
+            )
+        # A replacement takes the chief's newest checkpoint as it starts, not the one that was
+        # newest when it was launched: the chief trains on meanwhile and prunes old ones.
+        for attempt in range(3):
+            newest = latest(Path(config.run_dir) / "checkpoints") or resume
+            trainer = Trainer(ALGORITHMS[algo], config, strategy=strategy, progress=progress, stop=stop)
+            try:
+                return trainer.train(resume=newest)
+            except CheckpointError:
+                if attempt == 2 or newest is None or Path(newest).exists():
+                    raise  # damaged, not merely pruned under our feet
+        return {}  # (not reached: the last attempt returns or raises)
 
     if config.strategy in SERVER_STRATEGIES:
         store = open_store(rendezvous, host=False)
