@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -284,9 +285,12 @@ class ProcessVectorEnv(VectorEnv):
         """Start (or start again) the process stepping slice ``k``, with fresh envs."""
         ctx = self._ctx
         lo, hi = self.slices[k]
-        fork = ctx.get_start_method() == "fork"
+        method = ctx.get_start_method()
         parent, child = ctx.Pipe()
-        others = [p for j, p in enumerate(self.parent_pipes) if j != k]
+        # A forked worker closes its copies of the parent's pipe ends, its own one included.
+        inherited = [p for j, p in enumerate(self.parent_pipes) if j != k] + [parent]
+        # PR_SET_PDEATHSIG fires when the thread that started the worker ends, not the process.
+        death_signal = method == "forkserver" or threading.current_thread() is threading.main_thread()
         with clear_mpi_env_vars():
             proc = ctx.Process(
                 target=w.worker_main,
@@ -302,7 +306,8 @@ class ProcessVectorEnv(VectorEnv):
                     self._buffers,
                     self.autoreset_mode,
                     os.getpid(),
-                    others if fork else [],
+                    inherited if method == "fork" else [],
+                    death_signal,
                 ),
                 daemon=self.daemon,
             )
