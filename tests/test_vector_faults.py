@@ -326,3 +326,93 @@ def test_recv_respects_step_timeout(on_failure):
         assert time.monotonic() - start < 3
     finally:
         env.close()
+
+
+# -- large replies: render, and a worker stuck writing when its parent dies ---------------
+
+
+class BigFrameEnv(SpaceEnv):
+    """Frames the size of CartPole's (600x400 RGB): far more than a pipe's buffer."""
+
+    def render(self) -> np.ndarray:
+        return np.full((400, 600, 3), self.t, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_render_of_rgb_array_envs_returns_frames(num_workers):
+    env = ProcessVectorEnv([lambda: BigFrameEnv(render_mode="rgb_array")] * 3, num_workers=num_workers)
+    try:
+        env.reset(seed=0)
+        env.step(np.zeros(3, dtype=np.int64))
+        env.call_async("render")
+        frames = env.call_wait(timeout=20)  # hung for good before
+        assert len(frames) == 3
+        assert all(f.shape == (400, 600, 3) and (f == 1).all() for f in frames)
+        assert all(f.shape == (400, 600, 3) for f in env.render())
+        env.set_attr("big", [np.ones(300_000)] * 3)  # large commands, the other way
+        assert all(len(b) == 300_000 for b in env.get_attr("big"))
+    finally:
+        env.close()
+
+
+STUCK_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing as mp
+    import sys, threading, time
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from envs import SpaceEnv
+    from shoal.envs import ProcessVectorEnv
+
+    class BigFrameEnv(SpaceEnv):
+        def render(self):
+            return np.zeros((400, 600, 3), dtype=np.uint8)
+
+    def make():
+        env = ProcessVectorEnv([lambda: BigFrameEnv(render_mode="rgb_array")] * 2, num_workers=2)
+        env.reset(seed=0)
+        env.call_async("render")  # never collected: each worker blocks writing its frame
+        return env
+
+    made = []
+    if {in_thread!r}:  # the thread that started the workers ends before the parent does
+        thread = threading.Thread(target=lambda: made.append(make()))
+        thread.start()
+        thread.join()
+    else:
+        made.append(make())
+    # A forked process that keeps the pipes open: the parent's death does not close them.
+    holder = mp.get_context("fork").Process(target=time.sleep, args=(300,))
+    holder.start()
+    print(" ".join(str(p.pid) for p in made[0].processes), holder.pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_workers_stuck_writing_die_with_their_parent(how, in_thread):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = STUCK_SCRIPT.format(tests=tests, in_thread=in_thread)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pids: list[int] = []
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 3, proc.stderr.read()
+        workers, holder = pids[:2], pids[2]
+        time.sleep(0.5)
+        assert alive(workers) == workers  # blocked in their write, not dead
+        proc.send_signal(getattr(signal, how))
+        proc.wait(timeout=20)
+        assert not wait_gone(workers, 8.0), f"workers stuck in a pipe write survived the parent's {how}"
+        assert alive([holder]) == [holder]  # the pipes were held open all along
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(pids):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pids, 5.0)

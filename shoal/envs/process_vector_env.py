@@ -719,10 +719,14 @@ class ProcessVectorEnv(VectorEnv):
         self._drain_late(k)
         self._codes[k, 0] = w.CODE_PIPE
         try:
-            self.parent_pipes[k].send_bytes(blob)
+            if len(blob) <= w.SMALL_MESSAGE:
+                self.parent_pipes[k].send_bytes(blob)
+                self._go[k].release()
+            else:  # the worker reads while this writes (see _worker.SMALL_MESSAGE)
+                self._go[k].release()
+                self.parent_pipes[k].send_bytes(blob)
         except (BrokenPipeError, EOFError, OSError) as e:
             raise self._broken(k, "send") from e
-        self._go[k].release()
 
     def _take(self, k: int, deadline: float | None) -> bool:
         """Wait for worker ``k``'s next reply token; False at the deadline.
