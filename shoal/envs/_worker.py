@@ -353,8 +353,8 @@ class _EnvSlice:
         return (info, final) if (info or final) else None
 
     def _actions(self, blob: bytes) -> Any:
-        """Per-env action getter: shared memory, or a pickled list when the space needs it."""
-        if self.read_action is not None:
+        """Per-env action getter: shared memory, or a pickled list (the space, or the caller, needs it)."""
+        if not blob and self.read_action is not None:
             read, start = self.read_action, self.start
             return lambda k: read(start + k)
         actions = pickle.loads(blob)

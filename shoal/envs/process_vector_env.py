@@ -219,7 +219,7 @@ class ProcessVectorEnv(VectorEnv):
                     self.single_observation_space
                 ):
                     final_shm = create_shared_memory(self.single_observation_space, self.num_envs, ctx)
-            except (CustomSpaceError, TypeError) as e:  # custom or dynamic-shape spaces
+            except CustomSpaceError as e:  # dynamic-shape spaces raise TypeError, as in gymnasium
                 raise ValueError(
                     "Using `ProcessVectorEnv(..., shared_memory=True)` caused an error, you can "
                     "disable this feature with `shared_memory=False` however this is slower."
@@ -231,6 +231,8 @@ class ProcessVectorEnv(VectorEnv):
             self.observations = create_empty_array(
                 self.single_observation_space, n=self.num_envs, fn=np.zeros
             )
+        self._obs_items: list[Any] = [None] * self.num_envs  # pickled observations, not batched
+        self._obs_stale = False  # _obs_items changed since they were last concatenated
         self._final_obs_at = None
         if final_shm is not None:
             views = read_from_shared_memory(self.single_observation_space, final_shm, self.num_envs)
@@ -414,8 +416,15 @@ class ProcessVectorEnv(VectorEnv):
                 "call `recv` until none is in flight (or `reset`).",
                 "send",
             )
-        if self._action_views is not None:
-            assign_batch(self.single_action_space, self._action_views, actions)
+        per_env = None
+        if self._action_views is None:
+            per_env = _iterate(self.action_space, actions, self.num_envs)
+        else:
+            try:
+                assign_batch(self.single_action_space, self._action_views, actions)
+            except (ValueError, TypeError):  # not shaped as the batched space: as gymnasium does,
+                per_env = _iterate(self.action_space, actions, self.num_envs)  # hand out the items
+        if per_env is None:
             for k in range(self.num_workers):
                 try:
                     self._drain_late(k)
@@ -427,7 +436,6 @@ class ProcessVectorEnv(VectorEnv):
                 self._codes[k, 0] = w.CODE_STEP  # no pipe message: see _worker.Channel
                 self._go[k].release()
         else:
-            per_env = _iterate(self.action_space, actions, self.num_envs)
             for k, (lo, hi) in enumerate(self.slices):
                 self._post(k, w.STEP + pickle.dumps(per_env[lo:hi]))
         self._waiting = list(range(self.num_workers))
@@ -542,7 +550,7 @@ class ProcessVectorEnv(VectorEnv):
         obs = (
             gather_batch(self.single_observation_space, self.observations, ids)
             if (is_flat_batchable(self.single_observation_space))
-            else [self._obs_at(i) for i in ids]
+            else [self._obs_items[i] for i in ids]
         )
         return obs, self._rewards[ids], self._terminations[ids], self._truncations[ids], infos
 
@@ -966,6 +974,9 @@ class ProcessVectorEnv(VectorEnv):
 
     def _returned_obs(self) -> Any:
         """The batch of observations, copied unless ``copy=False`` asked for the live view."""
+        if self._obs_stale:  # batched as AsyncVectorEnv does, whatever the space
+            self.observations = concatenate(self.single_observation_space, self._obs_items, self.observations)
+            self._obs_stale = False
         if not self.copy:
             return self.observations
         obs = self.observations
@@ -985,15 +996,9 @@ class ProcessVectorEnv(VectorEnv):
                 _expand(self.single_observation_space, obs),
                 slice(i, i + 1),
             )
-        else:
-            parts = [self._obs_at(j) for j in range(self.num_envs)]
-            parts[i] = obs
-            self.observations = concatenate(self.single_observation_space, parts, self.observations)
-
-    def _obs_at(self, i: int) -> Any:
-        from gymnasium.vector.utils import iterate
-
-        return list(iterate(self.observation_space, self.observations))[i]
+        else:  # concatenated when returned: custom spaces cannot be indexed in a batch
+            self._obs_items[i] = obs
+            self._obs_stale = True
 
     def _check_spaces(self) -> None:
         blob = w.CHECK + pickle.dumps(
