@@ -416,3 +416,15 @@ def test_workers_stuck_writing_die_with_their_parent(how, in_thread):
         for pid in alive(pids):
             os.kill(pid, signal.SIGKILL)
         wait_gone(pids, 5.0)
+
+
+def test_forkserver_workers_do_not_take_the_forkserver_for_a_dead_parent():
+    """Their parent process is the forkserver: they used to exit after 2 s idle."""
+    env = ProcessVectorEnv(fns(2), num_workers=2, context="forkserver")
+    try:
+        env.reset(seed=0)
+        time.sleep(2.6)  # longer than an idle worker's parent check
+        obs, *_ = env.step(np.zeros(2, dtype=np.int64))
+        assert obs.shape == (2, 3)
+    finally:
+        env.close()
