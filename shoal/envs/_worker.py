@@ -8,10 +8,13 @@ shared memory: non-empty infos, errors, ``call`` results and custom-space observ
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import signal
 import struct
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -46,6 +49,11 @@ CODE_PIPE = 0  # the message is in the pipe
 CODE_STEP = 1  # parent -> worker: STEP, actions in shared memory
 CODE_OK = 2  # worker -> parent: OK, no message
 PARENT_POLL_S = 2.0  # how often an idle worker checks that its parent is still alive
+# A message longer than this may not fit in the pipe's buffer, so its sender wakes the
+# reader before writing it: writing first would block until the reader, still waiting for
+# the wake-up, reads it. Shorter messages are written first and the reader never blocks.
+SMALL_MESSAGE = 16 * 1024
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # After answering, a worker polls its pipe this long before sleeping in the kernel: the next
 # step usually follows within microseconds, and waking a sleeping process costs ~20-50 us.
 SPIN_S = 100e-6
@@ -112,7 +120,11 @@ class Channel:
 
     def __init__(self, conn: Any, go: Any, done: Any, codes: np.ndarray, parent_pid: int) -> None:
         self.conn, self.go, self.done, self.parent_pid = conn, go, done, parent_pid
+        self.first_ppid = os.getppid()  # the parent itself, or a forkserver started by it
         self.codes = codes
+
+    def parent_alive(self) -> bool:
+        return parent_alive(self.parent_pid, self.first_ppid)
 
     def next_command(self, spin_s: float = 0.0) -> bytes | None:
         """Block until the parent sends a command; None when the parent is gone."""
@@ -126,7 +138,7 @@ class Channel:
                 got = take(False)
         while not got:
             got = take(True, PARENT_POLL_S)
-            if not got and os.getppid() != self.parent_pid:
+            if not got and not self.parent_alive():
                 return None  # orphaned: the parent died without closing us
         if self.codes[0] == CODE_STEP:
             return STEP
@@ -138,10 +150,56 @@ class Channel:
     def reply(self, blob: bytes) -> None:
         if blob == OK:
             self.codes[1] = CODE_OK
-        else:
+            self.done.release()
+        elif len(blob) <= SMALL_MESSAGE:
             self.codes[1] = CODE_PIPE
             self.conn.send_bytes(blob)
-        self.done.release()
+            self.done.release()
+        else:  # e.g. rendered frames: the parent reads while this writes (see SMALL_MESSAGE)
+            self.codes[1] = CODE_PIPE
+            self.done.release()
+            self.conn.send_bytes(blob)
+
+
+def parent_alive(parent_pid: int, first_ppid: int) -> bool:
+    """False once the vector env's process is gone (the worker was re-parented, or it died)."""
+    if os.getppid() != first_ppid:
+        return False
+    if parent_pid == first_ppid:
+        return True
+    try:  # started by a forkserver: ask about the vector env's process itself
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def die_with_parent(parent_pid: int, use_signal: bool) -> None:
+    """Make sure this process ends with its parent, even when stuck writing to a pipe.
+
+    A worker can block in a write that nobody will read (a large reply, a parent killed
+    meanwhile), and another process inheriting the pipe (a fork) keeps that write from
+    failing. Linux can send SIGKILL when the parent ends (``PR_SET_PDEATHSIG``); the signal
+    follows the thread that started us, so the parent asks for it only from its main thread.
+    Otherwise a watcher thread polls the parent and ends the process.
+    """
+    first_ppid = os.getppid()
+    if use_signal and sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if not parent_alive(parent_pid, first_ppid):  # it died before prctl
+                    os._exit(1)
+                return
+
+    def watch() -> None:
+        while parent_alive(parent_pid, first_ppid):
+            time.sleep(PARENT_POLL_S)
+        time.sleep(PARENT_POLL_S)  # an idle main loop exits cleanly meanwhile (closing its envs)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shoal-parent-watch", daemon=True).start()
 
 
 def _noop() -> None:
@@ -160,10 +218,14 @@ def worker_main(
     autoreset_mode: AutoresetMode,
     parent_pid: int,
     inherited: list[Any],
+    death_signal: bool,
 ) -> None:
     """Entry point of an env worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    for other in inherited:  # fork copies the parent's ends of earlier workers' pipes
+    die_with_parent(parent_pid, death_signal)
+    # fork copies the parent's ends of every worker's pipe, this one's included: held here,
+    # they would keep a write to a dead parent from failing.
+    for other in inherited:
         other.close()
     code_view = np.frombuffer(codes, dtype=np.uint8)[2 * worker_index : 2 * worker_index + 2]
     channel = Channel(conn, go, done, code_view, parent_pid)
@@ -182,6 +244,8 @@ def worker_main(
             _serve_until_close(channel)
             return
         env_slice.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent is gone: nobody to tell
     finally:
         for env in envs:
             with contextlib.suppress(Exception):
@@ -267,12 +331,7 @@ class _EnvSlice:
         if mode is AutoresetMode.NEXT_STEP and self.autoreset[k]:
             obs, info = env.reset()
             reward, terminated, truncated = 0.0, False, False
-        else:
-            if mode is AutoresetMode.DISABLED and self.autoreset[k]:
-                raise AssertionError(
-                    f"env {i} was stepped after its episode ended with autoreset_mode=DISABLED;"
-                    " reset it first with reset(options={'reset_mask': ...})"
-                )
+        else:  # DISABLED steps an ended env as asked, as AsyncVectorEnv does
             obs, reward, terminated, truncated, info = env.step(action)
             if mode is AutoresetMode.SAME_STEP and (terminated or truncated):
                 reset_obs, reset_info = env.reset()
@@ -294,8 +353,8 @@ class _EnvSlice:
         return (info, final) if (info or final) else None
 
     def _actions(self, blob: bytes) -> Any:
-        """Per-env action getter: shared memory, or a pickled list when the space needs it."""
-        if self.read_action is not None:
+        """Per-env action getter: shared memory, or a pickled list (the space, or the caller, needs it)."""
+        if not blob and self.read_action is not None:
             read, start = self.read_action, self.start
             return lambda k: read(start + k)
         actions = pickle.loads(blob)

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -218,7 +219,7 @@ class ProcessVectorEnv(VectorEnv):
                     self.single_observation_space
                 ):
                     final_shm = create_shared_memory(self.single_observation_space, self.num_envs, ctx)
-            except (CustomSpaceError, TypeError) as e:  # custom or dynamic-shape spaces
+            except CustomSpaceError as e:  # dynamic-shape spaces raise TypeError, as in gymnasium
                 raise ValueError(
                     "Using `ProcessVectorEnv(..., shared_memory=True)` caused an error, you can "
                     "disable this feature with `shared_memory=False` however this is slower."
@@ -230,6 +231,8 @@ class ProcessVectorEnv(VectorEnv):
             self.observations = create_empty_array(
                 self.single_observation_space, n=self.num_envs, fn=np.zeros
             )
+        self._obs_items: list[Any] = [None] * self.num_envs  # pickled observations, not batched
+        self._obs_stale = False  # _obs_items changed since they were last concatenated
         self._final_obs_at = None
         if final_shm is not None:
             views = read_from_shared_memory(self.single_observation_space, final_shm, self.num_envs)
@@ -274,6 +277,11 @@ class ProcessVectorEnv(VectorEnv):
         self._late = [0] * self.num_workers  # replies owed after a timed-out wait
         self._in_flight = np.zeros(self.num_envs, dtype=bool)  # envs sent but not received
         self._ready: list[tuple[int, Any]] = []  # (env, info) received, not yet returned
+        # on_failure="restart": workers found dead while sending, restarted when collecting.
+        self._failed: dict[int, str] = {}
+        self._fresh: dict[int, Any] = {}  # idle envs of a worker restarted during send/recv
+        self._reset_request: tuple[list[Any], Any, Any] | None = None  # what reset_async sent
+        self._busy_since = [0.0] * self.num_workers  # send/recv: when worker k last answered
         try:
             self._check_spaces()
         except BaseException:
@@ -284,9 +292,12 @@ class ProcessVectorEnv(VectorEnv):
         """Start (or start again) the process stepping slice ``k``, with fresh envs."""
         ctx = self._ctx
         lo, hi = self.slices[k]
-        fork = ctx.get_start_method() == "fork"
+        method = ctx.get_start_method()
         parent, child = ctx.Pipe()
-        others = [p for j, p in enumerate(self.parent_pipes) if j != k]
+        # A forked worker closes its copies of the parent's pipe ends, its own one included.
+        inherited = [p for j, p in enumerate(self.parent_pipes) if j != k] + [parent]
+        # PR_SET_PDEATHSIG fires when the thread that started the worker ends, not the process.
+        death_signal = method == "forkserver" or threading.current_thread() is threading.main_thread()
         with clear_mpi_env_vars():
             proc = ctx.Process(
                 target=w.worker_main,
@@ -302,7 +313,8 @@ class ProcessVectorEnv(VectorEnv):
                     self._buffers,
                     self.autoreset_mode,
                     os.getpid(),
-                    others if fork else [],
+                    inherited if method == "fork" else [],
+                    death_signal,
                 ),
                 daemon=self.daemon,
             )
@@ -367,11 +379,13 @@ class ProcessVectorEnv(VectorEnv):
                 )
         self._drain_in_flight()
         self._ready.clear()
+        self._fresh.clear()
+        self._reset_request = (list(seed), options, mask)
         for k, (lo, hi) in enumerate(self.slices):
             sub_mask = None if mask is None else mask[lo:hi].tolist()
             if sub_mask is not None and not any(sub_mask):
                 continue  # nothing to reset here: no message, no reply
-            self._send(k, w.RESET + pickle.dumps((seed[lo:hi], options, sub_mask)))
+            self._post(k, w.RESET + pickle.dumps((seed[lo:hi], options, sub_mask)))
         self._waiting = [k for k, (lo, hi) in enumerate(self.slices) if mask is None or mask[lo:hi].any()]
         self._state = _State.WAITING_RESET
 
@@ -402,16 +416,28 @@ class ProcessVectorEnv(VectorEnv):
                 "call `recv` until none is in flight (or `reset`).",
                 "send",
             )
-        if self._action_views is not None:
-            assign_batch(self.single_action_space, self._action_views, actions)
+        per_env = None
+        if self._action_views is None:
+            per_env = _iterate(self.action_space, actions, self.num_envs)
+        else:
+            try:
+                assign_batch(self.single_action_space, self._action_views, actions)
+            except (ValueError, TypeError):  # not shaped as the batched space: as gymnasium does,
+                per_env = _iterate(self.action_space, actions, self.num_envs)  # hand out the items
+        if per_env is None:
             for k in range(self.num_workers):
-                self._drain_late(k)
+                try:
+                    self._drain_late(k)
+                except EnvWorkerError:
+                    if self.on_failure != "restart":
+                        raise
+                    self._note_failure(k)
+                    continue
                 self._codes[k, 0] = w.CODE_STEP  # no pipe message: see _worker.Channel
                 self._go[k].release()
         else:
-            per_env = _iterate(self.action_space, actions, self.num_envs)
             for k, (lo, hi) in enumerate(self.slices):
-                self._send(k, w.STEP + pickle.dumps(per_env[lo:hi]))
+                self._post(k, w.STEP + pickle.dumps(per_env[lo:hi]))
         self._waiting = list(range(self.num_workers))
         self._state = _State.WAITING_STEP
 
@@ -424,6 +450,9 @@ class ProcessVectorEnv(VectorEnv):
                 _State.WAITING_STEP.value,
             )
         infos = self._collect(timeout, "step_wait")
+        if self._fresh:  # restarted while idle during send/recv: this step began a new episode
+            infos = self._mark_restarted(infos, list(self._fresh))
+            self._fresh.clear()
         return (
             self._returned_obs(),
             np.copy(self._rewards),
@@ -465,11 +494,19 @@ class ProcessVectorEnv(VectorEnv):
         else:
             per_env = _iterate(batch_space(self.single_action_space, len(ids)), actions, len(ids))
             blobs = dict(zip(ids.tolist(), per_env))
-        self._in_flight[ids] = True
+        if self._fresh:  # restarted while idle: their new episode's first step is ready now
+            fresh = np.isin(ids, list(self._fresh))
+            self._ready += [(i, self._fresh.pop(i)) for i in ids[fresh].tolist()]
+            ids = ids[~fresh]
+        now = time.perf_counter()
         for k in np.unique(self._owner[ids]).tolist():
+            lo, hi = self.slices[k]
+            if not self._in_flight[lo:hi].any():
+                self._busy_since[k] = now  # step_timeout counts from here
             mine = ids[self._owner[ids] == k].astype(np.int32)
+            self._in_flight[mine] = True
             extra = pickle.dumps({i: blobs[i] for i in mine.tolist()}) if blobs else b""
-            self._send(k, w.STEP_SOME + w._INDEX.pack(len(mine)) + mine.tobytes() + extra)
+            self._post(k, w.STEP_SOME + w._INDEX.pack(len(mine)) + mine.tobytes() + extra)
 
     def recv(
         self, timeout: float | None = None, batch_size: int | None = None
@@ -486,27 +523,22 @@ class ProcessVectorEnv(VectorEnv):
             )
         deadline = None if timeout is None else time.perf_counter() + timeout
         while len(self._ready) < n:
-            busy = [self.parent_pipes[k] for k in np.unique(self._owner[self._in_flight])]
-            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            ready = wait(busy, left)
-            if not ready:
-                raise mp.TimeoutError(f"The call to `recv` has timed out after {timeout} second(s).")
+            for k in list(self._failed):  # found dead by `send`
+                self._recover(k, self._failed.pop(k))
+            if len(self._ready) >= n:
+                break
+            busy = np.unique(self._owner[self._in_flight]).tolist()
+            now = time.perf_counter()
+            wake = now + DEATH_CHECK_S  # see _take: a wait is cut in slices to notice deaths
+            if deadline is not None:
+                wake = min(wake, deadline)
+            if self.step_timeout is not None:
+                wake = min(wake, min(self._busy_since[k] for k in busy) + self.step_timeout)
+            ready = wait([self.parent_pipes[k] for k in busy], max(0.0, wake - now))
             for conn in ready:
-                k = self.parent_pipes.index(conn)
-                msg = self._recv(k)
-                if msg[:1] == w.ERROR:
-                    index = pickle.loads(msg[1:])[0]
-                    if index is not None:
-                        self._in_flight[index] = False
-                    self._raise_remote(k, msg)
-                (i,) = w._INDEX.unpack_from(msg, 1)
-                info = None
-                if len(msg) > 5:
-                    info, obs = pickle.loads(msg[5:])
-                    if obs is not None:
-                        self._set_obs(i, obs)
-                self._in_flight[i] = False
-                self._ready.append((i, info))
+                self._recv_one(self.parent_pipes.index(conn))
+            if not ready:
+                self._check_busy(busy, timeout, deadline)
         batch, self._ready = self._ready[:n], self._ready[n:]
         ids = np.array([i for i, _ in batch], dtype=np.int64)
         infos: dict[str, Any] = {}
@@ -518,9 +550,69 @@ class ProcessVectorEnv(VectorEnv):
         obs = (
             gather_batch(self.single_observation_space, self.observations, ids)
             if (is_flat_batchable(self.single_observation_space))
-            else [self._obs_at(i) for i in ids]
+            else [self._obs_items[i] for i in ids]
         )
         return obs, self._rewards[ids], self._terminations[ids], self._truncations[ids], infos
+
+    def _recv_one(self, k: int) -> None:
+        """Take one reply of a `send` from worker ``k``: an env's step, or a failure."""
+        try:
+            msg = self._recv(k)
+        except EnvWorkerError:
+            if self.on_failure != "restart":
+                raise
+            self._note_failure(k)
+            self._recover(k, self._failed.pop(k))
+            return
+        self._busy_since[k] = time.perf_counter()
+        if msg[:1] == w.ERROR:
+            index, _, type_name, text, tb = pickle.loads(msg[1:])
+            if self.on_failure == "restart":
+                where = f"env {index}" if index is not None else "env creation"
+                self._recover(k, f"raised {type_name}: {text} (in {where}):\n{tb}")
+                return
+            if index is not None:
+                self._in_flight[index] = False
+            self._raise_remote(k, msg)
+        (i,) = w._INDEX.unpack_from(msg, 1)
+        info = None
+        if len(msg) > 5:
+            info, obs = pickle.loads(msg[5:])
+            if obs is not None:
+                self._set_obs(i, obs)
+        self._in_flight[i] = False
+        self._ready.append((i, info))
+
+    def _check_busy(self, busy: list[int], timeout: float | None, deadline: float | None) -> None:
+        """After a wait with no reply: a dead or hung worker fails; past ``timeout``, raise."""
+        now = time.perf_counter()
+        for k in busy:
+            if not self.processes[k].is_alive():
+                self._recv_one(k)  # raises, or restarts it
+            elif self.step_timeout is not None and now - self._busy_since[k] >= self.step_timeout:
+                reason = f"did not answer within {self.step_timeout} s (step_timeout)"
+                if self.on_failure != "restart":
+                    raise mp.TimeoutError(f"{self._worker_name(k)} {reason}")
+                self._recover(k, reason)
+        if deadline is not None and now >= deadline:
+            raise mp.TimeoutError(f"The call to `recv` has timed out after {timeout} second(s).")
+
+    def _recover(self, k: int, reason: str) -> None:
+        """Restart worker ``k`` during send/recv: each of its envs comes back in a new episode.
+
+        Envs that were stepping or waiting to be returned come back from ``recv`` with their
+        new first observation; idle ones do at their next ``send``, without being stepped.
+        """
+        lo, hi = self.slices[k]
+        infos = {i: info for i, info, _ in self._unpack(k, self._restart_worker(k, reason))}
+        restarted = {i: ({**infos.get(i, {}), "env_worker_restarted": True}, False) for i in range(lo, hi)}
+        self._ready = [(i, restarted.pop(i)) if lo <= i < hi else (i, x) for i, x in self._ready]
+        for i, info in restarted.items():
+            if self._in_flight[i]:
+                self._ready.append((i, info))
+            else:
+                self._fresh[i] = info
+        self._in_flight[lo:hi] = False
 
     # -- call / attributes / render ------------------------------------------------------
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -577,7 +669,7 @@ class ProcessVectorEnv(VectorEnv):
     # -- closing -------------------------------------------------------------------------
     def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
         """Stop the workers: politely (``close`` each env), or by force after ``timeout``."""
-        pending = self._state != _State.DEFAULT or any(self._late) or self._in_flight.any()
+        pending = self._state != _State.DEFAULT or any(self._late) or self._in_flight.any() or self._failed
         if self._dead is None and not terminate and not pending:
             deadline = None if timeout is None else time.perf_counter() + timeout
             try:
@@ -635,10 +727,14 @@ class ProcessVectorEnv(VectorEnv):
         self._drain_late(k)
         self._codes[k, 0] = w.CODE_PIPE
         try:
-            self.parent_pipes[k].send_bytes(blob)
+            if len(blob) <= w.SMALL_MESSAGE:
+                self.parent_pipes[k].send_bytes(blob)
+                self._go[k].release()
+            else:  # the worker reads while this writes (see _worker.SMALL_MESSAGE)
+                self._go[k].release()
+                self.parent_pipes[k].send_bytes(blob)
         except (BrokenPipeError, EOFError, OSError) as e:
             raise self._broken(k, "send") from e
-        self._go[k].release()
 
     def _take(self, k: int, deadline: float | None) -> bool:
         """Wait for worker ``k``'s next reply token; False at the deadline.
@@ -681,12 +777,34 @@ class ProcessVectorEnv(VectorEnv):
             self._late[k] -= 1
 
     def _drain_in_flight(self) -> None:
-        """Collect and drop the steps started by `send` that `recv` never took."""
+        """Collect and drop the steps started by `send` that `recv` never took.
+
+        With on_failure="restart", a dead or hung worker is left for the reset to restart.
+        """
         while self._in_flight.any():
             for k in np.unique(self._owner[self._in_flight]).tolist():
-                msg = self._recv(k)
-                index = pickle.loads(msg[1:])[0] if msg[:1] == w.ERROR else (w._INDEX.unpack_from(msg, 1)[0])
-                if index is not None:
+                lo, hi = self.slices[k]
+                if k not in self._failed:
+                    deadline = None if self.step_timeout is None else time.perf_counter() + self.step_timeout
+                    try:
+                        msg = self._recv(k, deadline)
+                    except EnvWorkerError:
+                        if self.on_failure != "restart":
+                            raise
+                        self._note_failure(k)
+                        msg = None
+                    if msg is None and k not in self._failed:
+                        reason = f"did not answer within {self.step_timeout} s (step_timeout)"
+                        if self.on_failure != "restart":
+                            raise mp.TimeoutError(f"{self._worker_name(k)} {reason}")
+                        self._failed[k] = reason
+                if k in self._failed:
+                    self._in_flight[lo:hi] = False
+                    continue
+                index = pickle.loads(msg[1:])[0] if msg[:1] == w.ERROR else w._INDEX.unpack_from(msg, 1)[0]
+                if index is None:  # the whole command failed: no more replies to it
+                    self._in_flight[lo:hi] = False
+                else:
                     self._in_flight[index] = False
 
     def _gather(self, timeout: float | None, what: str) -> dict[int, bytes]:
@@ -722,9 +840,35 @@ class ProcessVectorEnv(VectorEnv):
             return self._merge(self._gather(timeout, what))
         replies, failures = self._gather_surviving(timeout)
         infos = self._merge(replies)
+        reset = self._reset_request if what == "reset_wait" else None
         for k, reason in failures.items():
-            infos = self._restart_worker(k, reason, infos)
+            infos = self._merge({k: self._restart_worker(k, reason, reset)}, infos)
+            infos = self._mark_restarted(infos, range(*self.slices[k]))
         return infos
+
+    def _mark_restarted(self, infos: dict[str, Any], envs: Any) -> dict[str, Any]:
+        for i in envs:
+            infos = self._add_info(infos, {"env_worker_restarted": True}, i)
+        return infos
+
+    def _post(self, k: int, blob: bytes) -> None:
+        """Send a command; with on_failure="restart", a dead worker is noted instead of raising.
+
+        The reply collection then restarts it (``_failed``), as for a worker dying mid-step.
+        """
+        if k in self._failed:
+            return
+        try:
+            self._send(k, blob)
+        except EnvWorkerError:
+            if self.on_failure != "restart":
+                raise
+            self._note_failure(k)
+
+    def _note_failure(self, k: int) -> None:
+        self._dead = None  # only this worker is lost, and it is about to be replaced
+        self.processes[k].join(timeout=1.0)
+        self._failed[k] = w.describe_exit(self.processes[k].exitcode)
 
     def _gather_surviving(self, timeout: float | None) -> tuple[dict[int, bytes], dict[int, str]]:
         """Collect the step replies; a worker that died, raised or hung is a failure, not an error."""
@@ -732,6 +876,9 @@ class ProcessVectorEnv(VectorEnv):
         replies: dict[int, bytes] = {}
         failures: dict[int, str] = {}
         for k in self._waiting:
+            if k in self._failed:
+                failures[k] = self._failed.pop(k)
+                continue
             try:
                 msg = self._recv(k, deadline)
             except EnvWorkerError:
@@ -747,11 +894,18 @@ class ProcessVectorEnv(VectorEnv):
                 failures[k] = f"raised {type_name}: {text} (in {where}):\n{tb}"
             else:
                 replies[k] = msg
+        failures.update(self._failed)  # dead, though a masked reset had nothing for it
+        self._failed.clear()
         self._state = _State.DEFAULT
         return replies, failures
 
-    def _restart_worker(self, k: int, reason: str, infos: dict[str, Any]) -> dict[str, Any]:
-        """Replace a failed worker by a new process with fresh envs, reset and marked in ``infos``."""
+    def _restart_worker(self, k: int, reason: str, reset: tuple[list[Any], Any, Any] | None = None) -> bytes:
+        """Replace a failed worker by a new process with fresh envs, reset; return the reset's reply.
+
+        The fresh envs are reset with ``reseed``'s seeds. When the failure happened during a
+        reset, the reset that was asked for (``reset``: seeds, options, mask) follows, so the
+        caller gets the observations it asked for.
+        """
         name = self._worker_name(k)
         proc = self.processes[k]
         if proc.is_alive():
@@ -771,7 +925,16 @@ class ProcessVectorEnv(VectorEnv):
         self._late[k] = 0
         self._start_worker(k)
         seeds = [None if self.reseed is None else self.reseed(i, self.worker_restarts) for i in range(lo, hi)]
-        self._send(k, w.RESET + pickle.dumps((seeds, None, None)))
+        msg = self._reset_restarted(k, (seeds, None, None))
+        if reset is not None:
+            seed, options, mask = reset
+            sub_mask = None if mask is None else mask[lo:hi].tolist()
+            if sub_mask is None or any(sub_mask):
+                msg = self._reset_restarted(k, (seed[lo:hi], options, sub_mask))
+        return msg
+
+    def _reset_restarted(self, k: int, request: tuple[Any, Any, Any]) -> bytes:
+        self._send(k, w.RESET + pickle.dumps(request))
         deadline = None if self.step_timeout is None else time.perf_counter() + max(self.step_timeout, 30.0)
         msg = self._recv(k, deadline)
         if msg is None:
@@ -779,10 +942,7 @@ class ProcessVectorEnv(VectorEnv):
         if msg[:1] == w.ERROR:
             self._dead = f"{self._worker_name(k)} could not reset its new envs after a restart"
             self._raise_remote(k, msg)
-        infos = self._merge({k: msg}, infos)
-        for i in range(lo, hi):
-            infos = self._add_info(infos, {"env_worker_restarted": True}, i)
-        return infos
+        return msg
 
     def _raise_remote(self, k: int, msg: bytes) -> None:
         index, exc, type_name, text, tb = pickle.loads(msg[1:])
@@ -797,20 +957,26 @@ class ProcessVectorEnv(VectorEnv):
         """Batch infos (and pickled observations) in env order, as SyncVectorEnv does."""
         infos = {} if infos is None else infos
         for k in sorted(replies):
-            msg = replies[k]
-            if msg[:1] != w.PAYLOAD:
-                continue
-            env_infos, obs_list = pickle.loads(msg[1:])
-            if obs_list is not None:
-                lo, _ = self.slices[k]
-                for j, obs in enumerate(obs_list):
-                    self._set_obs(lo + j, obs)
-            for i, info, final in env_infos:
+            for i, info, final in self._unpack(k, replies[k]):
                 infos = self._add_info(infos, self._info_of(i, info, final), i)
         return infos
 
+    def _unpack(self, k: int, msg: bytes) -> list[tuple[int, dict[str, Any], bool]]:
+        """A reset or step reply of worker ``k``: store pickled observations, return the infos."""
+        if msg[:1] != w.PAYLOAD:
+            return []
+        env_infos, obs_list = pickle.loads(msg[1:])
+        if obs_list is not None:
+            lo, _ = self.slices[k]
+            for j, obs in enumerate(obs_list):
+                self._set_obs(lo + j, obs)
+        return env_infos
+
     def _returned_obs(self) -> Any:
         """The batch of observations, copied unless ``copy=False`` asked for the live view."""
+        if self._obs_stale:  # batched as AsyncVectorEnv does, whatever the space
+            self.observations = concatenate(self.single_observation_space, self._obs_items, self.observations)
+            self._obs_stale = False
         if not self.copy:
             return self.observations
         obs = self.observations
@@ -830,15 +996,9 @@ class ProcessVectorEnv(VectorEnv):
                 _expand(self.single_observation_space, obs),
                 slice(i, i + 1),
             )
-        else:
-            parts = [self._obs_at(j) for j in range(self.num_envs)]
-            parts[i] = obs
-            self.observations = concatenate(self.single_observation_space, parts, self.observations)
-
-    def _obs_at(self, i: int) -> Any:
-        from gymnasium.vector.utils import iterate
-
-        return list(iterate(self.observation_space, self.observations))[i]
+        else:  # concatenated when returned: custom spaces cannot be indexed in a batch
+            self._obs_items[i] = obs
+            self._obs_stale = True
 
     def _check_spaces(self) -> None:
         blob = w.CHECK + pickle.dumps(
