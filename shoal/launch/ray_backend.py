@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -73,11 +75,18 @@ def ray_start(config: TrainConfig) -> bool:
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
         return False
     needed = config.num_workers * config.ray_cpus_per_worker
+    ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(-(-needed // 1))),  # never wait for CPUs we lack
         include_dashboard=False,
         logging_level=logging.WARNING,
     )
+    # Ray's core installs a SIGTERM handler that aborts the driver: a scheduler's stop must
+    # reach ours, which has every rank save and return.
+    if threading.current_thread() is threading.main_thread():
+        for s, handler in ours.items():
+            if callable(handler):
+                signal.signal(s, handler)
     return True
 
 
