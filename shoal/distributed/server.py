@@ -199,7 +199,7 @@ class _Session:
         for worker in range(s.num_workers):
             args = (self.store, worker, size, self.events)
             threading.Thread(target=s._listen, args=args, daemon=True).start()
-        tick = TICK_S if s.peer_timeout is None else min(TICK_S, s.peer_timeout / 4)
+        tick = TICK_S if s.peer_timeout is None else min(TICK_S, s.peer_timeout / 8)
         while len(self.done) < s.num_workers:
             try:
                 what, worker, generation, item = self.events.get(timeout=tick)
