@@ -78,15 +78,16 @@ def _short_into_long(rank: int, store: str, results) -> None:
     link = Link(opened, 0, 0, rank)
     if rank == WORKER:
         link.send(torch.arange(10, dtype=torch.uint8), timeout=30)
-        results.put(None)
+        results.put((rank, None))
     else:
         buffer = torch.zeros(100, dtype=torch.uint8)
         link.recv(buffer, timeout=30)
-        results.put(buffer[:12].tolist())
+        results.put((rank, buffer[:12].tolist()))
     os._exit(0)
 
 
 def spawn(target, *args) -> tuple[list, object]:
+    """``target(*a, results)`` in a spawned process for each ``a`` in ``args``."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     procs = [ctx.Process(target=target, args=(*a, results)) for a in args]
@@ -95,14 +96,32 @@ def spawn(target, *args) -> tuple[list, object]:
     return procs, results
 
 
+def collect(procs: list, results, timeout: float = 120.0) -> dict:
+    """One result per process, by key; a process that fails stops the others and the test."""
+    got: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < len(procs):
+            while not results.empty():
+                key, value = results.get()
+                got[key] = value
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, f"exit codes {[p.exitcode for p in procs]}"
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.join(30 if len(got) == len(procs) else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return got
+
+
 @pytest.mark.timeout(120)
 def test_gloo_delivers_a_short_message_into_a_longer_buffer(tmp_path):
     store = str(tmp_path / "store")
     procs, results = spawn(_short_into_long, (0, store), (1, store))
-    got = [results.get() for _ in procs]
-    for p in procs:
-        p.join(30)
-    assert [*range(10), 0, 0] in got
+    assert collect(procs, results)[0] == [*range(10), 0, 0]
 
 
 # -- several optimizers, on every strategy -----------------------------------------------------
@@ -169,10 +188,7 @@ def test_parameter_server_steps_each_optimizer_of_the_algorithm(mode, tmp_path):
     procs, results = spawn(
         _two_optimizer_rank, *[(r, store, server_mode, mode == "pipelined", samples) for r in range(3)]
     )
-    got = dict(results.get() for _ in procs)
-    for p in procs:
-        p.join(30)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    got = collect(procs, results)
     start = [np.array(w) for w in _flat(_nets(0)[0])]
     g = [_grads(0), _grads(1)]
     if mode == "sync":  # one round per optimizer: the sample-weighted mean, once
@@ -249,9 +265,7 @@ def test_collective_strategies_reduce_and_average_every_optimizer(strategy, comp
 
     port = free_port()
     procs, results = spawn(_collective_rank, *[(r, port, strategy, compress) for r in range(2)])
-    got = dict(results.get() for _ in procs)
-    for p in procs:
-        p.join(30)
+    got = collect(procs, results)
     start = [np.array(w) for w in _flat(_nets(0)[0])]
     g = [_grads(0), _grads(1)]
     if strategy == "sync":  # the sample-weighted mean gradient (1 and 2 samples), on both workers
@@ -419,8 +433,6 @@ def test_a_worker_waiting_for_a_sync_round_longer_than_the_timeout_is_kept_alive
     thread = threading.Thread(target=lambda: stats.update(server.serve(store)), daemon=True)
     thread.start()
     procs, results = spawn(_slow_sync_worker, (store_path, 0, 0.0), (store_path, 1, 1.5))
-    got = dict(results.get() for _ in procs)
-    for p in procs:
-        p.join(30)
+    got = collect(procs, results)
     thread.join(30)
     assert got == {0: 2, 1: 2} and stats["workers_lost"] == 0 and stats["version"] == 2
