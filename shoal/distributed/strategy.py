@@ -1,8 +1,12 @@
 """How training workers cooperate. An algorithm is handed one strategy and never asks more.
 
-The algorithm calls ``reduce_gradients`` between ``backward()`` and gradient clipping, and
-``step(optimizer)`` where a lone learner would call ``optimizer.step()``. Each strategy is
-an implementation of these two hooks:
+The algorithm calls ``reduce_gradients(params, samples)`` between ``backward()`` and
+gradient clipping (``params``: what the next optimizer step updates), and
+``step(optimizer)`` where a lone learner would call ``optimizer.step()``. An algorithm may
+have several optimizers (actor, critics, temperature): each pair of calls is about one of
+them, and every worker makes them in the same order. ``start`` is given the algorithm's
+``optimizers()`` dict, whose order names them on the wire. Each strategy is an
+implementation of these hooks:
 
 - ``LocalStrategy``: one learner; ``step`` is ``optimizer.step()``.
 - ``SyncStrategy`` (``sync``): gradients all-reduced (DD-PPO, sync SGD); weights never drift.
@@ -261,6 +265,8 @@ class SyncStrategy(CollectiveStrategy):
 
     def reduce_gradients(self, params: Iterable[torch.Tensor] | nn.Module, samples: int = 1) -> None:
         params = as_params(params)
+        if not params:
+            raise ValueError("reduce_gradients was given no trainable parameters")
         key = (id(params[0]), len(params))  # the same list of parameters every time
         total, count = self._sum(flat_grad(params) * float(samples), float(samples), key)
         set_grad(params, total / count)  # sum of samples x gradient, over the sum of samples
