@@ -328,7 +328,7 @@ def _pushing_worker(store_path: str, stop_after_push: bool, results) -> None:
 
 @pytest.mark.timeout(120)
 def test_server_drops_a_hung_worker_after_the_peer_timeout_and_counts_it_lost(tmp_path):
-    from shoal.distributed.link import open_store
+    from shoal.distributed.link import lost_why, open_store
     from shoal.distributed.server import ParameterServer
 
     store_path = str(tmp_path / "store")
@@ -344,6 +344,7 @@ def test_server_drops_a_hung_worker_after_the_peer_timeout_and_counts_it_lost(tm
         assert time.monotonic() < deadline, "the server never gave up on a stopped worker"
         time.sleep(0.1)
     assert server.version == 1 and server.lost == 1
+    assert "sent nothing for 2 s" in lost_why(store, 0, 0)  # for the supervisor: end it, replace it
     os.kill(worker.pid, signal.SIGCONT)  # it wakes up: its link is closed, it cannot push
     error = results.get()
     assert error.startswith("RuntimeError") and "Connection closed by peer" in error, error

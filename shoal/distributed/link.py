@@ -64,6 +64,18 @@ def was_announced(store: dist.Store, worker: int, generation: int) -> bool:
     return store.check([f"shoal/link/{worker}/announced/{generation}"])
 
 
+def mark_lost(store: dist.Store, worker: int, generation: int, why: str) -> None:
+    """The server gave up on ``worker``'s ``generation``: a supervisor replaces it (and ends the
+    process if it still runs: a hung worker does not end by itself)."""
+    store.set(f"shoal/link/{worker}/lost/{generation}", why)
+
+
+def lost_why(store: dist.Store, worker: int, generation: int) -> str | None:
+    """Why the server gave up on ``worker``'s ``generation``, or None if it did not."""
+    key = f"shoal/link/{worker}/lost/{generation}"
+    return store.get(key).decode() if store.check([key]) else None
+
+
 def announced(store: dist.Store, worker: int, at_least: int) -> int:
     """Wait until ``worker`` announced a generation >= ``at_least``; return the newest one.
 

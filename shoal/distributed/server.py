@@ -33,7 +33,7 @@ from torch import optim
 
 from shoal.distributed import wire
 from shoal.distributed.compress import Compressor
-from shoal.distributed.link import SERVER, Link, PeerTimeout, announced, was_announced
+from shoal.distributed.link import SERVER, Link, PeerTimeout, announced, mark_lost, was_announced
 from shoal.distributed.strategy import flat_params, set_grad, trained_params
 
 log = logging.getLogger("shoal")
@@ -237,6 +237,7 @@ class _Session:
             self.lost.add((worker, generation))
             self.server.lost += 1
             log.info(f"parameter server: worker {worker} (generation {generation}) is lost: {why}")
+            mark_lost(self.store, worker, generation, why)
         link = self.links.get(worker)
         if link is None or link.generation != generation:
             return  # (a generation that never linked, or was dropped already)
