@@ -252,4 +252,125 @@ def test_server_links_the_newest_replacement_and_skips_one_that_died_before_link
     assert results.get() == 1  # its push was applied: global version 1
     last.join(30)
     thread.join(30)
-    assert stats == {"version": 1, "pushes": 1, "dropped": 0, "workers_lost": 1, "workers_joined": 2}
+    # Generation 1 announced itself, so it existed and was lost: it counts, skipped or not.
+    assert stats == {"version": 1, "pushes": 1, "dropped": 0, "workers_lost": 2, "workers_joined": 2}
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_while_linking_counts_as_lost(tmp_path, monkeypatch):
+    """Generation 1 announces itself and never completes its link (killed while linking): it is
+    a lost worker as much as generation 0, killed after linking."""
+    import multiprocessing as mp
+
+    import torch
+
+    from shoal.distributed import link
+    from shoal.distributed.link import announce, open_store
+    from shoal.distributed.server import ParameterServer
+
+    monkeypatch.setattr(link, "SERVER_SETUP", __import__("datetime").timedelta(seconds=2))
+    store_path = str(tmp_path / "store")
+    store = open_store(f"file://{store_path}", host=True)
+    net = torch.nn.Linear(3, 2)
+    server = ParameterServer(torch.optim.SGD(net.parameters(), lr=1.0), 1, "async")
+    stats: dict = {}
+    thread = threading.Thread(target=lambda: stats.update(server.serve(store)), daemon=True)
+    thread.start()
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    first = ctx.Process(target=_linked_worker, args=(store_path, 0, True, results))
+    first.start()
+    first.join(60)
+    _wait_for(lambda: server.lost == 1)
+    announce(store, 0, 1)  # the server opens this link, and nobody comes: 2 s later it gives up
+    _wait_for(lambda: server.lost == 2)
+    last = ctx.Process(target=_linked_worker, args=(store_path, 2, False, results))
+    last.start()
+    assert results.get() == 1
+    last.join(30)
+    thread.join(30)
+    assert stats == {"version": 1, "pushes": 1, "dropped": 0, "workers_lost": 2, "workers_joined": 2}
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+class _ScriptedLink:
+    """A link whose worker pushes once and then dies; which side notices first is scripted.
+
+    ``send_first``: the server's answer fails first, the listener's receive only afterwards;
+    else the listener's receive fails first (the server then never answers). Generation 1 is
+    a replacement that says Done at once.
+    """
+
+    send_first = True
+    sends: list = []
+
+    def __init__(self, store, worker: int, generation: int, side: int) -> None:
+        self.worker, self.generation = worker, generation
+        self.received = 0
+        self.dead = threading.Event()
+
+    def isend(self, tensor):
+        return None  # the greeting: taken
+
+    def wait(self, work, timeout=None) -> None:
+        pass
+
+    def recv(self, buffer, timeout=None) -> None:
+        import torch
+
+        from shoal.distributed import wire
+
+        self.received += 1
+        if self.generation == 1:
+            message = wire.encode(wire.Done())
+        elif self.received == 1 and self.send_first:
+            message = wire.encode(wire.Push(0, 0, 1.0, 0.1, 0.0, (torch.ones(8),)))
+        else:
+            if self.send_first:
+                self.dead.wait(30)  # the listener notices only after the failed send
+            raise RuntimeError("Connection closed by peer")
+        buffer[: message.numel()] = message
+
+    def send(self, tensor, timeout=None) -> None:
+        _ScriptedLink.sends.append(self.generation)
+        if self.generation == 0:
+            self.dead.set()
+            raise RuntimeError("Connection closed by peer")
+
+    def close(self) -> None:
+        self.dead.set()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("send_first", [True, False], ids=["send-fails-first", "recv-fails-first"])
+def test_a_worker_killed_after_linking_counts_once_whichever_side_notices_first(
+    tmp_path, monkeypatch, send_first
+):
+    import torch
+
+    from shoal.distributed import server as server_module
+    from shoal.distributed.link import announce, open_store
+    from shoal.distributed.server import ParameterServer
+
+    monkeypatch.setattr(server_module, "Link", _ScriptedLink)
+    monkeypatch.setattr(_ScriptedLink, "send_first", send_first)
+    monkeypatch.setattr(_ScriptedLink, "sends", [])
+    store = open_store(f"file://{tmp_path / 'store'}", host=True)
+    net = torch.nn.Linear(3, 2)
+    server = ParameterServer(torch.optim.SGD(net.parameters(), lr=1.0), 1, "async")
+    announce(store, 0, 0)
+    stats: dict = {}
+    thread = threading.Thread(target=lambda: stats.update(server.serve(store)), daemon=True)
+    thread.start()
+    _wait_for(lambda: server.lost == 1)
+    announce(store, 0, 1)
+    thread.join(30)
+    assert _ScriptedLink.sends == ([0, 1] if send_first else [1])  # (1: the final weights)
+    n = 1 if send_first else 0  # pushes applied
+    assert stats == {"version": n, "pushes": n, "dropped": 0, "workers_lost": 1, "workers_joined": 2}

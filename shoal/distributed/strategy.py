@@ -1,8 +1,12 @@
 """How training workers cooperate. An algorithm is handed one strategy and never asks more.
 
-The algorithm calls ``reduce_gradients`` between ``backward()`` and gradient clipping, and
-``step(optimizer)`` where a lone learner would call ``optimizer.step()``. Each strategy is
-an implementation of these two hooks:
+The algorithm calls ``reduce_gradients(params, samples)`` between ``backward()`` and
+gradient clipping (``params``: what the next optimizer step updates), and
+``step(optimizer)`` where a lone learner would call ``optimizer.step()``. An algorithm may
+have several optimizers (actor, critics, temperature): each pair of calls is about one of
+them, and every worker makes them in the same order. ``start`` is given the algorithm's
+``optimizers()`` dict, whose order names them on the wire. Each strategy is an
+implementation of these hooks:
 
 - ``LocalStrategy``: one learner; ``step`` is ``optimizer.step()``.
 - ``SyncStrategy`` (``sync``): gradients all-reduced (DD-PPO, sync SGD); weights never drift.
@@ -17,33 +21,30 @@ parameter server each worker talks to it over a link of its own (``shoal.distrib
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn, optim
 
 from shoal import guards
-from shoal.distributed.compress import Compressor, nbytes, pack, unpack
-from shoal.distributed.link import Link
+from shoal.distributed import wire
+from shoal.distributed.compress import Compressor
 
-# A message between a worker and the parameter server is ONE byte buffer: a float64 header
-# and the (compressed) payload. Pushes: kind, version the gradient was computed at, samples,
-# learning rate, worker sps. Replies: version, accepted, lag, dropped, every worker's sps.
-PUSH, DONE = 1.0, 2.0
-
-
-def push_message(codec: Compressor) -> tuple[torch.Tensor, ...]:
-    """The shape of a push (a DONE has the same size, so the server can receive either)."""
-    return (torch.zeros(5, dtype=torch.float64), *codec.empty())
-
-
-def reply_message(codec: Compressor, num_workers: int) -> tuple[torch.Tensor, ...]:
-    return (torch.zeros(4 + num_workers, dtype=torch.float64), *codec.empty())
+if TYPE_CHECKING:  # a link is made by the launcher; importing an algorithm needs none of it
+    from shoal.distributed.link import Link
 
 
 def trained_params(optimizer: optim.Optimizer) -> list[torch.Tensor]:
     """The parameters an optimizer updates, in a fixed order (the order of flat vectors)."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def as_params(params: Iterable[torch.Tensor] | nn.Module) -> list[torch.Tensor]:
+    """The trainable parameters given, as a list (a module stands for its parameters)."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    return [p for p in params if p.requires_grad]
 
 
 def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
@@ -77,10 +78,11 @@ class Strategy:
     def __init__(self) -> None:
         self.bytes_sent = 0
         self.comm_seconds = 0.0
-        self.steps = 0  # optimizer steps taken (updates of the weights)
+        self.steps = 0  # optimizer steps taken (updates of the weights), of every optimizer
         self.nan_policy = "raise"
         self.nonfinite_skipped = 0  # steps not taken because loss or gradients were not finite
         self.param_names: dict[int, str] = {}
+        self.optimizers: list[optim.Optimizer] = []  # the algorithm's, in its optimizers() order
 
     def watch(self, modules: dict[str, nn.Module], nan_policy: str) -> None:
         """Name the parameters (for a non-finite gradient's message) and set the NaN policy."""
@@ -99,10 +101,27 @@ class Strategy:
         return seed + 1_000_003 * self.rank
 
     def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
-        """Called once before training (after a resume): make the workers' copies agree."""
+        """Called once before training (after a resume): make the workers' copies agree.
 
-    def reduce_gradients(self, params: list[torch.Tensor], samples: int = 1) -> None:
-        """Combine this worker's gradients of ``params`` (from ``samples`` samples) with the group's."""
+        ``optimizers`` in the algorithm's order: a worker and the server name an optimizer
+        by its index in it.
+        """
+        self.optimizers = list(optimizers.values())
+
+    def index(self, optimizer: optim.Optimizer) -> int:
+        """Which of the algorithm's optimizers this is (one not given to ``start`` is added)."""
+        for i, known in enumerate(self.optimizers):
+            if known is optimizer:
+                return i
+        self.optimizers.append(optimizer)
+        return len(self.optimizers) - 1
+
+    def reduce_gradients(self, params: Iterable[torch.Tensor] | nn.Module, samples: int = 1) -> None:
+        """Combine the gradients of ``params`` (from ``samples`` samples) with the group's, in place.
+
+        ``params``: the parameters one optimizer is about to step (a module stands for its
+        own). Call it between ``backward()`` and clipping, then :meth:`step` that optimizer.
+        """
 
     def step(
         self,
@@ -112,9 +131,10 @@ class Strategy:
     ) -> None:
         """Apply the (reduced, clipped) gradients held in the parameters' ``.grad``, if finite.
 
-        ``loss`` and ``grad_norm`` (what ``clip_grad_norm`` returned) make the check cheap
-        and its message precise. Non-finite: ``NonFiniteError`` (nan_policy raise) or
-        :meth:`skip` (nan_policy skip). Subclasses change :meth:`apply` and :meth:`skip`.
+        ``optimizer``: any of the algorithm's. ``loss`` and ``grad_norm`` (what
+        ``clip_grad_norm`` returned) make the check cheap and its message precise. Non-finite:
+        ``NonFiniteError`` (nan_policy raise) or :meth:`skip` (nan_policy skip). Subclasses
+        change :meth:`apply` and :meth:`skip`.
         """
         ok = guards.gradients_ok(
             optimizer, loss, grad_norm, self.param_names, self.nan_policy, self.loss_decides
@@ -169,20 +189,23 @@ class CollectiveStrategy(Strategy):
         super().__init__()
         self.rank, self.world_size = rank, world_size
         self.compress, self.topk_ratio = compress, topk_ratio
-        self.codec: Compressor | None = None  # made on first use, when the size is known
+        # One compressor per vector summed (its error feedback is that vector's), made on first use.
+        self.codecs: dict[Any, Compressor] = {}
 
     def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
         import torch.distributed as dist
 
+        super().start(modules, optimizers)
         for module in modules.values():
             for tensor in module.state_dict().values():
                 dist.broadcast(tensor, src=0)
 
-    def _sum(self, vector: torch.Tensor, extra: float) -> tuple[torch.Tensor, float]:
+    def _sum(self, vector: torch.Tensor, extra: float, key: Any = None) -> tuple[torch.Tensor, float]:
         """Sum over workers of ``vector`` (compressed on the wire) and of the scalar ``extra``.
 
         Uncompressed: one all-reduce with ``extra`` appended. Compressed: every worker's
-        payload is all-gathered and summed in rank order, so all workers get the same result.
+        payload is all-gathered and summed in rank order, so all workers get the same result;
+        ``key`` names the vector (whose residual the compressor keeps).
         """
         import torch.distributed as dist
 
@@ -195,18 +218,19 @@ class CollectiveStrategy(Strategy):
             self.bytes_sent += buf.numel() * buf.element_size()
             total, extra_sum = buf[:-1], float(buf[-1])
         else:
-            if self.codec is None:
-                self.codec = Compressor(self.compress, vector.numel(), self.topk_ratio)
-            payload = self.codec.compress(vector)
+            codec = self.codecs.get(key)
+            if codec is None:
+                codec = self.codecs[key] = Compressor(self.compress, vector.numel(), self.topk_ratio)
+            payload = codec.compress(vector)
             gathered = []
             for part in payload:
                 parts = [torch.empty_like(part) for _ in range(self.world_size)]
                 dist.all_gather(parts, part)
                 gathered.append(parts)
-            total = sum(self.codec.decompress(tuple(g[r] for g in gathered)) for r in range(self.world_size))
+            total = sum(codec.decompress(tuple(g[r] for g in gathered)) for r in range(self.world_size))
             count = torch.tensor([extra], dtype=torch.float64)
             dist.all_reduce(count)
-            self.bytes_sent += self.codec.nbytes() + count.element_size()
+            self.bytes_sent += codec.nbytes() + count.element_size()
             extra_sum = float(count)
         self.comm_seconds += time.perf_counter() - start
         return total, extra_sum
@@ -233,16 +257,18 @@ class SyncStrategy(CollectiveStrategy):
     a single flattened buffer per optimizer step averages them, weighted by each worker's
     sample count, so the result is the gradient of the mean loss over everyone's samples.
     Every worker then applies the same update: weights never drift apart. Whether the step
-    is taken at all is decided on the reduced gradients, the same on every worker.
+    is taken at all is decided on the reduced gradients, the same on every worker. With
+    several optimizers, every worker reduces and steps them in the same order.
     """
 
     loss_decides = False
 
-    def reduce_gradients(self, params: list[torch.Tensor], samples: int = 1) -> None:
-        params = [
-            p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad
-        ]
-        total, count = self._sum(flat_grad(params) * float(samples), float(samples))
+    def reduce_gradients(self, params: Iterable[torch.Tensor] | nn.Module, samples: int = 1) -> None:
+        params = as_params(params)
+        if not params:
+            raise ValueError("reduce_gradients was given no trainable parameters")
+        key = (id(params[0]), len(params))  # the same list of parameters every time
+        total, count = self._sum(flat_grad(params) * float(samples), float(samples), key)
         set_grad(params, total / count)  # sum of samples x gradient, over the sum of samples
 
 
@@ -250,9 +276,10 @@ class ParamAvgStrategy(CollectiveStrategy):
     """Model averaging: each worker steps its own copy; every ``sync_every`` optimizer steps
     all copies are replaced by their mean, theta = (1/N) sum_i theta_i.
 
-    Optimizer state stays per worker. Compressed, what is sent is each worker's change
-    since the last average (the anchor), with error feedback; the mean is then
-    anchor + mean of the changes, the same on every worker.
+    Every optimizer's parameters are averaged (one all-reduce each); ``sync_every`` counts
+    step calls of any optimizer. Optimizer state stays per worker. Compressed, what is sent
+    is each worker's change since the last average (the anchor), with error feedback; the
+    mean is then anchor + mean of the changes, the same on every worker.
     """
 
     def __init__(
@@ -260,8 +287,8 @@ class ParamAvgStrategy(CollectiveStrategy):
     ) -> None:
         super().__init__(rank, world_size, compress, topk_ratio)
         self.sync_every = sync_every
-        self.params: list[torch.Tensor] = []
-        self.anchor: torch.Tensor | None = None
+        self.params: list[list[torch.Tensor]] = []  # per optimizer
+        self.anchors: list[torch.Tensor] = []  # per optimizer: the last mean
         self.calls = 0  # step calls, taken or skipped: the averaging schedule all workers share
 
     def step(
@@ -270,24 +297,30 @@ class ParamAvgStrategy(CollectiveStrategy):
         loss: torch.Tensor | None = None,
         grad_norm: torch.Tensor | None = None,
     ) -> None:
-        if not self.params:
-            self.params = trained_params(optimizer)
-            self.anchor = flat_params(self.params).clone()  # equal everywhere: start() synced it
+        self.index(optimizer)
+        self._anchor()
         super().step(optimizer, loss, grad_norm)
         self.calls += 1
         if self.calls % self.sync_every == 0:
             self.average()
 
+    def _anchor(self) -> None:
+        """Anchor each optimizer's parameters when first seen (equal everywhere: start() synced them)."""
+        for optimizer in self.optimizers[len(self.params) :]:
+            self.params.append(trained_params(optimizer))
+            self.anchors.append(flat_params(self.params[-1]).clone())
+
     def average(self) -> None:
-        theta = flat_params(self.params)
-        if self.compress == "none":
-            total, _ = self._sum(theta, 0.0)
-            mean = total / self.world_size
-        else:
-            delta, _ = self._sum(theta - self.anchor, 0.0)
-            mean = self.anchor + delta / self.world_size
-        set_params(self.params, mean)
-        self.anchor = mean.clone()
+        for i, (params, anchor) in enumerate(zip(self.params, self.anchors)):
+            theta = flat_params(params)
+            if self.compress == "none":
+                total, _ = self._sum(theta, 0.0)
+                mean = total / self.world_size
+            else:
+                delta, _ = self._sum(theta - anchor, 0.0, key=i)
+                mean = anchor + delta / self.world_size
+            set_params(params, mean)
+            self.anchors[i] = mean.clone()
 
     def finish(self) -> None:
         if self.params and self.calls % self.sync_every:
@@ -297,17 +330,21 @@ class ParamAvgStrategy(CollectiveStrategy):
 class ServerStrategy(Strategy):
     """A worker of ``a3c`` or ``param-server``: push gradients to the global model, pull weights.
 
-    The parameter server (over this worker's link) applies each pushed gradient
-    with the global optimizer and answers with the change of the global weights since this
-    worker last pulled, so the worker continues from fresh weights. In ``async`` mode the
-    server does not wait for the others; in ``sync`` mode it waits for all workers and
-    applies their sample-weighted mean gradient once.
+    The parameter server (over this worker's link) applies each pushed gradient with the
+    global copy of the optimizer it is for, and answers with the change of that optimizer's
+    global weights since this worker last pulled, so the worker continues from fresh
+    weights. In ``async`` mode the server does not wait for the others; in ``sync`` mode it
+    waits for a push for that optimizer from every worker and applies their sample-weighted
+    mean once. Messages are those of ``shoal.distributed.wire``.
 
     ``pipelined`` (A3C): the worker does not wait for the answer either. It posts the push
     and goes on collecting experience; the answer, which arrives meanwhile, is applied just
     before its next push. The server's latency then hides behind env steps, at the price
     of acting and computing each gradient one global update later (a policy lag >= 1,
     measured and bounded like any other).
+
+    ``peer_timeout`` (seconds, None: unbounded): how long to wait for an answer the server
+    owes before raising ``PeerTimeout`` (a server that cannot answer yet says so meanwhile).
     """
 
     def __init__(
@@ -318,16 +355,18 @@ class ServerStrategy(Strategy):
         topk_ratio: float = 0.01,
         pipelined: bool = False,
         link: Link | None = None,
+        peer_timeout: float | None = wire.PEER_TIMEOUT_S,
     ) -> None:
         super().__init__()
-        self.rank, self.world_size, self.server = rank, world_size, world_size
+        self.rank, self.world_size = rank, world_size
         self.link: Link = link  # type: ignore[assignment]  # set before start() (see shoal.distributed.link)
         self.compress, self.topk_ratio, self.pipelined = compress, topk_ratio, pipelined
-        self.in_flight: tuple | None = None  # pipelined: (send work, recv work, buffers) of the last push
-        self.push_codec: Compressor | None = None
-        self.pull_codec: Compressor | None = None
-        self.params: list[torch.Tensor] = []
-        self.version = 0  # the global update our weights come from
+        self.peer_timeout = peer_timeout
+        self.in_flight: tuple | None = None  # pipelined: (send work, recv work, message, buffer)
+        self.params: list[list[torch.Tensor]] = []  # per optimizer
+        self.push_codecs: list[Compressor] = []
+        self.pull_codecs: list[Compressor] = []
+        self.versions: list[int] = []  # per optimizer: the global update our weights come from
         self.samples = 1
         self.sps = 0.0
         self.all_sps = [0.0] * world_size
@@ -336,59 +375,82 @@ class ServerStrategy(Strategy):
         self.dropped = 0  # this worker's gradients the server refused as too stale
         self.dropped_all = 0.0  # everyone's, as the server last told us
 
+    @property
+    def version(self) -> int:
+        """Global updates our weights come from, over every optimizer."""
+        return sum(self.versions)
+
     def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
         # The server greets every worker that opens its link with the global weights: the
         # same as ours at the start of a run, the current ones for a worker that replaces a
-        # lost one. Sizes are fixed here too, so even a worker that never steps can say DONE.
-        (optimizer,) = optimizers.values()
-        self._prepare(trained_params(optimizer))
-        weights = torch.empty(self.push_codec.numel)
-        self.link.recv(weights)
-        set_params(self.params, weights.to(self.params[0].device))
-        self.bytes_sent += weights.numel() * weights.element_size()
+        # lost one. Sizes are fixed here too, so even a worker that never steps can say Done.
+        super().start(modules, optimizers)
+        self.params = [trained_params(o) for o in self.optimizers]
+        self.sizes = sizes = [sum(p.numel() for p in params) for params in self.params]
+        self.push_codecs = [Compressor(self.compress, n, self.topk_ratio) for n in sizes]
+        self.pull_codecs = [
+            Compressor(self.compress, n, self.topk_ratio, error_feedback=False) for n in sizes
+        ]
+        self.pull_layouts = [c.empty() for c in self.pull_codecs]
+        self.versions = [0] * len(sizes)
+        buffer = torch.empty(wire.weights_size(sum(sizes)), dtype=torch.uint8)
+        self._set_weights(self._receive(buffer, wire.Weights))
+        self.bytes_sent += buffer.numel()
 
-    def _prepare(self, params: list[torch.Tensor]) -> None:
-        self.params = params
-        n = sum(p.numel() for p in params)
-        self.push_codec = Compressor(self.compress, n, self.topk_ratio)
-        self.pull_codec = Compressor(self.compress, n, self.topk_ratio, error_feedback=False)
-        self.reply_like = reply_message(self.pull_codec, self.world_size)  # layout of every answer
+    def _set_weights(self, message: wire.Weights) -> None:
+        for params, part in zip(self.params, message.weights.split(self.sizes)):
+            set_params(params, part.to(params[0].device))
 
-    def reduce_gradients(self, params: list[torch.Tensor], samples: int = 1) -> None:
+    def _receive(self, buffer: torch.Tensor, expected: type) -> Any:
+        """The server's next message of type ``expected``, skipping its Waiting signs of life."""
+        while True:
+            self.link.recv(buffer, self.peer_timeout)
+            message = wire.decode(buffer, self.pull_layouts)
+            if not isinstance(message, wire.Waiting):
+                break
+        if not isinstance(message, expected):
+            got, wanted = type(message).__name__, expected.__name__
+            raise RuntimeError(f"the parameter server sent a {got}, not a {wanted}")
+        return message
+
+    def reduce_gradients(self, params: Iterable[torch.Tensor] | nn.Module, samples: int = 1) -> None:
         self.samples = samples  # the server weights gradients by it in sync mode
 
     def apply(self, optimizer: optim.Optimizer) -> None:
-        params = trained_params(optimizer)
-        if self.push_codec is None:
-            self._prepare(params)
-        grad = flat_grad(params).cpu()  # the server's group is gloo
+        i = self._known(optimizer)
+        grad = flat_grad(self.params[i]).cpu()  # the server's group is gloo
         self.steps += 1
-        self._push(optimizer, lambda: self.push_codec.compress(grad), self.samples)
+        self._push(i, optimizer, lambda: self.push_codecs[i].compress(grad), self.samples)
 
     def skip(self, optimizer: optim.Optimizer) -> None:
         # Still push (a sync server waits for everyone), but nothing: zeros from 0 samples,
         # which the server does not apply; the compressor's error feedback is left untouched.
         super().skip(optimizer)
-        if self.push_codec is None:
-            self._prepare(trained_params(optimizer))
-        self._push(optimizer, lambda: push_message(self.push_codec)[1:], 0)
+        i = self._known(optimizer)
+        self._push(i, optimizer, lambda: self.push_codecs[i].empty(), 0)
 
-    def _push(self, optimizer: optim.Optimizer, payload: Any, samples: float) -> None:
+    def _known(self, optimizer: optim.Optimizer) -> int:
+        if not self.push_codecs:
+            raise RuntimeError("ServerStrategy.step before start: the server has not greeted this worker")
+        i = self.index(optimizer)
+        if i >= len(self.push_codecs):
+            raise ValueError("an optimizer not given to start(): the server holds only those")
+        return i
+
+    def _push(self, i: int, optimizer: optim.Optimizer, payload: Any, samples: float) -> None:
         """Send ``payload()`` (computed after the previous answer landed) and take the answer."""
         lr = float(optimizer.param_groups[0]["lr"])
         start = time.perf_counter()
-        computed_at = self.version  # the version of the weights this gradient was computed on
+        computed_at = self.versions[i]  # the version of the weights this gradient was computed on
         self._land()  # pipelined: the answer to our previous push arrives only now
-        header = torch.tensor([PUSH, computed_at, samples, lr, self.sps], dtype=torch.float64)
-        message = pack((header, *payload()))
-        buffer = torch.empty(nbytes(self.reply_like), dtype=torch.uint8)
+        message = wire.encode(wire.Push(i, computed_at, float(samples), lr, self.sps, payload()))
+        buffer = torch.empty(wire.reply_size(self.pull_layouts[i], self.world_size), dtype=torch.uint8)
         if self.pipelined:
             sent = self.link.isend(message)
             self.in_flight = (sent, self.link.irecv(buffer), message, buffer)
         else:
-            self.link.send(message)
-            self.link.recv(buffer)
-            self._apply(buffer)
+            self.link.send(message, self.peer_timeout)
+            self._apply(self._receive(buffer, wire.Reply))
         self.comm_seconds += time.perf_counter() - start
         self.bytes_sent += message.numel() + buffer.numel()  # both ways
 
@@ -396,34 +458,35 @@ class ServerStrategy(Strategy):
         """Wait for the answer to a pipelined push, if one is in flight, and apply it."""
         if self.in_flight is not None:
             sent, received, _, buffer = self.in_flight
-            self.link.wait(sent)
-            self.link.wait(received)
             self.in_flight = None
-            self._apply(buffer)
+            self.link.wait(sent, self.peer_timeout)
+            self.link.wait(received, self.peer_timeout)
+            message = wire.decode(buffer, self.pull_layouts)
+            if isinstance(message, wire.Waiting):  # (a sync server still completing the round)
+                message = self._receive(buffer, wire.Reply)
+            self._apply(message)
 
-    def _apply(self, buffer: torch.Tensor) -> None:
+    def _apply(self, reply: wire.Reply) -> None:
         """Take the server's answer: the weight change, the new version and the counters."""
-        reply, *pulled = unpack(buffer, self.reply_like)
-        delta = self.pull_codec.decompress(tuple(pulled)).to(self.params[0].device)
-        set_params(self.params, flat_params(self.params) + delta)
-        version, accepted, lag, self.dropped_all = reply[:4].tolist()
-        self.all_sps = reply[4:].tolist()
-        self.version = int(version)
-        self.lags.append(lag)
-        self.lag_max = max(self.lag_max, lag)
-        self.dropped += not accepted
+        i = reply.optimizer
+        params = self.params[i]
+        delta = self.pull_codecs[i].decompress(reply.payload).to(params[0].device)
+        set_params(params, flat_params(params) + delta)
+        self.versions[i] = reply.version
+        self.dropped_all = float(reply.dropped)
+        self.all_sps = reply.worker_sps
+        self.lags.append(float(reply.lag))
+        self.lag_max = max(self.lag_max, float(reply.lag))
+        self.dropped += not reply.accepted
 
     def finish(self) -> None:
-        if self.push_codec is None:
+        if not self.push_codecs:
             raise RuntimeError("ServerStrategy.finish before start: the server would wait for us forever")
         self._land()
-        done = push_message(self.push_codec)
-        done[0][0] = DONE
-        self.link.send(pack(done))
+        self.link.send(wire.encode(wire.Done()), self.peer_timeout)
         if self.is_chief:  # the chief saves and evaluates the global model, as it is at the very end
-            final = torch.empty(self.push_codec.numel)
-            self.link.recv(final)
-            set_params(self.params, final.to(self.params[0].device))
+            buffer = torch.empty(wire.weights_size(sum(self.sizes)), dtype=torch.uint8)
+            self._set_weights(self._receive(buffer, wire.Weights))
 
     def worker_sps(self, sps: float) -> list[float]:
         self.sps = sps  # travels to the server with the next push

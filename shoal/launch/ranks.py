@@ -31,7 +31,10 @@ def make_strategy(config: TrainConfig, rank: int, link: Any = None) -> Strategy:
     if config.strategy == "param-avg":
         return ParamAvgStrategy(rank, n, config.sync_every, compress, ratio)
     if config.strategy in SERVER_STRATEGIES:  # A3C does not even wait for the server's answer
-        return ServerStrategy(rank, n, compress, ratio, pipelined=config.strategy == "a3c", link=link)
+        from shoal.distributed.wire import peer_timeout_of
+
+        pipelined, timeout = config.strategy == "a3c", peer_timeout_of(config)
+        return ServerStrategy(rank, n, compress, ratio, pipelined, link, peer_timeout=timeout)
     raise ValueError(f"unknown strategy {config.strategy!r}; available: {', '.join(STRATEGIES)}")
 
 
@@ -115,6 +118,7 @@ def run_server(
     from shoal.algos import ALGORITHMS
     from shoal.distributed.link import open_store
     from shoal.distributed.server import ParameterServer
+    from shoal.distributed.wire import peer_timeout_of
     from shoal.run import checkpoint as ckpt
     from shoal.training.trainer import spaces_of
 
@@ -127,15 +131,16 @@ def run_server(
         arrays, _ = ckpt.load(resume)
         for name, module in algorithm.modules().items():
             ckpt.load_module(f"model/{name}", module, arrays)
-    (optimizer,) = algorithm.optimizers().values()
+    # Every optimizer of the algorithm, in its order: a push names one by its index.
     # A3C bounds staleness; the general parameter server applies every gradient (Downpour).
     a3c = config.strategy == "a3c"
     server = ParameterServer(
-        optimizer,
+        algorithm.optimizers().values(),
         config.num_workers,
         "async" if a3c else config.ps_mode,
         config.max_policy_lag if a3c else None,
         config.compress,
         config.topk_ratio,
+        peer_timeout=peer_timeout_of(config),
     )
     return server.serve(store)
