@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shoal.run import checkpoint as ckpt
@@ -132,4 +133,21 @@ def test_a_stopped_worker_is_found_within_hang_timeout_and_lost_like_a_dead_one(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["worker_replacements"], summary["group_rebuilds"]) == ((1, 0) if replaced else (0, 1))
     assert time.monotonic() - started < 280
+    assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
+
+
+@pytest.mark.timeout(400)
+def test_a_stopped_parameter_server_is_found_within_hang_timeout_and_the_group_rebuilt(tmp_path):
+    args = ["--backend", "mp", "--strategy", "a3c", "--total-steps", "40000", "--checkpoint-every", "4096"]
+    proc = start(tmp_path, "ppo", *args, "--hang-timeout", "5")
+    wait_metrics(proc, tmp_path / "run")
+    (server,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "shoal-server"]
+    server.send_signal(signal.SIGSTOP)
+    err = finish(proc, timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    hung = [line for line in err.splitlines() if "the server showed no sign of life for 5 s" in line]
+    assert len(hung) == 1, err[-3000:]
+    assert "rebuilding the group" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["group_rebuilds"] == 1 and summary["env_steps"] >= 40000
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"

@@ -11,6 +11,7 @@ named semaphore in /dev/shm either, even after ``kill -9`` of everything.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -42,10 +43,17 @@ def _watch(stop: StopRequest, shared: Any, slot: int, parent_pid: int) -> None:
         time.sleep(BEAT_S)
 
 
+def _name_process(name: str) -> None:
+    """Show the rank's role in ps/top (Linux: the process's comm, 15 characters at most)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def _rank_main(rank: Rank, kwargs: dict, conn: Connection, shared: Any, slot: int, parent_pid: int) -> None:
     import faulthandler
 
     faulthandler.enable()  # a crash in native code (gloo, torch) still shows every thread's stack
+    _name_process("shoal-server" if rank.role == "server" else f"shoal-worker-{rank.key}")
     # SIGINT/SIGTERM to the whole process group (Ctrl-C, Slurm, systemd, `timeout`) reach the
     # launcher too, which asks every rank to save and return (see _watch). Ignored here, as
     # a Python handler would let them interrupt gloo's threads mid-syscall, which wedged the
