@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -53,6 +54,8 @@ from shoal.training.callbacks import (
 from shoal.training.episodes import EnvFaults, Episodes, RestartLimitError
 
 __all__ = ["RestartLimitError", "StopRequest", "Trainer", "evaluate"]
+
+log = logging.getLogger("shoal")
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation envs never share seeds with training envs
 
@@ -282,6 +285,7 @@ class Trainer:
             step_timeout=c.step_timeout or None,
             process_overhead_s=TRAINING_PROCESS_OVERHEAD_S,
         )
+        self._warn_if_boundaries_cut_episodes()
         self.faults = EnvFaults(c.max_restarts)
         self.screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
         self.episodes = Episodes(c.num_envs)
@@ -294,6 +298,21 @@ class Trainer:
             progress=self.progress and chief,
             start_step=self.env_steps,
         )
+
+    def _warn_if_boundaries_cut_episodes(self) -> None:
+        """Every boundary cuts the episodes in progress: say so when that caps them all."""
+        try:
+            limit = None if self.env_fn else gym.spec(self.config.env).max_episode_steps
+        except gym.error.Error:
+            limit = None
+        per_env = self.checkpoint_every // (self.config.num_envs * self.strategy.world_size)
+        if limit and per_env < limit and self.strategy.is_chief:
+            log.warning(
+                f"--checkpoint-every {self.checkpoint_every} gives each env {per_env} steps between "
+                f"checkpoints, fewer than an episode's {limit}: every checkpoint starts fresh episodes "
+                f"(for an exact resume), so longer ones never finish nor show in the logged returns "
+                f"(see episodes_cut); raise --checkpoint-every"
+            )
 
     def start_episodes(self) -> None:
         """Every env starts a fresh episode, seeded by the last checkpoint boundary."""
