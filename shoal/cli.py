@@ -371,6 +371,7 @@ def _logging(quiet: bool) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     from shoal.configio import ConfigError
+    from shoal.envs.make import EnvBrokenError
     from shoal.guards import NonFiniteError
     from shoal.launch import TrainingFailed
     from shoal.run.checkpoint import CheckpointError, RunWriteError
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         sys.stderr.write(f"shoal: error: {' '.join(str(e).split())}\n")  # one line, whatever it holds
         return 2
-    except (NonFiniteError, RestartLimitError, TrainingFailed, RunWriteError) as e:
+    except (NonFiniteError, RestartLimitError, EnvBrokenError, TrainingFailed, RunWriteError) as e:
         # A failure at run time (exit 1), not bad input: says where, and what is kept.
         sys.stderr.write(f"shoal: error: {e}\n")
         return 1

@@ -84,6 +84,7 @@ CRASH_POINTS = {
 }
 
 
+@pytest.mark.slow
 def test_a_crash_at_any_point_of_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     script = tmp_path / "crashing_save.py"
     script.write_text(CRASHING_SAVE)
@@ -275,6 +276,7 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_whole_run_at_random_moments_then_resume_always_finishes(tmp_path):
     run_dir = tmp_path / "run"

@@ -91,6 +91,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_eval_plot_resume_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     common = ["--env", "CartPole-v1", "--num-envs", "4", "--num-steps", "32", "--run-dir", str(run_dir)]

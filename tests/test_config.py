@@ -210,6 +210,7 @@ def test_unsupported_observation_spaces_are_one_line_before_any_worker(kind, cap
 TINY = ["--num-envs", "2", "--num-steps", "16", "--total-steps", "64", "--eval-episodes", "1"]
 
 
+@pytest.mark.slow
 def test_train_and_eval_print_one_wording_an_absolute_path_and_quiet_means_quiet(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 

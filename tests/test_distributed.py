@@ -16,6 +16,8 @@ from gymnasium import spaces
 from shoal.algos import PPO, PPOConfig
 from shoal.launch import free_port
 
+pytestmark = pytest.mark.slow  # learning and multi-process runs: not in the quick tier
+
 T, E = 16, 3  # rollout steps, envs per worker
 OBS, ACT = spaces.Box(-1, 1, (4,), np.float32), spaces.Discrete(2)
 
@@ -232,8 +234,8 @@ LEARNS = [
     ("mp", "ppo", "a3c", ["--num-envs", "4"]),
     ("mp", "dqn", "param-avg", []),
     ("mp", "ppo", "param-server", ["--num-envs", "4"]),
-    ("ray", "ppo", "sync", ["--num-envs", "4"]),
-    ("ray", "ppo", "a3c", ["--num-envs", "4"]),
+    # On Ray, sync and a3c PPO also solve CartPole (>= 475) in the worker-fault tests, with a
+    # worker killed on top: tests/test_worker_faults.py::test_killed_ray_worker_*.
     ("ray", "dqn", "param-avg", []),
 ]
 

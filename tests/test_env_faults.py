@@ -7,7 +7,10 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +61,7 @@ def test_killed_env_worker_is_restarted_with_reseeded_envs():
         np.testing.assert_array_equal(a[3][2:], b[3][2:])  # the restart come from reseed: equal
 
 
+@pytest.mark.slow
 def test_hung_env_worker_is_killed_after_step_timeout_and_restarted(tmp_path):
     trigger = tmp_path / "hang"
     envs = make_vec(
@@ -160,6 +164,7 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_goes_on_after_an_env_worker_is_killed_and_is_reproducible(tmp_path):
     env_fn = functools.partial(TriggeredCartPole, str(tmp_path / "unused"))
     runs = []
@@ -174,6 +179,7 @@ def test_training_goes_on_after_an_env_worker_is_killed_and_is_reproducible(tmp_
         assert torch.equal(runs[0][key], runs[1][key]), key
 
 
+@pytest.mark.slow
 def test_env_errors_past_max_restarts_stop_the_run_with_a_checkpoint(tmp_path):
     trigger = tmp_path / "always"
     env_fn = functools.partial(TriggeredCartPole, str(trigger), "always")
@@ -190,6 +196,7 @@ def test_env_errors_past_max_restarts_stop_the_run_with_a_checkpoint(tmp_path):
     assert saved, "no checkpoint was saved before stopping"
 
 
+@pytest.mark.slow
 def test_dqn_stopped_by_the_restart_limit_can_be_resumed(tmp_path):
     # One env fails at a time, so the other holds unfinished n-step transitions at the stop.
     trigger = tmp_path / "once"
@@ -258,3 +265,28 @@ def test_dqn_drops_the_unfinished_n_step_transitions_of_a_cut_episode():
         )
     buf.clear_pending(np.array([True, False]))
     assert [len(q) for q in buf.pending] == [0, 2] and buf.size == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vectorization", ["sync", "process"])
+def test_an_env_whose_reset_always_raises_stops_the_run_in_one_line(tmp_path, vectorization):
+    code = (
+        "import sys, gymnasium as gym; "
+        "gym.register('shoal-test/ResetFails-v0', entry_point='tests.envs:FailingEnv', "
+        "kwargs={'fail_in_reset': True}); "
+        "from shoal.cli import main; sys.exit(main())"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code, "train", "ppo", "--env", "shoal-test/ResetFails-v0", "--quiet"]
+        + ["--vectorization", vectorization, "--total-steps", "2000", "--run-dir", str(tmp_path / "run")],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("shoal: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert "made anew it raised KeyError in reset at once" in errors[0]

@@ -35,6 +35,7 @@ BEFORE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", sorted(BEFORE))
 def test_training_gives_bitwise_the_weights_it_gave_before_the_learner(tmp_path, run):
     algo = run.split("-")[0]

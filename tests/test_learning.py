@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # learning and multi-process runs: not in the quick tier
+
 SEED = "1"
 
 

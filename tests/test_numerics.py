@@ -320,6 +320,7 @@ def _sync_rank(rank: int, policy: str) -> dict:
     return {"weights": weights.tolist(), "steps": strategy.steps, "skipped": strategy.nonfinite_skipped}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sync_workers_decide_together_after_the_all_reduce():
     from tests.test_distributed import run_group

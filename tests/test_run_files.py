@@ -133,6 +133,7 @@ def test_resume_of_a_run_without_a_checkpoint_starts_it_over_in_its_own_dir(tmp_
     assert json.loads((run_dir / "summary.json").read_text())["env_steps"] == 512
 
 
+@pytest.mark.slow
 def test_the_launcher_claims_and_its_ranks_open_the_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--backend", "mp", "--num-workers", "2", "--total-steps", "512"]
@@ -214,6 +215,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_exit_1_and_keeps_the_previo
     run_dir = tmp_path / "run"
     assert train("--total-steps", "1024", "--run-dir", str(run_dir)) == 1
     err = capsys.readouterr().err
+    # (Besides the warning that checkpoints every 256 steps cut CartPole's episodes short.)
+    err = "".join(line for line in err.splitlines(True) if not line.startswith("shoal: --checkpoint-every"))
     assert err.count("\n") == 1, err
     first = run_dir / "checkpoints" / "ckpt-000000000256.json"
     failed = first.with_name("ckpt-000000000512.safetensors")
@@ -337,4 +340,5 @@ def test_a_full_disk_while_logging_is_one_line_exit_1(tmp_path, monkeypatch, cap
     run_dir = tmp_path / "run"
     assert train("--total-steps", "512", "--run-dir", str(run_dir)) == 1
     err = capsys.readouterr().err
+    err = "".join(line for line in err.splitlines(True) if not line.startswith("shoal: --checkpoint-every"))
     assert err == f"shoal: error: cannot append to {run_dir / 'metrics.jsonl'}: No space left on device\n"

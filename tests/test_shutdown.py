@@ -104,6 +104,7 @@ def stopped_line(err: str) -> re.Match:
     return match
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "to_group", "code"),
     [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
@@ -160,6 +161,7 @@ def test_second_sigint_exits_at_once_and_leaves_whole_checkpoints(tmp_path):
         ckpt.load(index)  # each is whole: its checksum matches
 
 
+@pytest.mark.slow
 def test_normal_end_leaves_no_process(tmp_path):
     proc = start(tmp_path / "run", "--total-steps", "512", "--eval-episodes", "1")
     err = finish(proc)
@@ -167,6 +169,7 @@ def test_normal_end_leaves_no_process(tmp_path):
     assert not session_ends(proc.pid, grace=10)
 
 
+@pytest.mark.slow
 def test_exception_in_an_env_worker_exits_1_and_leaves_no_process(tmp_path):
     args = ("--total-steps", str(10**6), "--on-env-error", "raise")
     proc = start(tmp_path / "run", *args, env_id="shoal-test/Failing-v0")

@@ -390,6 +390,7 @@ STUCK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_thread", [False, True])
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_workers_stuck_writing_die_with_their_parent(how, in_thread):

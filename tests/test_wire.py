@@ -179,6 +179,7 @@ def _two_optimizer_rank(rank: int, store: str, mode: str, pipelined: bool, sampl
     os._exit(0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode", ["async", "sync", "pipelined"])
 def test_parameter_server_steps_each_optimizer_of_the_algorithm(mode, tmp_path):
@@ -311,7 +312,7 @@ def _pushing_worker(store_path: str, stop_after_push: bool, results) -> None:
     announce(store, 0, 0)
     net = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
-    strategy = ServerStrategy(0, 1, link=Link(store, 0, 0, WORKER), peer_timeout=30)
+    strategy = ServerStrategy(0, 1, link=Link(store, 0, 0, WORKER), peer_timeout=5)
     strategy.start({"net": net}, {"optimizer": optimizer})
     for p in net.parameters():
         p.grad = torch.ones_like(p)
@@ -326,6 +327,7 @@ def _pushing_worker(store_path: str, stop_after_push: bool, results) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_server_drops_a_hung_worker_after_the_peer_timeout_and_counts_it_lost(tmp_path):
     from shoal.distributed.link import lost_why, open_store
@@ -347,7 +349,9 @@ def test_server_drops_a_hung_worker_after_the_peer_timeout_and_counts_it_lost(tm
     assert "sent nothing for 2 s" in lost_why(store, 0, 0)  # for the supervisor: end it, replace it
     os.kill(worker.pid, signal.SIGCONT)  # it wakes up: its link is closed, it cannot push
     error = results.get()
-    assert error.startswith("RuntimeError") and "Connection closed by peer" in error, error
+    # Its link is gone: gloo says so at once, or its next answer never comes.
+    closed = error.startswith("RuntimeError") and "Connection closed by peer" in error
+    assert closed or error.startswith("PeerTimeout: the parameter server did not answer within 5 s"), error
     worker.join(30)
     assert worker.exitcode == 0
 
@@ -368,6 +372,7 @@ def _server_process(store_path: str, stop: bool, results) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_worker_raises_peer_timeout_naming_a_hung_server(tmp_path):
     from shoal.distributed.link import WORKER, Link, PeerTimeout, announce, open_store
@@ -418,6 +423,7 @@ def _slow_sync_worker(store_path: str, rank: int, delay: float, results) -> None
     os._exit(0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_worker_waiting_for_a_sync_round_longer_than_the_timeout_is_kept_alive(tmp_path):
     """Worker 0 waits 1.5 s for worker 1's second push and as long for the final weights, with

@@ -61,6 +61,10 @@ def restart_seed(seed: int | None, index: int, restart: int, kind: int = 0) -> i
     return int(np.random.SeedSequence([seed, index, restart, kind]).generate_state(1)[0])
 
 
+class EnvBrokenError(RuntimeError):
+    """An env that raises again as soon as it is made anew: restarting it cannot help."""
+
+
 class RestartOnError(gym.Wrapper):
     """An env that, when it raises in ``step`` or ``reset``, is closed and made anew.
 
@@ -83,8 +87,16 @@ class RestartOnError(gym.Wrapper):
         )
         with contextlib.suppress(Exception):
             self.env.close()
-        self.env = self._make()
-        obs, info = self.env.reset(seed=restart_seed(self.seed, self.index, self.restarts))
+        made = False
+        try:
+            self.env, made = self._make(), True
+            obs, info = self.env.reset(seed=restart_seed(self.seed, self.index, self.restarts))
+        except Exception as again:
+            raise EnvBrokenError(
+                f"env {self.index} raised {type(exc).__name__} in {during}, and made anew it raised "
+                f"{type(again).__name__} in {'reset' if made else 'make'} at once: "
+                f"{' '.join(str(again).split())[:300]}; fix the env (the warning above has its traceback)"
+            ) from None
         return obs, {**info, "env_restarted": True}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:

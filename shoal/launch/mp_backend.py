@@ -29,7 +29,10 @@ BEAT_S = 0.5  # how often a rank says it is alive
 
 
 class RankError(str):
-    """A rank's exception in one line, sent to the launcher before the rank exits."""
+    """A rank's exception in one line, sent to the launcher before the rank exits, with its
+    traceback (printed by the launcher only if this rank is to blame, not a peer's loss)."""
+
+    traceback: str = ""
 
 
 def _watch(stop: StopRequest, shared: Any, slot: int, parent_pid: int) -> None:
@@ -67,9 +70,12 @@ def _rank_main(rank: Rank, kwargs: dict, conn: Connection, shared: Any, slot: in
         conn.send(rank.fn(**kwargs, stop=stop))
         code = 0
     except BaseException as error:
-        traceback.print_exc()
-        with contextlib.suppress(Exception):  # the launcher's one-line error says why, not just "code 1"
-            conn.send(RankError(" ".join(f"{type(error).__name__}: {error}".split())))
+        report = RankError(" ".join(f"{type(error).__name__}: {error}".split()))
+        report.traceback = traceback.format_exc()
+        try:  # the launcher's one-line error says why, not just "code 1"
+            conn.send(report)
+        except Exception:
+            traceback.print_exc()  # the launcher will not hear it: print it here
     finally:
         # Leave without interpreter teardown: torch's gloo threads can abort the process
         # there ("terminate called without an active exception") after the work is done.
@@ -148,8 +154,11 @@ class MpBackend:
         if code < 0:
             return Exit(f"was killed by {signal.Signals(-code).name} before returning a result", killed=True)
         if key in self.errors:
+            error = self.errors[key]
             return Exit(
-                f"exited with code {code} before returning a result: {self.errors[key]}", killed=False
+                f"exited with code {code} before returning a result: {error}",
+                killed=False,
+                detail=error.traceback,
             )
         return Exit(f"exited with code {code} without a result", killed=False)
 

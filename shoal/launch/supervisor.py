@@ -20,6 +20,7 @@ wrong lives here, once:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Exit:
 
     how: str
     killed: bool  # by a signal, a lost actor or a hang: not the rank's own doing
+    detail: str = ""  # the rank's traceback, shown when it is to blame (a peer's loss needs none)
 
 
 class Backend(Protocol):
@@ -174,6 +176,8 @@ class Supervisor:
                             self.backend.start(ranks[key], kwargs[key])
                         continue
                     key, how = next(((k, e) for k, e in lost.items() if e.killed), next(iter(lost.items())))
+                    if how.detail and not how.killed:
+                        sys.stderr.write(how.detail)  # the rank's own error: its traceback, once
                     error = WorkerLost if how.killed else TrainingFailed
                     raise error(f"{ranks[key].name} {how.how}")
                 time.sleep(0.05)

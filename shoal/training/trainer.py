@@ -306,7 +306,8 @@ class Trainer:
         except gym.error.Error:
             limit = None
         per_env = self.checkpoint_every // (self.config.num_envs * self.strategy.world_size)
-        if limit and per_env < limit and self.strategy.is_chief:
+        cuts = self.checkpoint_every < self.config.total_steps
+        if limit and per_env < limit and cuts and self.strategy.is_chief:
             log.warning(
                 f"--checkpoint-every {self.checkpoint_every} gives each env {per_env} steps between "
                 f"checkpoints, fewer than an episode's {limit}: every checkpoint starts fresh episodes "
