@@ -99,7 +99,7 @@ class PeerTimeout(TimeoutError):
     def __init__(self, peer: str, seconds: float, link: str) -> None:
         super().__init__(
             f"{peer} did not answer within {seconds:g} s over {link}: it is stopped or hung, "
-            f"or slower than the peer timeout (--peer-timeout) allows"
+            f"or slower than the link's timeout (2 x --hang-timeout + 30 s) allows"
         )
         self.peer, self.seconds = peer, seconds
 

@@ -35,7 +35,7 @@ import yaml
 
 from shoal import guards
 from shoal.algos.base import Algorithm
-from shoal.config import TrainConfig
+from shoal.config import ConfigError, TrainConfig
 from shoal.distributed.strategy import LocalStrategy, Strategy
 from shoal.envs import make_vec
 from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S
@@ -86,7 +86,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+        raise ConfigError(
+            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto"
+        )
     return torch.device(name)
 
 
