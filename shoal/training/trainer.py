@@ -217,6 +217,7 @@ class Trainer:
         self._open(resume)
         callbacks = self._callbacks(on_update, stop_after_checkpoints)
         c, algo = self.config, self.algo
+        self.timing = UpdateTiming()  # the run's clock starts here, as the loop does
         try:
             self.start_episodes()
             while self.env_steps < c.total_steps:
@@ -291,7 +292,6 @@ class Trainer:
         self.faults = EnvFaults(c.max_restarts)
         self.screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
         self.episodes = Episodes(c.num_envs)
-        self.timing = UpdateTiming()
         self.update_metrics: dict[str, float] = {}
         chief = self.strategy.is_chief
         self.logger = RunLogger(
@@ -349,7 +349,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """The final checkpoint, evaluation and summary (the chief's); a stopped run has no summary."""
-        c, chief = self.config, self.strategy.is_chief
+        c, chief = self.config, self.strategy.is_chief  # (the wall time: the loop, not what follows)
         summary: dict[str, Any] = {"env_steps": self.env_steps, "wall_time": self.timing.since_start()}
         if chief:
             # Episodes in progress end here (a resume starts fresh ones): drop partial n-step
