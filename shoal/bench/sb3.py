@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def run_shoal(
     eval_episodes: int = 10,
 ) -> dict[str, Any]:
     """Train shoal's PPO; optionally evaluate every ``eval_every`` steps (clock paused)."""
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run, from an earlier run
     config = shoal_config(env_id, seed, str(out), total_steps=steps, eval_episodes=eval_episodes)
     trainer = Trainer(PPO, config, progress=False)
     clock, curve, state = _Clock(), [], {"next": eval_every, "solved_at": None}
