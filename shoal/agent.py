@@ -26,19 +26,30 @@ from shoal.configio import (
     check_env_fits,
     check_env_id,
     coerce,
+    layered,
     show,
     unknown_hint,
     validate,
 )
 from shoal.run import checkpoint as ckpt
-from shoal.training.trainer import Trainer, config_dict
+from shoal.training.trainer import Trainer, config_dict, spaces_of
 
 
-def make_config(algo: str, env: str, overrides: dict[str, Any], *, presets: bool = True) -> TrainConfig:
-    """Defaults < the algorithm's preset for ``env`` < ``overrides``; unknown keys refused.
+def make_config(
+    algo: str,
+    env: str,
+    overrides: dict[str, Any],
+    *,
+    presets: bool = True,
+    spaces: tuple[gym.Space, gym.Space] | None = None,
+) -> TrainConfig:
+    """Defaults < action-space defaults < the algorithm's preset for ``env`` < ``overrides``;
+    unknown keys refused. ``presets=False``: no env preset (the action-space defaults stay).
 
-    Values are checked against the field types here (an int is fine where a float goes, a
-    list where ``hidden`` goes); ranges and combinations are :func:`shoal.configio.validate`'s.
+    ``spaces``: the env's (observation, action) spaces, when ``env`` is not a registered id
+    (a registered one is made once to find them). Values are checked against the field types
+    here (an int is fine where a float goes, a list where ``hidden`` goes); ranges and
+    combinations are :func:`shoal.configio.validate`'s.
     """
     if algo not in ALGORITHMS:
         near = difflib.get_close_matches(str(algo), list(ALGORITHMS), n=1)
@@ -49,9 +60,8 @@ def make_config(algo: str, env: str, overrides: dict[str, Any], *, presets: bool
     for key in overrides:
         if key not in fields:
             raise UnknownSettingError(f"{algo} has no setting {show(key)}{unknown_hint(cls, key)}")
-    values = dict(ALGORITHMS[algo].presets.get(env, {})) if presets else {}
-    values.update({k: coerce(cls, k, v, text=False) for k, v in overrides.items()})
-    values["env"] = env
+    user = {k: coerce(cls, k, v, text=False) for k, v in overrides.items()}
+    values = layered(cls, ALGORITHMS[algo].presets, env, user, spaces, use_presets=presets)
     return cls(**values)
 
 
@@ -75,7 +85,13 @@ class Agent:
         self.algo_name = algo
         self.env_fn = None if isinstance(env, str) else env
         if config is None:
-            config = make_config(algo, env_id, overrides)
+            found = None
+            if self.env_fn is not None:  # an id: make_config probes it itself
+                try:
+                    found = spaces_of(self.env_fn)
+                except Exception:  # check_env_fits reports it in one line
+                    found = None
+            config = make_config(algo, env_id, overrides, spaces=found)
         elif overrides:
             raise ConfigError("pass a config or keyword settings, not both")
         elif not isinstance(config, ALGORITHMS[algo].config_class):
@@ -196,6 +212,8 @@ def read_checkpoint(
         raise ckpt.CheckpointError(f"{where} is of algorithm {show(algo)}; shoal has {', '.join(ALGORITHMS)}")
     values = dict(meta["config"])
     env_id = values.pop("env")
+    for name in ("normalize_obs", "normalize_reward"):  # saved before normalisation existed: none
+        values.setdefault(name, False)
     if env is not None and env != env_id:
         raise ConfigError(f"{where} was trained on {show(env_id)}, not {show(env)}")
     try:

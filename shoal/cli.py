@@ -114,9 +114,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             " [--SETTING VALUE ...]",
             description=(
                 f"Train {name} on --env (default {algo.config_class.env}). The defaults below are the"
-                f" values that will run for --env {run_env}: {name}'s dataclass defaults with {preset}"
-                f" applied (marked '{run_env} preset'). Presets ship for: {shipped}. Precedence: defaults <"
-                " preset < --config FILE < flags."
+                f" values that will run for --env {run_env}: {name}'s dataclass defaults, then its"
+                " defaults for the env's action space (Box actions, i.e. continuous control, get their"
+                f" own: each is marked 'for Box actions', with what other spaces get), then {preset}"
+                f" (marked '{run_env} preset'). Presets ship for: {shipped}. Precedence: defaults <"
+                " action-space defaults < preset < --config FILE < flags."
             ),
         )
         p.add_argument("--config", help="YAML or TOML file of settings (flags override it)")

@@ -281,6 +281,27 @@ class TrainConfig:
         group=FAULTS,
         choices=("raise", "skip"),
     )
+    normalize_obs: bool | None = opt(
+        None,
+        "normalise observations by their running mean and std, clipped to +-obs_clip (not for pixels)",
+    )
+    normalize_reward: bool | None = opt(
+        None,
+        "divide the rewards learned from by the running std of the discounted return (logged"
+        " returns stay raw)",
+    )
+    obs_clip: float = opt(
+        10.0,
+        "normalised observations are clipped to +-this",
+        gt=0,
+        only_with=(lambda c: bool(c.normalize_obs), "--normalize-obs"),
+    )
+    reward_clip: float = opt(
+        10.0,
+        "scaled rewards are clipped to +-this",
+        gt=0,
+        only_with=(lambda c: bool(c.normalize_reward), "--normalize-reward"),
+    )
 
     # -- validation ------------------------------------------------------------------------
     def validate(self, *, explicit: Iterable[str] = ()) -> None:
@@ -321,6 +342,16 @@ class TrainConfig:
             )
         check_only_with(self, explicit)
 
+    @classmethod
+    def space_defaults(cls, obs_space: Any, action_space: Any) -> dict[str, Any]:
+        """Defaults that depend on the env's spaces: above the class defaults, below an env's
+        preset and the user's settings (``shoal.configio.layered`` applies them).
+
+        Here: no normalisation. On-policy algorithms turn it on for Box actions
+        (:func:`continuous_normalization`) and add their continuous-control values.
+        """
+        return {"normalize_obs": False, "normalize_reward": False}
+
     def check_spaces(self, algo: str, env: str, obs_space: Any, action_space: Any) -> None:
         """Refuse, in one line, spaces this algorithm cannot learn on (before any worker starts)."""
         from gymnasium import spaces
@@ -332,6 +363,14 @@ class TrainConfig:
             raise ConfigError(
                 f"{algo} takes Box, Discrete, MultiDiscrete or MultiBinary observations (uint8 frames of"
                 f" at least {MIN_FRAME}x{MIN_FRAME}, HxWxC or CxHxW); {env} has {show(obs_space)}: {problem}"
+            )
+        if self.normalize_obs and not normalizable(obs_space):
+            what = "pixels (uint8 frames, which the network scales itself)" if is_pixels(obs_space) else (
+                f"{type(obs_space).__name__} observations"
+            )
+            raise ConfigError(
+                f"normalize_obs is for vectors of numbers (a float Box); {env} has {what}:"
+                " drop --normalize-obs (or pass --no-normalize-obs)"
             )
 
     def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
@@ -359,6 +398,29 @@ def observation_problem(space: Any) -> str | None:
         if min(spatial) < MIN_FRAME:
             return f"its frames are {spatial[0]}x{spatial[1]}; resize them or use a float Box"
     return None
+
+
+def is_pixels(space: Any) -> bool:
+    """Whether ``space`` holds image frames (a uint8 Box of three dimensions)."""
+    from gymnasium import spaces
+
+    return isinstance(space, spaces.Box) and space.dtype == "uint8" and len(space.shape or ()) == 3
+
+
+def normalizable(space: Any) -> bool:
+    """Whether running mean/std normalisation makes sense for observations of ``space``."""
+    from gymnasium import spaces
+
+    return isinstance(space, spaces.Box) and not is_pixels(space) and len(space.shape or ()) > 0
+
+
+def continuous_normalization(obs_space: Any, action_space: Any) -> dict[str, Any]:
+    """Normalisation on for continuous control (Box actions), as the anchors use it on MuJoCo;
+    observations only where they are vectors, never pixels."""
+    from gymnasium import spaces
+
+    box = isinstance(action_space, spaces.Box)
+    return {"normalize_obs": box and normalizable(obs_space), "normalize_reward": box}
 
 
 def check_fields(config: TrainConfig) -> None:

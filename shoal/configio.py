@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import numbers
 import os
 import sys
@@ -87,15 +88,25 @@ def add_config_flags(
     hints = _field_types(cls)
     env = env or cls.env
     preset = (presets or {}).get(env, {})
+    found = env_spaces(env) or _EXAMPLE_SPACES[0]  # (an env that cannot be made here: as if Discrete)
+    here = cls.space_defaults(*found)
+    label = _actions(found[1])
+    by_kind = {_actions(act): cls.space_defaults(obs, act) for obs, act in _EXAMPLE_SPACES}
     groups = {g: parser.add_argument_group(GROUP_TITLES.get(g, g)) for g in GROUPS}
     for f in dataclasses.fields(cls):
         base, _ = base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
-        value = env if f.name == "env" else preset.get(f.name, f.default)
+        value = env if f.name == "env" else preset.get(f.name, here.get(f.name, f.default))
+        # What the other action spaces would get, where it differs (normalisation, Box's values).
+        others = {k: d.get(f.name, f.default) for k, d in by_kind.items() if k != label}
+        others = {k: v for k, v in others.items() if v != value and f.name not in preset}
+        also = "".join(f"; {k}: {_shown(v)}" for k, v in others.items())
         if f.name in preset:
             help_text += f" (default: {_shown(value)}, {env} preset)"
+        elif f.name in here and (also or here[f.name] != f.default):
+            help_text += f" (default: {_shown(value)} for {label}{also})"
         elif value is not None:  # None reads in the help text itself ("default: cores")
-            help_text += f" (default: {_shown(value)})"
+            help_text += f" (default: {_shown(value)}{also})"
         group = groups[f.metadata.get("group", GROUPS[0])]
         if base is bool:
             group.add_argument(
@@ -116,6 +127,17 @@ def add_config_flags(
                 type=lambda text, tp=hints[f.name], name=f.name: _flag_value(tp, text, name),
             )
 
+
+def _actions(space: spaces.Space) -> str:
+    """How ``--help`` names the action spaces a default is for."""
+    return "Box actions" if isinstance(space, spaces.Box) else f"{type(space).__name__} actions"
+
+
+# An env with Discrete actions and one with Box actions: what --help shows the other one gets.
+_EXAMPLE_SPACES = [
+    (spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2)),
+    (spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-1, 1, (1,), np.float32)),
+]
 
 GROUP_TITLES = {
     "algorithm": "algorithm and learner",
@@ -236,22 +258,74 @@ def check_keys(cls: type, keys: Any, where: str) -> None:
             raise ConfigError(f"unknown setting {show(key)} in {where}{unknown_hint(cls, key)}")
 
 
+@functools.lru_cache(maxsize=32)
+def _registered_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
+    try:
+        probe = gym.make(env)
+    except Exception:  # reported, in one line, by check_env_fits
+        return None
+    try:
+        return probe.observation_space, probe.action_space
+    finally:
+        probe.close()
+
+
+def env_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
+    """(observation, action) spaces of a registered env id (one env made, once), else None."""
+    if ":" in env or env not in gym.registry:
+        return None
+    return _registered_spaces(env)
+
+
+def layered(
+    cls: type[TrainConfig],
+    presets: dict[str, dict[str, Any]],
+    env: str,
+    user: dict[str, Any],
+    env_spaces_: tuple[spaces.Space, spaces.Space] | None = None,
+    *,
+    use_presets: bool = True,
+) -> dict[str, Any]:
+    """Settings by precedence: the class defaults < its defaults for the env's action space
+    (``cls.space_defaults``) < its preset for ``env`` < ``user`` (file, flags, keywords).
+
+    The one place precedence is decided. ``user`` None values of a setting that has a
+    space default mean "by the spaces" (a file may say ``normalize_obs: null``).
+    """
+    found = env_spaces_ if env_spaces_ is not None else env_spaces(env)
+    by_space = cls.space_defaults(*found) if found is not None else {}
+    values = dict(by_space)
+    if use_presets:
+        values.update(presets.get(env, {}))
+    values.update({k: v for k, v in user.items() if not (v is None and k in by_space)})
+    values["env"] = env
+    return values
+
+
+def settle(config: TrainConfig, obs_space: spaces.Space, action_space: spaces.Space) -> None:
+    """Give the settings still left to the spaces (None) their value for these spaces.
+
+    For a config built without knowing the env's spaces (a custom env, a config object):
+    after this every setting is concrete, as ``config.yaml`` shows it.
+    """
+    for name, value in type(config).space_defaults(obs_space, action_space).items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+
+
 def resolve(
     cls: type[TrainConfig],
     presets: dict[str, dict[str, Any]],
     file_values: dict[str, Any],
     flag_values: dict[str, Any],
 ) -> TrainConfig:
-    """Defaults < preset for the env < file < flags, then validated."""
+    """Defaults < action-space defaults < preset for the env < file < flags, then validated."""
     file_values = {k: v for k, v in file_values.items() if k != "algo"}  # a saved config.yaml names it
     check_keys(cls, file_values, "the config file")
     file_values = {k: coerce(cls, k, v) for k, v in file_values.items()}
     flags = {k: v for k, v in flag_values.items() if v is not None}
     env = next((v for v in (flags.get("env"), file_values.get("env")) if v is not None), cls.env)
-    values = dict(presets.get(env, {}))
-    values.update(file_values)
-    values.update(flags)
-    values["env"] = env
+    values = layered(cls, presets, env, {**file_values, **flags})
     config = cls(**values)
     validate(config, explicit=flags)
     return config
@@ -349,6 +423,7 @@ def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env
         obs_space, action_space = probe.observation_space, probe.action_space
     finally:
         probe.close()
+    settle(config, obs_space, action_space)
     config.check_spaces(algo, config.env, obs_space, action_space)
     available = _available_memory()
     if available is None:

@@ -121,6 +121,19 @@ REFUSED = [
         dict(hidden=[10**6] * 2),
     ),
     (["ppo", "--device", "cuda:x"], "device must be auto, cpu, cuda or cuda:N", dict(device="cuda:x")),
+    # normalisation where it means nothing
+    (
+        ["ppo", "--env", "FrozenLake-v1", "--normalize-obs"],
+        "normalize_obs is for vectors of numbers (a float Box); FrozenLake-v1 has Discrete observations",
+        dict(normalize_obs=True),
+    ),
+    (["ppo", "--obs-clip", "5"], "obs_clip is for --normalize-obs; drop --obs-clip", dict(obs_clip=5.0)),
+    (
+        ["a2c", "--env", "Pendulum-v1", "--no-normalize-reward", "--reward-clip", "5"],
+        "reward_clip is for --normalize-reward; drop --reward-clip",
+        dict(normalize_reward=False, reward_clip=5.0),
+    ),
+    (["ppo", "--env", "Pendulum-v1", "--obs-clip", "0"], "obs_clip must be > 0", dict(obs_clip=0.0)),
     (["ppo", "--env", "CartPol-v1"], "unknown env id 'CartPol-v1'; did you mean 'CartPole-v1'?", {}),
 ]
 if not torch.cuda.is_available():

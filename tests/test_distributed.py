@@ -50,20 +50,27 @@ def one_update(
     if sgd:
         sgd_ = torch.optim.SGD(algo.net.parameters(), lr=0.05)
         algo.learner.add("optimizer", algo.net.parameters(), sgd_, max_grad_norm=config.max_grad_norm)
+    obs, rewards = torch.from_numpy(data["obs"]), data["rewards"]
+    if config.normalize_obs:  # the rollout was seen (every env of every worker), then merged
+        for t in range(T):
+            algo.observe(data["obs"][t], data["rewards"][t], data["done"][t] > 0, data["valid"][t])
+        algo.merge_statistics()
+        obs, rewards = algo._obs(data["obs"]), algo._rewards(data["rewards"])
     b = algo.buffer
-    b.obs[:] = torch.from_numpy(data["obs"])
+    b.obs[:] = obs
     b.actions[:] = torch.from_numpy(data["actions"])
     b.logprobs[:] = torch.from_numpy(data["logprobs"])
     b.values[:] = torch.from_numpy(data["values"])
     b._rewards[:], b._terminated[:], b._done[:], b._valid[:] = (
-        data["rewards"],
+        rewards,
         data["terminated"],
         data["done"],
         data["valid"],
     )
     b.t = T
     algo.update(data["next_obs"], 0)
-    return [p.detach().clone() for p in algo.net.parameters()]
+    stats = [torch.from_numpy(algo.normalizer.used_vector())] if config.normalize_obs else []
+    return [p.detach().clone() for p in algo.net.parameters()] + stats
 
 
 def _config(num_envs: int, **kwargs) -> PPOConfig:
@@ -116,7 +123,9 @@ def run_group(size: int, fn, *args) -> dict[int, object]:
     return got
 
 
-def _worker_update(rank: int, data: dict, strategy_name: str, sgd: bool, max_grad_norm: float) -> list:
+def _worker_update(
+    rank: int, data: dict, strategy_name: str, sgd: bool, max_grad_norm: float, normalize: bool = False
+) -> list:
     from shoal.distributed.strategy import ParamAvgStrategy, SyncStrategy
 
     half = {
@@ -124,23 +133,41 @@ def _worker_update(rank: int, data: dict, strategy_name: str, sgd: bool, max_gra
         for k, v in data.items()
     }
     strategy = SyncStrategy(rank, 2) if strategy_name == "sync" else ParamAvgStrategy(rank, 2, sync_every=1)
-    params = one_update(_config(E, max_grad_norm=max_grad_norm), half, strategy, sgd=sgd)
+    on = dict(normalize_obs=True, normalize_reward=True) if normalize else {}
+    params = one_update(_config(E, max_grad_norm=max_grad_norm, **on), half, strategy, sgd=sgd)
     return [p.numpy() for p in params]
+
+
+def _sync_with_and_without_normalisation(rank: int, data: dict, scaled: dict) -> tuple[list, list]:
+    return _worker_update(rank, data, "sync", False, 0.5), _worker_update(
+        rank, scaled, "sync", False, 0.5, True
+    )
 
 
 @pytest.mark.timeout(120)
 def test_sync_two_workers_equal_one_worker_with_all_the_envs():
     data = rollout(2 * E)
     assert (~data["valid"]).any() and data["valid"][:, :E].sum() != data["valid"][:, E:].sum()
+    # With normalisation, each worker counts its own envs; merged after the update, the
+    # statistics (hence the normalised observations and scaled rewards) are those of one
+    # worker that saw them all. (Observations on very different scales, so that it matters.)
+    scaled = dict(data, obs=data["obs"] * np.float32([1, 10, 100, 0.1]) + np.float32([3, -20, 0, 1]))
     reference = one_update(_config(2 * E), data)
-    got = run_group(2, _worker_update, data, "sync", False, 0.5)
+    normalized = one_update(_config(2 * E, normalize_obs=True, normalize_reward=True), scaled)
+    got = run_group(2, _sync_with_and_without_normalisation, data, scaled)
     for rank in range(2):
-        for ref, mine in zip(reference, got[rank]):
+        plain, (*params, stats) = got[rank]
+        for ref, mine in zip(reference, plain):
             np.testing.assert_allclose(mine, ref.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(stats, normalized[-1].numpy(), rtol=1e-6, atol=0)
+        for ref, mine in zip(normalized[:-1], params):
+            np.testing.assert_allclose(mine, ref.numpy(), atol=1e-5, rtol=0)
+    assert normalized[-1][0] == T * 2 * E  # every observation of both workers was counted
     # and the update did something: weights moved from their initial values
     torch.manual_seed(0)
     init = [p.detach() for p in PPO(_config(2 * E), OBS, ACT, torch.device("cpu")).net.parameters()]
     assert any(not torch.allclose(a, b) for a, b in zip(init, reference))
+    assert any(not torch.allclose(a, b) for a, b in zip(reference, normalized))
 
 
 @pytest.mark.timeout(120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shoal.agent import make_config
@@ -74,3 +75,21 @@ def test_same_seed_same_weights_in_process_or_in_env_workers(tmp_path):
     other = run("ppo", tmp_path / "other", vectorization="sync", total_steps=2048, seed=2)
     other.train()
     assert not torch.equal(weights(sync)["net.actor_head.weight"], weights(other)["net.actor_head.weight"])
+
+
+@pytest.mark.slow
+def test_exact_resume_with_normalisation_restores_the_statistics(tmp_path):
+    """Observation and return statistics (merged, unmerged, each env's running return) are
+    saved with the weights: a resumed run normalises exactly as the uninterrupted one."""
+    on = dict(normalize_obs=True, normalize_reward=True)
+    for algo in ("ppo", "dqn"):
+        whole = run(algo, tmp_path / f"{algo}-whole", **on)
+        whole.train()
+        first = run(algo, tmp_path / f"{algo}-split", **on)
+        first.train(stop_after_checkpoints=2)
+        resumed = run(algo, tmp_path / f"{algo}-split", **on)
+        resumed.train(resume=latest(tmp_path / f"{algo}-split" / "checkpoints"))
+        assert_same_weights(whole, resumed)
+        a, b = whole.algo.normalizer, resumed.algo.normalizer
+        assert a.used[0].count > 0 and a.used[1].count > 0
+        assert (a.used_vector() == b.used_vector()).all() and (a.returns == b.returns).all()

@@ -25,16 +25,25 @@ def test_push_layout_is_fixed_and_documented():
     payload = (torch.arange(3, dtype=torch.float32),)
     push = wire.Push(optimizer=2, version=7, samples=5.0, lr=0.25, worker_sps=100.0, payload=payload)
     raw = wire.encode(push)
-    assert raw.dtype == torch.uint8 and raw.numel() == 40 + 12
+    assert raw.dtype == torch.uint8 and raw.numel() == 48 + 12
     b = raw.numpy().tobytes()
-    assert b[:8] == (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + (2).to_bytes(4, "little")
+    assert b[:8] == (1).to_bytes(2, "little") + (2).to_bytes(2, "little") + (2).to_bytes(4, "little")
     assert np.frombuffer(b[8:16], "<i8")[0] == 7
     assert list(np.frombuffer(b[16:40], "<f8")) == [5.0, 0.25, 100.0]
-    assert list(np.frombuffer(b[40:], "<f4")) == [0.0, 1.0, 2.0]
+    assert np.frombuffer(b[40:48], "<i8")[0] == 0  # no statistics
+    assert list(np.frombuffer(b[48:], "<f4")) == [0.0, 1.0, 2.0]
     got = wire.decode(raw, [(torch.zeros(1),), (torch.zeros(1),), payload])
     assert isinstance(got, wire.Push)
     assert (got.optimizer, got.version, got.samples, got.lr, got.worker_sps) == (2, 7, 5.0, 0.25, 100.0)
     assert torch.equal(got.payload[0], payload[0])
+    # With normalisation the worker's new statistics (float64) come between header and payload.
+    stats = torch.tensor([3.0, 0.5, 1.25], dtype=torch.float64)
+    raw = wire.encode(wire.Push(2, 7, 5.0, 0.25, 100.0, payload, stats))
+    b = raw.numpy().tobytes()
+    assert raw.numel() == 48 + 24 + 12 and np.frombuffer(b[40:48], "<i8")[0] == 3
+    assert list(np.frombuffer(b[48:72], "<f8")) == [3.0, 0.5, 1.25]
+    got = wire.decode(raw, [(torch.zeros(1),), (torch.zeros(1),), payload])
+    assert torch.equal(got.stats, stats) and torch.equal(got.payload[0], payload[0])
 
 
 @pytest.mark.parametrize("mode", ["none", "fp16", "topk"])
@@ -50,6 +59,14 @@ def test_every_message_decodes_to_what_was_encoded(mode):
     weights = torch.randn(11)
     assert torch.equal(wire.decode(wire.encode(wire.Weights(weights))).weights, weights)
     assert wire.encode(wire.Weights(weights)).numel() == wire.weights_size(11)
+    stats = torch.randn(7, dtype=torch.float64)
+    with_stats = wire.decode(wire.encode(wire.Weights(weights, stats)))
+    assert torch.equal(with_stats.weights, weights) and torch.equal(with_stats.stats, stats)
+    assert wire.encode(wire.Weights(weights, stats)).numel() == wire.weights_size(11, 7)
+    reply = wire.Reply(0, 9, False, 3, 4, [1.5, 2.5, 3.5], payload, stats)
+    got = wire.decode(wire.encode(reply), [codec.empty()])
+    assert torch.equal(got.stats, stats) and all(torch.equal(a, b) for a, b in zip(got.payload, payload))
+    assert wire.encode(reply).numel() == wire.reply_size(codec.empty(), 3, 7)
     assert isinstance(wire.decode(wire.encode(wire.Done())), wire.Done)
     assert isinstance(wire.decode(wire.encode(wire.Waiting())), wire.Waiting)
     # A short message read from a longer buffer (the server's, sized for the largest push).

@@ -9,13 +9,14 @@ training) it becomes A3C: workers apply these same gradients asynchronously.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
-from shoal.config import TrainConfig, opt, rollout_memory
+from shoal.config import TrainConfig, continuous_normalization, opt, rollout_memory
 
 
 @dataclass
@@ -39,6 +40,14 @@ class A2CConfig(TrainConfig):
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
     )
+
+    @classmethod
+    def space_defaults(cls, obs_space: Any, action_space: Any) -> dict[str, Any]:
+        """Box actions: observations and rewards normalised (as RL-Zoo's A2C on MuJoCo)."""
+        return {
+            **super().space_defaults(obs_space, action_space),
+            **continuous_normalization(obs_space, action_space),
+        }
 
     def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
         return rollout_memory(self, obs_bytes, act_bytes, inputs)

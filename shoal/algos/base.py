@@ -17,6 +17,7 @@ from shoal.buffers import RolloutBuffer
 from shoal.config import TrainConfig
 from shoal.distributed.strategy import LocalStrategy, Strategy
 from shoal.nn import ActorCritic
+from shoal.normalize import EPS, Normalizer
 from shoal.training.learner import Learner
 
 
@@ -46,6 +47,18 @@ class Algorithm:
         self.strategy = strategy or LocalStrategy()
         self.learner = Learner(self.strategy)  # takes every optimizer step (see shoal.training.learner)
         self.updates = 0
+        # Observation and reward statistics are part of the agent: saved, restored, applied
+        # by predict. Their data is merged across workers by the strategy (see merge_statistics).
+        self.normalizer = Normalizer(
+            obs_space.shape or (),
+            config.num_envs,
+            obs=bool(config.normalize_obs),
+            reward=bool(config.normalize_reward),
+            gamma=float(getattr(config, "gamma", 0.99)),
+            obs_clip=config.obs_clip,
+            reward_clip=config.reward_clip,
+        )
+        self._obs_stats: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # -- the loop's interface --------------------------------------------------------------
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -76,6 +89,19 @@ class Algorithm:
         """Actions for evaluation or deployment (greedy by default)."""
         raise NotImplementedError
 
+    def observe(self, obs: np.ndarray, rewards: np.ndarray, ended: np.ndarray, valid: np.ndarray) -> None:
+        """Count one vector step in the normalisation statistics (``obs``: what was acted on).
+
+        Called by the loop before ``record``; what is counted is used only after the next merge.
+        """
+        self.normalizer.observe(obs)
+        self.normalizer.track(rewards, ended, valid)
+
+    def merge_statistics(self) -> None:
+        """After an update: the strategy merges the workers' new statistics (or defers it)."""
+        if self.normalizer.active:
+            self.strategy.merge_statistics(self.normalizer)
+
     def on_new_episodes(self) -> None:
         """The loop is about to reset every env (a checkpoint boundary)."""
 
@@ -102,6 +128,14 @@ class Algorithm:
     def load_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         pass
 
+    def statistics_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The normalisation statistics, for checkpoints (arrays + JSON)."""
+        return self.normalizer.state()
+
+    def load_statistics(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        # Unmerged data is the saver's (the chief's): another worker would count it twice.
+        self.normalizer.load(arrays, meta, fresh=self.strategy.rank == 0)
+
     def _to_env(self, actions: torch.Tensor) -> np.ndarray:
         """Network actions as the env takes them: Box actions clipped to the bounds."""
         out = actions.cpu().numpy()
@@ -111,8 +145,25 @@ class Algorithm:
             ).astype(self.action_space.dtype)
         return out
 
-    def _obs(self, obs: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(obs, device=self.device)
+    def _obs(self, obs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Observations (raw, from the envs or a replay buffer) as the networks take them:
+        normalised with the statistics in use, when ``normalize_obs`` is on."""
+        x = torch.as_tensor(obs, device=self.device)
+        n = self.normalizer
+        if not n.on_obs:
+            return x
+        if self._obs_stats is None or self._obs_stats[0] != n.version:
+            stats = n.used[0]
+            mean = torch.as_tensor(stats.mean, dtype=torch.float32, device=self.device)
+            std = torch.as_tensor(np.sqrt(stats.var + EPS), dtype=torch.float32, device=self.device)
+            self._obs_stats = (n.version, mean, std)
+        _, mean, std = self._obs_stats
+        return ((x.float() - mean) / std).clamp_(-n.obs_clip, n.obs_clip)
+
+    def _rewards(self, rewards: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Rewards (or discounted sums of them) as the algorithm learns from them: divided by
+        the return's running std when ``normalize_reward`` is on. Logged returns stay raw."""
+        return self.normalizer.scale(rewards)
 
 
 class ActorCriticAlgorithm(Algorithm):
@@ -146,7 +197,7 @@ class ActorCriticAlgorithm(Algorithm):
         self.total_updates = max(1, c.total_steps // per_update)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        obs_t = self._obs(obs)
+        obs_t = self._obs(obs)  # stored as the network saw it: normalised with this rollout's statistics
         with torch.inference_mode():
             out, value = self.net.heads(obs_t)
             action, logprob = self.net.sample_from(out)
@@ -154,7 +205,7 @@ class ActorCriticAlgorithm(Algorithm):
         return self._to_env(action)
 
     def record(self, rewards, terminated, truncated, next_obs, valid, env_steps) -> None:  # noqa: ANN001
-        self.buffer.add(*self._last, rewards, terminated, truncated, valid)
+        self.buffer.add(*self._last, self._rewards(rewards), terminated, truncated, valid)
 
     def ready(self) -> bool:
         return self.buffer.full

@@ -151,8 +151,11 @@ class DQN(Algorithm):
         lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
         losses, q_means = [], []
         for _ in range(c.gradient_steps):
-            obs, actions, returns, next_o, discounts = (
-                torch.as_tensor(x, device=self.device) for x in self.replay.sample(c.batch_size, self.rng)
+            obs, actions, returns, next_o, discounts = self.replay.sample(c.batch_size, self.rng)
+            # Raw observations and rewards are stored; they are normalised with today's statistics.
+            obs, next_o = self._obs(obs), self._obs(next_o)
+            actions, returns, discounts = (
+                torch.as_tensor(x, device=self.device) for x in (actions, self._rewards(returns), discounts)
             )
             with torch.no_grad():
                 target = td_target(self.q, self.q_target, returns, next_o, discounts, c.double_q)

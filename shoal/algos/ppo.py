@@ -11,13 +11,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 
 from shoal.algos.base import ActorCriticAlgorithm, fused_ok
 from shoal.buffers import gae
-from shoal.config import ConfigError, TrainConfig, opt, rollout_memory
+from shoal.config import ConfigError, TrainConfig, continuous_normalization, opt, rollout_memory
+
+# Box actions (continuous control): the values CleanRL's ppo_continuous_action and SB3's PPO
+# use on MuJoCo, one env of 2048 steps per rollout (SB3's default; more envs would shrink
+# the number of updates of a budget), 32 minibatches of 64, 10 epochs, no entropy bonus.
+# Observations and rewards are normalised (see ``continuous_normalization``) and actions
+# clipped to the space (``Algorithm._to_env``). An env's preset still overrides these.
+CONTINUOUS: dict[str, Any] = dict(
+    num_envs=1,
+    num_steps=2048,
+    num_minibatches=32,
+    update_epochs=10,
+    learning_rate=3e-4,
+    gamma=0.99,
+    gae_lambda=0.95,
+    ent_coef=0.0,
+)
 
 
 @dataclass
@@ -45,6 +63,17 @@ class PPOConfig(TrainConfig):
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
     )
+
+    @classmethod
+    def space_defaults(cls, obs_space: Any, action_space: Any) -> dict[str, Any]:
+        """Box actions: continuous-control defaults (see ``CONTINUOUS``); normalisation on."""
+        out = {
+            **super().space_defaults(obs_space, action_space),
+            **continuous_normalization(obs_space, action_space),
+        }
+        if isinstance(action_space, spaces.Box):
+            out.update(CONTINUOUS)
+        return out
 
     def validate(self, *, explicit: Iterable[str] = ()) -> None:
         super().validate(explicit=explicit)

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import optim
@@ -35,6 +35,9 @@ from shoal.distributed import wire
 from shoal.distributed.compress import Compressor
 from shoal.distributed.link import SERVER, Link, PeerTimeout, announced, mark_lost, was_announced
 from shoal.distributed.strategy import flat_params, set_grad, trained_params
+
+if TYPE_CHECKING:
+    from shoal.normalize import Normalizer
 
 log = logging.getLogger("shoal")
 TICK_S = 1.0  # the serve loop looks at the clock at least this often (timeouts, Waiting)
@@ -52,6 +55,7 @@ class ParameterServer:
         compress: str = "none",
         topk_ratio: float = 0.01,
         peer_timeout: float | None = wire.PEER_TIMEOUT_S,
+        normalizer: Normalizer | None = None,
     ) -> None:
         if mode not in ("sync", "async"):
             raise ValueError(f"ps_mode must be sync or async, got {mode!r}")
@@ -75,6 +79,21 @@ class ParameterServer:
         self.pending: list[list[tuple[torch.Tensor, float, float]]] = [[] for _ in sizes]  # sync rounds
         self.lost = 0  # workers lost (died, or hung), each generation counted once
         self.joins = 0  # links opened: num_workers at the start, one more per replacement
+        # The observation/return statistics every worker normalises with: each push brings a
+        # worker's new data, merged here (Chan et al.), and each answer takes the result back.
+        self.normalizer = normalizer if normalizer is not None and normalizer.active else None
+        self.stats_size = self.normalizer.size if self.normalizer is not None else 0
+
+    def statistics(self) -> torch.Tensor:
+        """The merged statistics as they are now (empty without normalisation)."""
+        if self.normalizer is None:
+            return wire.NO_STATS
+        return torch.from_numpy(self.normalizer.used_vector())
+
+    def add_statistics(self, stats: torch.Tensor) -> None:
+        """Merge a worker's new statistics (a vector the size of ours; anything else is ignored)."""
+        if self.normalizer is not None and stats.numel() == self.stats_size:
+            self.normalizer.merge([stats.numpy().copy()])
 
     @property
     def version(self) -> int:
@@ -195,7 +214,7 @@ class _Session:
 
     def run(self) -> dict[str, Any]:
         s = self.server
-        size = wire.push_size(self.layouts)
+        size = wire.push_size(self.layouts, s.stats_size)
         for worker in range(s.num_workers):
             args = (self.store, worker, size, self.events)
             threading.Thread(target=s._listen, args=args, daemon=True).start()
@@ -209,7 +228,7 @@ class _Session:
                 getattr(self, f"on_{what}")(worker, generation, item)
             self.answer()
             self.watch()
-        self.send(0, wire.Weights(s.weights()))  # the final global model, to the chief
+        self.send(0, wire.Weights(s.weights(), s.statistics()))  # the final global model, to the chief
         return {
             "version": s.version,
             "pushes": s.pushes,
@@ -227,7 +246,7 @@ class _Session:
         s.mirrors[worker] = s.weights().clone()
         # The greeting (the global weights as they are) goes out without waiting for the new
         # worker to take it: it may still be building its envs. Its first push comes after.
-        greeting = wire.encode(wire.Weights(s.mirrors[worker]))
+        greeting = wire.encode(wire.Weights(s.mirrors[worker], s.statistics()))
         self.greetings[worker] = (link.isend(greeting), greeting)
         self.last_sent[worker] = time.monotonic()
 
@@ -262,6 +281,7 @@ class _Session:
             raise RuntimeError(f"worker {worker} sent a {type(message).__name__}; workers send pushes")
         i = message.optimizer
         self.sps[worker] = message.worker_sps
+        s.add_statistics(message.stats)
         grad = s.push_codecs[i].decompress(message.payload)
         accepted, lag = s.push(grad, message.samples, message.lr, message.version, i)
         self.waiting[i].append((worker, accepted, lag))
@@ -277,7 +297,8 @@ class _Session:
                 s.apply_round(i)
             self.waiting[i] = []
             for worker, accepted, lag in waiting:
-                reply = wire.Reply(i, s.versions[i], accepted, lag, s.dropped, self.sps, s.pull(worker, i))
+                payload, stats = s.pull(worker, i), s.statistics()
+                reply = wire.Reply(i, s.versions[i], accepted, lag, s.dropped, self.sps, payload, stats)
                 if self.send(worker, reply):
                     self.owes[worker] = time.monotonic()  # from now on it owes us its next message
 

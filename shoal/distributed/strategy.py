@@ -5,14 +5,20 @@ gradient clipping (``params``: what the next optimizer step updates), and
 ``step(optimizer)`` where a lone learner would call ``optimizer.step()``. An algorithm may
 have several optimizers (actor, critics, temperature): each pair of calls is about one of
 them, and every worker makes them in the same order. ``start`` is given the algorithm's
-``optimizers()`` dict, whose order names them on the wire. Each strategy is an
-implementation of these hooks:
+``optimizers()`` dict, whose order names them on the wire. A third hook,
+``merge_statistics(normalizer)``, called after every update, folds the observation and
+return statistics the workers gathered since the last merge into the ones they all use
+(``shoal.normalize``). Each strategy is an implementation of these hooks:
 
-- ``LocalStrategy``: one learner; ``step`` is ``optimizer.step()``.
-- ``SyncStrategy`` (``sync``): gradients all-reduced (DD-PPO, sync SGD); weights never drift.
-- ``ParamAvgStrategy`` (``param-avg``): local steps, parameters averaged every K steps.
+- ``LocalStrategy``: one learner; ``step`` is ``optimizer.step()``; statistics merged after
+  every update.
+- ``SyncStrategy`` (``sync``): gradients all-reduced (DD-PPO, sync SGD); weights never drift;
+  every worker's new statistics merged after every update.
+- ``ParamAvgStrategy`` (``param-avg``): local steps, parameters averaged every K steps, and
+  the new statistics merged with each average.
 - ``ServerStrategy`` (``a3c``, ``param-server``): gradients pushed to the global model held
-  by a parameter server (``shoal.distributed.server``), fresh weights pulled back.
+  by a parameter server (``shoal.distributed.server``), fresh weights pulled back; new
+  statistics travel with each push, the server's merged ones come back with the answer.
 
 Workers ``0 .. world_size - 1`` form a torch.distributed group (gloo on CPU); with a
 parameter server each worker talks to it over a link of its own (``shoal.distributed.link``).
@@ -24,6 +30,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn, optim
 
@@ -33,6 +40,7 @@ from shoal.distributed.compress import Compressor
 
 if TYPE_CHECKING:  # a link is made by the launcher; importing an algorithm needs none of it
     from shoal.distributed.link import Link
+    from shoal.normalize import Normalizer
 
 
 def trained_params(optimizer: optim.Optimizer) -> list[torch.Tensor]:
@@ -83,6 +91,7 @@ class Strategy:
         self.nonfinite_skipped = 0  # steps not taken because loss or gradients were not finite
         self.param_names: dict[int, str] = {}
         self.optimizers: list[optim.Optimizer] = []  # the algorithm's, in its optimizers() order
+        self.normalizer: Normalizer | None = None  # statistics to merge (None, or switched off: none)
 
     def watch(self, modules: dict[str, nn.Module], nan_policy: str) -> None:
         """Name the parameters (for a non-finite gradient's message) and set the NaN policy."""
@@ -100,13 +109,31 @@ class Strategy:
         """Each worker's envs and sampling get their own seed, derived from the run seed."""
         return seed + 1_000_003 * self.rank
 
-    def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
+    def start(
+        self,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, optim.Optimizer],
+        normalizer: Normalizer | None = None,
+    ) -> None:
         """Called once before training (after a resume): make the workers' copies agree.
 
         ``optimizers`` in the algorithm's order: a worker and the server name an optimizer
-        by its index in it.
+        by its index in it. ``normalizer``: the statistics this strategy keeps merged.
         """
         self.optimizers = list(optimizers.values())
+        self.normalizer = normalizer if normalizer is not None and normalizer.active else None
+
+    def merge_statistics(self, normalizer: Normalizer) -> None:
+        """After an update: fold the statistics gathered since the last merge into those used.
+
+        One learner merges its own; ``sync`` everyone's, every update. Strategies that merge
+        elsewhere (with each average, with each push) override this to do nothing.
+        """
+        normalizer.merge(self._gather(normalizer.take_fresh()))
+
+    def _gather(self, vector: np.ndarray) -> list[np.ndarray]:
+        """Every worker's ``vector``, in rank order (a lone learner: its own)."""
+        return [vector]
 
     def index(self, optimizer: optim.Optimizer) -> int:
         """Which of the algorithm's optimizers this is (one not given to ``start`` is added)."""
@@ -192,13 +219,37 @@ class CollectiveStrategy(Strategy):
         # One compressor per vector summed (its error feedback is that vector's), made on first use.
         self.codecs: dict[Any, Compressor] = {}
 
-    def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
+    def start(
+        self,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, optim.Optimizer],
+        normalizer: Normalizer | None = None,
+    ) -> None:
         import torch.distributed as dist
 
-        super().start(modules, optimizers)
+        super().start(modules, optimizers, normalizer)
         for module in modules.values():
             for tensor in module.state_dict().values():
                 dist.broadcast(tensor, src=0)
+        if self.normalizer is not None:  # the statistics in use: rank 0's (a resume loaded them all)
+            used = torch.from_numpy(self.normalizer.used_vector())
+            dist.broadcast(used, src=0)
+            self.normalizer.set_used(used.numpy())
+
+    def _gather(self, vector: np.ndarray) -> list[np.ndarray]:
+        """Every worker's ``vector`` (float64, never compressed), in rank order: each worker then
+        merges them in the same order and ends with bitwise the same statistics."""
+        import torch.distributed as dist
+
+        if self.world_size == 1:
+            return [vector]
+        start = time.perf_counter()
+        mine = torch.from_numpy(np.ascontiguousarray(vector, np.float64))
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine)
+        self.bytes_sent += mine.numel() * mine.element_size()
+        self.comm_seconds += time.perf_counter() - start
+        return [p.numpy() for p in parts]
 
     def _sum(self, vector: torch.Tensor, extra: float, key: Any = None) -> tuple[torch.Tensor, float]:
         """Sum over workers of ``vector`` (compressed on the wire) and of the scalar ``extra``.
@@ -310,7 +361,12 @@ class ParamAvgStrategy(CollectiveStrategy):
             self.params.append(trained_params(optimizer))
             self.anchors.append(flat_params(self.params[-1]).clone())
 
+    def merge_statistics(self, normalizer: Normalizer) -> None:
+        """Merged with each average instead (see :meth:`average`)."""
+
     def average(self) -> None:
+        if self.normalizer is not None:  # the workers' new statistics, merged as the weights meet
+            self.normalizer.merge(self._gather(self.normalizer.take_fresh()))
         for i, (params, anchor) in enumerate(zip(self.params, self.anchors)):
             theta = flat_params(params)
             if self.compress == "none":
@@ -374,17 +430,25 @@ class ServerStrategy(Strategy):
         self.lag_max = 0.0
         self.dropped = 0  # this worker's gradients the server refused as too stale
         self.dropped_all = 0.0  # everyone's, as the server last told us
+        self.stats_size = 0  # float64 values of the normalisation statistics on the wire
 
     @property
     def version(self) -> int:
         """Global updates our weights come from, over every optimizer."""
         return sum(self.versions)
 
-    def start(self, modules: dict[str, nn.Module], optimizers: dict[str, optim.Optimizer]) -> None:
-        # The server greets every worker that opens its link with the global weights: the
-        # same as ours at the start of a run, the current ones for a worker that replaces a
-        # lost one. Sizes are fixed here too, so even a worker that never steps can say Done.
-        super().start(modules, optimizers)
+    def start(
+        self,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, optim.Optimizer],
+        normalizer: Normalizer | None = None,
+    ) -> None:
+        # The server greets every worker that opens its link with the global weights (and
+        # statistics): the same as ours at the start of a run, the current ones for a worker
+        # that replaces a lost one. Sizes are fixed here too, so even a worker that never
+        # steps can say Done.
+        super().start(modules, optimizers, normalizer)
+        self.stats_size = self.normalizer.size if self.normalizer is not None else 0
         self.params = [trained_params(o) for o in self.optimizers]
         self.sizes = sizes = [sum(p.numel() for p in params) for params in self.params]
         self.push_codecs = [Compressor(self.compress, n, self.topk_ratio) for n in sizes]
@@ -393,13 +457,27 @@ class ServerStrategy(Strategy):
         ]
         self.pull_layouts = [c.empty() for c in self.pull_codecs]
         self.versions = [0] * len(sizes)
-        buffer = torch.empty(wire.weights_size(sum(sizes)), dtype=torch.uint8)
+        buffer = torch.empty(wire.weights_size(sum(sizes), self.stats_size), dtype=torch.uint8)
         self._set_weights(self._receive(buffer, wire.Weights))
         self.bytes_sent += buffer.numel()
+
+    def merge_statistics(self, normalizer: Normalizer) -> None:
+        """Merged by the server: new statistics go with each push, merged ones come back."""
 
     def _set_weights(self, message: wire.Weights) -> None:
         for params, part in zip(self.params, message.weights.split(self.sizes)):
             set_params(params, part.to(params[0].device))
+        self._set_statistics(message.stats)
+
+    def _set_statistics(self, stats: torch.Tensor) -> None:
+        if self.normalizer is not None and stats.numel() == self.stats_size:
+            self.normalizer.set_used(stats.numpy().copy())
+
+    def _new_statistics(self) -> torch.Tensor:
+        """What this worker gathered since its last push (sent with the next one)."""
+        if self.normalizer is None:
+            return wire.NO_STATS
+        return torch.from_numpy(self.normalizer.take_fresh())
 
     def _receive(self, buffer: torch.Tensor, expected: type) -> Any:
         """The server's next message of type ``expected``, skipping its Waiting signs of life."""
@@ -443,8 +521,10 @@ class ServerStrategy(Strategy):
         start = time.perf_counter()
         computed_at = self.versions[i]  # the version of the weights this gradient was computed on
         self._land()  # pipelined: the answer to our previous push arrives only now
-        message = wire.encode(wire.Push(i, computed_at, float(samples), lr, self.sps, payload()))
-        buffer = torch.empty(wire.reply_size(self.pull_layouts[i], self.world_size), dtype=torch.uint8)
+        push = wire.Push(i, computed_at, float(samples), lr, self.sps, payload(), self._new_statistics())
+        message = wire.encode(push)
+        size = wire.reply_size(self.pull_layouts[i], self.world_size, self.stats_size)
+        buffer = torch.empty(size, dtype=torch.uint8)
         if self.pipelined:
             sent = self.link.isend(message)
             self.in_flight = (sent, self.link.irecv(buffer), message, buffer)
@@ -473,6 +553,7 @@ class ServerStrategy(Strategy):
         delta = self.pull_codecs[i].decompress(reply.payload).to(params[0].device)
         set_params(params, flat_params(params) + delta)
         self.versions[i] = reply.version
+        self._set_statistics(reply.stats)
         self.dropped_all = float(reply.dropped)
         self.all_sps = reply.worker_sps
         self.lags.append(float(reply.lag))
@@ -485,7 +566,7 @@ class ServerStrategy(Strategy):
         self._land()
         self.link.send(wire.encode(wire.Done()), self.peer_timeout)
         if self.is_chief:  # the chief saves and evaluates the global model, as it is at the very end
-            buffer = torch.empty(wire.weights_size(sum(self.sizes)), dtype=torch.uint8)
+            buffer = torch.empty(wire.weights_size(sum(self.sizes), self.stats_size), dtype=torch.uint8)
             self._set_weights(self._receive(buffer, wire.Weights))
 
     def worker_sps(self, sps: float) -> list[float]:

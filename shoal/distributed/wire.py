@@ -12,15 +12,22 @@ fields are little-endian. Byte layout, after those 8 bytes:
 ==========  ===============================================  ================================
 message     header fields                                    then
 ==========  ===============================================  ================================
-Push        version int64, samples float64, lr float64,      the optimizer's (compressed)
-            worker_sps float64 (40 bytes in all)             gradient payload
+Push        version int64, samples float64, lr float64,      float64 x stats (the worker's
+            worker_sps float64, stats int64 (48 bytes)       new statistics), then the
+                                                             optimizer's (compressed) gradient
 Done        (8 bytes in all)                                 nothing
 Reply       version int64, lag int64, dropped int64,         float64 x workers (each worker's
-            accepted int64, workers int64 (48 bytes)         sps), then the weight-change payload
-Weights     numel int64 (16 bytes)                           float32 x numel: every optimizer's
+            accepted int64, workers int64, stats int64       sps), float64 x stats (the merged
+            (56 bytes)                                       statistics), then the weight change
+Weights     numel int64, stats int64 (24 bytes)              float64 x stats, then float32 x
+                                                             numel: every optimizer's
                                                              parameters, in optimizer order
 Waiting     (8 bytes in all)                                 nothing
 ==========  ===============================================  ================================
+
+``stats`` counts the float64 values of the observation/return statistics
+(``shoal.normalize``; 0 when normalisation is off): a worker sends what it gathered since
+its last push, the server answers with the merged statistics everyone normalises with.
 
 A payload is a tuple of tensors of fixed shapes (``Compressor.empty()``), laid out one after
 the other as raw bytes. Headers are multiples of 8 bytes, so every payload tensor starts
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-FORMAT = 1
+FORMAT = 2
 # How long a peer may take to send a message it owes (a worker's next push, the server's
 # answer) before it is declared hung: a stopped (SIGSTOP) or deadlocked process never breaks
 # its link. Generous, as a legitimately slow env step or evaluation looks the same. While
@@ -48,9 +55,10 @@ PEER_TIMEOUT_S = 60.0
 PUSH, DONE, REPLY, WEIGHTS, WAITING = 1, 2, 3, 4, 5
 
 _PREFIX = struct.Struct("<HHI")  # kind, format, optimizer
-_PUSH = struct.Struct("<HHIqddd")
-_REPLY = struct.Struct("<HHIqqqqq")
-_WEIGHTS = struct.Struct("<HHIq")
+_PUSH = struct.Struct("<HHIqdddq")
+_REPLY = struct.Struct("<HHIqqqqqq")
+_WEIGHTS = struct.Struct("<HHIqq")
+NO_STATS = torch.zeros(0, dtype=torch.float64)
 
 Payload = tuple[torch.Tensor, ...]
 
@@ -75,6 +83,7 @@ class Push:
     lr: float  # the worker's learning rate schedule decides the server's
     worker_sps: float
     payload: Payload
+    stats: torch.Tensor = NO_STATS  # float64: the statistics gathered since the last push
 
 
 @dataclass
@@ -93,6 +102,7 @@ class Reply:
     dropped: int  # pushes the server dropped, from every worker
     worker_sps: list[float]  # every worker's env steps/s, as last pushed
     payload: Payload
+    stats: torch.Tensor = NO_STATS  # float64: the merged statistics, as they are now
 
 
 @dataclass
@@ -100,6 +110,7 @@ class Weights:
     """Every optimizer's parameters, flat, in optimizer order: the greeting and the final model."""
 
     weights: torch.Tensor
+    stats: torch.Tensor = NO_STATS  # float64: the merged statistics
 
 
 @dataclass
@@ -122,18 +133,29 @@ def encode(message: Message) -> torch.Tensor:
     """The message as one uint8 tensor, ready to send."""
     if isinstance(message, Push):
         m = message
-        header = _PUSH.pack(PUSH, FORMAT, m.optimizer, m.version, m.samples, m.lr, m.worker_sps)
-        return _frame(header, _bytes(m.payload))
+        header = _PUSH.pack(
+            PUSH, FORMAT, m.optimizer, m.version, m.samples, m.lr, m.worker_sps, m.stats.numel()
+        )
+        return _frame(header, _bytes((m.stats.double(), *m.payload)))
     if isinstance(message, Reply):
         m = message
         sps = torch.tensor(m.worker_sps, dtype=torch.float64)
         header = _REPLY.pack(
-            REPLY, FORMAT, m.optimizer, m.version, m.lag, m.dropped, int(m.accepted), len(m.worker_sps)
+            REPLY,
+            FORMAT,
+            m.optimizer,
+            m.version,
+            m.lag,
+            m.dropped,
+            int(m.accepted),
+            len(m.worker_sps),
+            m.stats.numel(),
         )
-        return _frame(header, _bytes((sps, *m.payload)))
+        return _frame(header, _bytes((sps, m.stats.double(), *m.payload)))
     if isinstance(message, Weights):
-        header = _WEIGHTS.pack(WEIGHTS, FORMAT, 0, message.weights.numel())
-        return _frame(header, _bytes((message.weights.float(),)))
+        m = message
+        header = _WEIGHTS.pack(WEIGHTS, FORMAT, 0, m.weights.numel(), m.stats.numel())
+        return _frame(header, _bytes((m.stats.double(), m.weights.float())))
     if isinstance(message, Done | Waiting):
         return _frame(_PREFIX.pack(DONE if isinstance(message, Done) else WAITING, FORMAT, 0), [])
     raise TypeError(f"not a wire message: {message!r}")
@@ -166,17 +188,22 @@ def decode(buffer: torch.Tensor, layouts: list[Payload] | None = None) -> Messag
     raw = buffer.numpy()
     found = kind(buffer)
     if found == PUSH:
-        _, _, opt, version, samples, lr, sps = _PUSH.unpack_from(raw)
-        return Push(opt, version, samples, lr, sps, _payload(buffer, _PUSH.size, _layout(layouts, opt)))
+        _, _, opt, version, samples, lr, sps, n = _PUSH.unpack_from(raw)
+        stats = buffer[_PUSH.size : _PUSH.size + 8 * n].view(torch.float64)
+        payload = _payload(buffer, _PUSH.size + 8 * n, _layout(layouts, opt))
+        return Push(opt, version, samples, lr, sps, payload, stats)
     if found == REPLY:
-        _, _, opt, version, lag, dropped, accepted, workers = _REPLY.unpack_from(raw)
+        _, _, opt, version, lag, dropped, accepted, workers, n = _REPLY.unpack_from(raw)
         start = _REPLY.size + 8 * workers
         sps = buffer[_REPLY.size : start].view(torch.float64).tolist()
-        payload = _payload(buffer, start, _layout(layouts, opt))
-        return Reply(opt, version, bool(accepted), lag, dropped, sps, payload)
+        stats = buffer[start : start + 8 * n].view(torch.float64)
+        payload = _payload(buffer, start + 8 * n, _layout(layouts, opt))
+        return Reply(opt, version, bool(accepted), lag, dropped, sps, payload, stats)
     if found == WEIGHTS:
-        numel = _WEIGHTS.unpack_from(raw)[3]
-        return Weights(buffer[_WEIGHTS.size : _WEIGHTS.size + 4 * numel].view(torch.float32))
+        numel, n = _WEIGHTS.unpack_from(raw)[3:]
+        start = _WEIGHTS.size + 8 * n
+        stats = buffer[_WEIGHTS.size : start].view(torch.float64)
+        return Weights(buffer[start : start + 4 * numel].view(torch.float32), stats)
     if found == DONE:
         return Done()
     if found == WAITING:
@@ -194,16 +221,16 @@ def _nbytes(parts: Payload) -> int:
     return sum(p.numel() * p.element_size() for p in parts)
 
 
-def push_size(layouts: list[Payload]) -> int:
+def push_size(layouts: list[Payload], stats: int = 0) -> int:
     """Bytes of the largest push (any optimizer's; a Done is shorter): the server's receive buffer."""
-    return _PUSH.size + max(_nbytes(like) for like in layouts)
+    return _PUSH.size + 8 * stats + max(_nbytes(like) for like in layouts)
 
 
-def reply_size(layout: Payload, workers: int) -> int:
+def reply_size(layout: Payload, workers: int, stats: int = 0) -> int:
     """Bytes of a reply for an optimizer whose pull payload is shaped like ``layout``."""
-    return _REPLY.size + 8 * workers + _nbytes(layout)
+    return _REPLY.size + 8 * workers + 8 * stats + _nbytes(layout)
 
 
-def weights_size(numel: int) -> int:
-    """Bytes of a Weights message of ``numel`` parameters."""
-    return _WEIGHTS.size + 4 * numel
+def weights_size(numel: int, stats: int = 0) -> int:
+    """Bytes of a Weights message of ``numel`` parameters (and ``stats`` statistics)."""
+    return _WEIGHTS.size + 8 * stats + 4 * numel

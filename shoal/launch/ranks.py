@@ -128,9 +128,13 @@ def run_server(
     obs_space, action_space = spaces_of(config.env)
     algorithm = ALGORITHMS[algo](config, obs_space, action_space, torch.device("cpu"))
     if resume:
-        arrays, _ = ckpt.load(resume)
+        arrays, meta = ckpt.load(resume)
         for name, module in algorithm.modules().items():
             ckpt.load_module(f"model/{name}", module, arrays)
+        if "normalizer" in meta:  # the statistics, with the chief's data not merged yet
+            norm = algorithm.normalizer
+            norm.load({k[5:]: v for k, v in arrays.items() if k.startswith("norm/")}, meta["normalizer"])
+            norm.merge([norm.take_fresh()])
     # Every optimizer of the algorithm, in its order: a push names one by its index.
     # A3C bounds staleness; the general parameter server applies every gradient (Downpour).
     a3c = config.strategy == "a3c"
@@ -142,5 +146,6 @@ def run_server(
         config.compress,
         config.topk_ratio,
         peer_timeout=peer_timeout_of(config),
+        normalizer=algorithm.normalizer,
     )
     return server.serve(store)

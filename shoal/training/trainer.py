@@ -164,10 +164,13 @@ class Trainer:
             arrays.update(tensors)
         extra_arrays, extra_meta = self.algo.extra_state()
         arrays.update({f"extra/{k}": v for k, v in extra_arrays.items()})
+        stats_arrays, stats_meta = self.algo.statistics_state()
+        arrays.update({f"norm/{k}": v for k, v in stats_arrays.items()})
         arrays["rng/torch"] = torch.get_rng_state().numpy()
         meta.update(
             optimizers=optim_meta,
             extra=extra_meta,
+            normalizer=stats_meta,
             updates=self.algo.updates,
             boundary=self.boundary,
             env_steps=self.env_steps,
@@ -189,6 +192,9 @@ class Trainer:
                 ckpt.load_optimizer(f"optim/{name}", optimizer, arrays, meta["optimizers"][name])
             extra = {k.removeprefix("extra/"): v for k, v in arrays.items() if k.startswith("extra/")}
             self.algo.load_extra_state(extra, meta["extra"])
+            if "normalizer" in meta:  # (a checkpoint from before normalisation existed has none)
+                stats = {k.removeprefix("norm/"): v for k, v in arrays.items() if k.startswith("norm/")}
+                self.algo.load_statistics(stats, meta["normalizer"])
             torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             text = " ".join(f"{type(e).__name__}: {e}".split())
@@ -230,6 +236,7 @@ class Trainer:
                 self.env_steps += c.num_envs * self.strategy.world_size
                 ended = terminated | truncated
                 next_obs, rewards, valid = self._screen(next_obs, rewards, ended, infos)
+                algo.observe(self.obs, rewards, ended, valid)  # normalisation statistics (raw values)
                 algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
                 self.episodes.step(rewards, valid, ended)
                 self.autoreset = ended
@@ -237,6 +244,7 @@ class Trainer:
                 if algo.ready():
                     with self.timing:
                         self.update_metrics = algo.update(next_obs, self.env_steps)
+                        algo.merge_statistics()  # used from the next rollout (or sampled batch) on
                     if any(cb.after_update(self) for cb in callbacks):  # the first True stops here
                         break
                 for cb in callbacks:
@@ -269,7 +277,8 @@ class Trainer:
         c = self.config
         if resume is not None:
             self.load_checkpoint(resume)
-        self.strategy.start(self.algo.modules(), self.algo.optimizers())  # e.g. rank 0's weights for all
+        # e.g. rank 0's weights for all; the strategy also learns where the statistics to merge are
+        self.strategy.start(self.algo.modules(), self.algo.optimizers(), self.algo.normalizer)
         if self.strategy.is_chief:  # a new run claims its directory (mp/ray: the launcher did)
             fresh = resume is None and self.env_steps == 0 and c.backend == "local"
             self.run_dir = choose_run_dir(self.run_dir, explicit=bool(c.run_dir), claim=fresh)
@@ -324,6 +333,7 @@ class Trainer:
         self.faults.lost_envs(infos, self.envs)  # counted; every episode starts afresh here anyway
         self.autoreset = np.zeros(self.config.num_envs, dtype=bool)
         self.episodes.cut()
+        self.algo.normalizer.new_episodes()  # discounted returns restart with the episodes
 
     def _screen(
         self, next_obs: Any, rewards: np.ndarray, ended: np.ndarray, infos: dict[str, Any]
