@@ -200,6 +200,11 @@ class Normalizer:
             raise ValueError("normalisation statistics of another shape")
         if not (np.isfinite(used).all() and np.isfinite(new).all() and np.isfinite(returns).all()):
             raise ValueError("normalisation statistics are not finite")
+        for vector in (used, new):
+            for part, stats in zip(self._split(vector), self.used):
+                n = (stats.size - 1) // 2
+                if part[0] < 0 or (part[1 + n :] < 0).any():
+                    raise ValueError("normalisation statistics with a negative count or variance")
         self.set_used(used)
         for stats, part in zip(self.fresh, self._split(new if fresh else np.zeros_like(new))):
             stats.set_vector(part)

@@ -75,8 +75,10 @@ def sb3_ppo(env_id: str, config: Any, seed: int, verbose: int = 0) -> Any:
 
 
 def shoal_config(env_id: str, seed: int, run_dir: str, **overrides: Any) -> Any:
-    # SB3 has no value-loss clipping by default: switch it off for identical updates.
-    return make_config("ppo", env_id, {"seed": seed, "run_dir": run_dir, "clip_vloss": False, **overrides})
+    # SB3 has no value-loss clipping by default, and its PPO normalises nothing without a
+    # VecNormalize wrapper: switch both off for identical updates.
+    off = {"clip_vloss": False, "normalize_obs": False, "normalize_reward": False}
+    return make_config("ppo", env_id, {"seed": seed, "run_dir": run_dir, **off, **overrides})
 
 
 class _Clock:
