@@ -347,8 +347,8 @@ class TrainConfig:
         """Defaults that depend on the env's spaces: above the class defaults, below an env's
         preset and the user's settings (``shoal.configio.layered`` applies them).
 
-        Here: no normalisation. On-policy algorithms turn it on for Box actions
-        (:func:`continuous_normalization`) and add their continuous-control values.
+        Here: no normalisation. PPO and A2C turn it on (:func:`normalization`) and add
+        their own values for Box actions (continuous control).
         """
         return {"normalize_obs": False, "normalize_reward": False}
 
@@ -365,8 +365,10 @@ class TrainConfig:
                 f" at least {MIN_FRAME}x{MIN_FRAME}, HxWxC or CxHxW); {env} has {show(obs_space)}: {problem}"
             )
         if self.normalize_obs and not normalizable(obs_space):
-            what = "pixels (uint8 frames, which the network scales itself)" if is_pixels(obs_space) else (
-                f"{type(obs_space).__name__} observations"
+            what = (
+                "pixels (uint8 frames, which the network scales itself)"
+                if is_pixels(obs_space)
+                else (f"{type(obs_space).__name__} observations")
             )
             raise ConfigError(
                 f"normalize_obs is for vectors of numbers (a float Box); {env} has {what}:"
@@ -414,13 +416,13 @@ def normalizable(space: Any) -> bool:
     return isinstance(space, spaces.Box) and not is_pixels(space) and len(space.shape or ()) > 0
 
 
-def continuous_normalization(obs_space: Any, action_space: Any) -> dict[str, Any]:
-    """Normalisation on for continuous control (Box actions), as the anchors use it on MuJoCo;
-    observations only where they are vectors, never pixels."""
-    from gymnasium import spaces
-
-    box = isinstance(action_space, spaces.Box)
-    return {"normalize_obs": box and normalizable(obs_space), "normalize_reward": box}
+def normalization(obs_space: Any, on: bool = True) -> dict[str, Any]:
+    """``normalize_obs``/``normalize_reward`` defaults: ``on``, except for pixels (never
+    normalised; their network scales them) and observations that are not vectors."""
+    return {
+        "normalize_obs": on and normalizable(obs_space),
+        "normalize_reward": on and not is_pixels(obs_space),
+    }
 
 
 def check_fields(config: TrainConfig) -> None:

@@ -49,7 +49,7 @@ def test_solves_cartpole_within_budget(algo, budget, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_ppo_continuous_defaults_learn_pendulum_without_a_preset(tmp_path):
-    """Box actions get the continuous-control defaults (1 env x 2048 steps, 32 minibatches x
+    """Box actions get the continuous-control defaults (4 envs x 512 steps, 32 minibatches x
     10 epochs, lr 3e-4, normalised observations and rewards): with no preset, PPO learns
     Pendulum-v1 within the budget of its preset (200k steps). Seed 1, chosen before any run."""
     import shoal
@@ -57,6 +57,6 @@ def test_ppo_continuous_defaults_learn_pendulum_without_a_preset(tmp_path):
 
     overrides = {"seed": int(SEED), "total_steps": 200_000, "run_dir": str(tmp_path / "run")}
     config = make_config("ppo", "Pendulum-v1", overrides, presets=False)
-    assert (config.num_steps, config.normalize_obs, config.normalize_reward) == (2048, True, True)
+    assert (config.num_steps, config.normalize_obs, config.normalize_reward) == (512, True, True)
     agent = shoal.Agent("ppo", "Pendulum-v1", config=config).learn(progress=False)
     assert agent.summary["mean_return"] >= -250, agent.summary

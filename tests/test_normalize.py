@@ -111,19 +111,22 @@ def test_state_is_arrays_and_json_and_round_trips():
 # -- defaults by action space ------------------------------------------------------------------
 
 
-def test_box_actions_get_continuous_defaults_and_normalisation():
+def test_defaults_by_action_space_and_normalisation():
     box = make_config("ppo", "Pendulum-v1", {}, presets=False)
-    assert (box.num_envs, box.num_steps, box.num_minibatches, box.update_epochs) == (1, 2048, 32, 10)
+    assert (box.num_envs, box.num_steps, box.num_minibatches, box.update_epochs) == (4, 512, 32, 10)
     assert (box.learning_rate, box.gamma, box.gae_lambda, box.ent_coef) == (3e-4, 0.99, 0.95, 0.0)
     assert box.normalize_obs is True and box.normalize_reward is True
-    discrete = make_config("ppo", "CartPole-v1", {}, presets=False)
-    assert (discrete.num_steps, discrete.learning_rate, discrete.normalize_obs) == (128, 2.5e-4, False)
+    discrete = make_config("ppo", "CartPole-v1", {}, presets=False)  # vectors, discrete actions
+    assert (discrete.num_envs, discrete.num_steps, discrete.num_minibatches) == (8, 256, 32)
+    assert (discrete.learning_rate, discrete.ent_coef, discrete.normalize_obs) == (3e-4, 0.0, True)
+    assert make_config("ppo", "CartPole-v1", {}).normalize_obs is False  # its preset: tuned without
     # an env's preset overrides the action-space defaults; the user overrides both
     preset = make_config("ppo", "Pendulum-v1", {})
     assert (preset.num_steps, preset.num_envs, preset.normalize_obs) == (1024, 4, True)
     mine = make_config("ppo", "Pendulum-v1", {"normalize_obs": False, "num_envs": 2})
     assert (mine.normalize_obs, mine.normalize_reward, mine.num_envs) == (False, True, 2)
-    assert make_config("a2c", "Pendulum-v1", {}).normalize_reward is True
+    assert make_config("a2c", "Pendulum-v1", {}, presets=False).normalize_reward is True
+    assert make_config("a2c", "CartPole-v1", {}, presets=False).normalize_reward is False
     assert make_config("dqn", "CartPole-v1", {}).normalize_obs is False
 
 
@@ -159,7 +162,7 @@ class Frames(gym.Env):
 
 def test_pixels_are_never_normalised():
     agent = shoal.PPO(Frames, num_steps=8, num_minibatches=1)  # Box actions, but frames
-    assert agent.config.normalize_obs is False and agent.config.normalize_reward is True
+    assert agent.config.normalize_obs is False and agent.config.normalize_reward is False
     with pytest.raises(ConfigError, match="normalize_obs is for vectors of numbers .* pixels"):
         shoal.PPO(Frames, normalize_obs=True)
 

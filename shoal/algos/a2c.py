@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
-from shoal.config import TrainConfig, continuous_normalization, opt, rollout_memory
+from shoal.config import TrainConfig, normalization, opt, rollout_memory
 
 
 @dataclass
@@ -46,7 +47,7 @@ class A2CConfig(TrainConfig):
         """Box actions: observations and rewards normalised (as RL-Zoo's A2C on MuJoCo)."""
         return {
             **super().space_defaults(obs_space, action_space),
-            **continuous_normalization(obs_space, action_space),
+            **normalization(obs_space, on=isinstance(action_space, spaces.Box)),
         }
 
     def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
