@@ -47,7 +47,7 @@ def test_solves_cartpole_within_budget(algo, budget, tmp_path):
     assert summary["mean_return"] >= 475, summary
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_ppo_continuous_defaults_learn_pendulum_without_a_preset(tmp_path):
     """Box actions get the continuous-control defaults (4 envs x 512 steps, 32 minibatches x
     10 epochs, lr 3e-4, normalised observations and rewards): with no preset, PPO learns

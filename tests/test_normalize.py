@@ -121,8 +121,8 @@ def test_defaults_by_action_space_and_normalisation():
     assert (discrete.learning_rate, discrete.ent_coef, discrete.normalize_obs) == (3e-4, 0.0, True)
     assert make_config("ppo", "CartPole-v1", {}).normalize_obs is False  # its preset: tuned without
     # an env's preset overrides the action-space defaults; the user overrides both
-    preset = make_config("ppo", "Pendulum-v1", {})
-    assert (preset.num_steps, preset.num_envs, preset.normalize_obs) == (1024, 4, True)
+    preset = make_config("ppo", "Pendulum-v1", {})  # tuned without normalisation: keeps it off
+    assert (preset.num_steps, preset.num_envs, preset.normalize_obs) == (1024, 4, False)
     mine = make_config("ppo", "Pendulum-v1", {"normalize_obs": False, "num_envs": 2})
     assert (mine.normalize_obs, mine.normalize_reward, mine.num_envs) == (False, True, 2)
     assert make_config("a2c", "Pendulum-v1", {}, presets=False).normalize_reward is True

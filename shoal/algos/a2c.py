@@ -108,6 +108,8 @@ PRESETS: dict[str, dict] = {
         learning_rate=7e-4,
         log_std_init=-2.0,
         total_steps=1_000_000,
+        normalize_obs=False,  # tuned and measured without normalisation
+        normalize_reward=False,
     ),
 }
 A2C.presets = PRESETS

@@ -26,7 +26,7 @@ from shoal.config import ConfigError, TrainConfig, is_pixels, normalization, opt
 # epochs, lr 2.5e-4, entropy 0.01; its Atari script's too, clip range aside), kept for pixels.
 # On vector observations they barely move the policy (LunarLander-v3, 300k steps: KL ~1e-5
 # per update, no ratio ever clipped, greedy return -811): 16 minibatch steps per 1,024
-# transitions, and unscaled returns give a value loss of 100-700 (explained variance ~0)
+# transitions, and unscaled returns give a value loss in the hundreds (explained variance ~0)
 # beside a policy loss of ~1e-3, under one clipped gradient norm. There, as SB3 and CleanRL's
 # continuous-control script do: 2,048 transitions per update in minibatches of 64, 10 epochs,
 # lr 3e-4, no entropy bonus, with observations and rewards normalised.
@@ -215,6 +215,8 @@ PRESETS: dict[str, dict] = {
         clip_coef=0.2,
         log_std_init=-0.7,
         total_steps=200_000,
+        normalize_obs=False,
+        normalize_reward=False,
     ),
 }
 PPO.presets = PRESETS
