@@ -15,6 +15,7 @@ from gymnasium import spaces
 
 from shoal.algos import PPO, PPOConfig
 from shoal.launch import free_port
+from shoal.normalize import RunningMeanStd
 
 pytestmark = pytest.mark.slow  # learning and multi-process runs: not in the quick tier
 
@@ -184,19 +185,25 @@ def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
             np.testing.assert_allclose(a, ref.numpy(), atol=1e-5, rtol=0)
 
 
-def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipelined: bool = False) -> list:
+PS_OBS = [np.arange(6.0).reshape(3, 2), np.arange(8.0).reshape(4, 2) ** 2]  # each worker's observations
+
+
+def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipelined: bool = False) -> tuple:
     """Ranks 0 and 1 push one known gradient each; rank 2 is the parameter server (SGD, lr 1)."""
     from shoal.distributed.link import WORKER, Link, announce, open_store
     from shoal.distributed.server import ParameterServer
     from shoal.distributed.strategy import ServerStrategy, flat_params
+    from shoal.normalize import Normalizer
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    norm = Normalizer((2,), 1, obs=True, reward=False)  # the statistics travel with pushes and answers
     if rank == 2:
-        stats = ParameterServer(optimizer, 2, mode).serve(open_store(f"file://{store}", host=True))
+        server = ParameterServer(optimizer, 2, mode, normalizer=norm)
+        stats = server.serve(open_store(f"file://{store}", host=True))
         assert stats["pushes"] == 2 and stats["version"] == (2 if mode == "async" else 1)
-        return flat_params(list(net.parameters())).tolist()
+        return flat_params(list(net.parameters())).tolist(), norm.used_vector().tolist()
     torch.manual_seed(rank + 1)  # a worker's own copy may differ: the server greets it with its weights
     net = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
@@ -204,7 +211,8 @@ def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipel
     announce(opened, rank, 0)
     link = Link(opened, rank, 0, WORKER)
     strategy = ServerStrategy(rank, 2, pipelined=pipelined, link=link)
-    strategy.start({"net": net}, {"optimizer": optimizer})
+    strategy.start({"net": net}, {"optimizer": optimizer}, norm)
+    norm.observe(PS_OBS[rank])
     for p, g in zip(net.parameters(), torch.as_tensor(grads[rank]).split([6, 2])):
         p.grad = g.view_as(p).clone()
     strategy.reduce_gradients(net, samples=samples[rank])
@@ -212,7 +220,7 @@ def _ps_rank(rank: int, store: str, mode: str, grads: list, samples: list, pipel
     if pipelined:  # the answer is still in flight: nothing applied to our copy yet
         assert strategy.in_flight is not None and strategy.version == 0
     strategy.finish()
-    return flat_params(list(net.parameters())).tolist()
+    return flat_params(list(net.parameters())).tolist(), norm.used_vector().tolist()
 
 
 @pytest.mark.timeout(120)
@@ -224,8 +232,16 @@ def test_parameter_server_applies_exactly_the_pushed_gradients(mode, tmp_path):
     samples = [1, 3]
     pipelined = mode == "pipelined"
     store = str(tmp_path / "store")
-    got = run_group(3, _ps_rank, store, "async" if pipelined else mode, grads.tolist(), samples, pipelined)
+    ran = run_group(3, _ps_rank, store, "async" if pipelined else mode, grads.tolist(), samples, pipelined)
+    got = {rank: weights for rank, (weights, _) in ran.items()}
     server = np.array(got[2])
+    # The server merged both workers' statistics; the chief ends with them (the final weights).
+    union = RunningMeanStd((2,))
+    union.update(np.concatenate(PS_OBS))
+    np.testing.assert_allclose(ran[2][1][: union.size], union.vector(), rtol=1e-6)  # (then: no returns)
+    np.testing.assert_array_equal(ran[0][1], ran[2][1])
+    if mode == "sync":  # both answers came after the round: everyone's
+        np.testing.assert_array_equal(ran[1][1], ran[2][1])
     if mode != "sync":  # each push applied on its own, in whatever order they came
         np.testing.assert_allclose(server, start - grads[0] - grads[1], atol=1e-6)
         # A worker holds the global weights as of its own push: after one or both pushes.

@@ -123,8 +123,10 @@ def test_defaults_by_action_space_and_normalisation():
     # an env's preset overrides the action-space defaults; the user overrides both
     preset = make_config("ppo", "Pendulum-v1", {})  # tuned without normalisation: keeps it off
     assert (preset.num_steps, preset.num_envs, preset.normalize_obs) == (1024, 4, False)
-    mine = make_config("ppo", "Pendulum-v1", {"normalize_obs": False, "num_envs": 2})
-    assert (mine.normalize_obs, mine.normalize_reward, mine.num_envs) == (False, True, 2)
+    mine = make_config("ppo", "Pendulum-v1", {"normalize_obs": True, "num_envs": 2})
+    assert (mine.normalize_obs, mine.normalize_reward, mine.num_envs) == (True, False, 2)
+    mine = make_config("ppo", "Pendulum-v1", {"normalize_obs": False}, presets=False)
+    assert (mine.normalize_obs, mine.normalize_reward, mine.num_steps) == (False, True, 512)
     assert make_config("a2c", "Pendulum-v1", {}, presets=False).normalize_reward is True
     assert make_config("a2c", "CartPole-v1", {}, presets=False).normalize_reward is False
     assert make_config("dqn", "CartPole-v1", {}).normalize_obs is False
@@ -138,11 +140,12 @@ def test_the_command_line_resolves_them_to_values(tmp_path, monkeypatch):
     monkeypatch.setattr(
         shoal.launch, "train", lambda algo, config, **kw: (seen.append(config), (result, "x"))[1]
     )
-    assert main(["train", "ppo", "--env", "Pendulum-v1", "--run-dir", str(tmp_path)]) == 0
+    box = "MountainCarContinuous-v0"  # Box actions, no preset
+    assert main(["train", "ppo", "--env", box, "--run-dir", str(tmp_path)]) == 0
     assert seen[0].normalize_obs is True and seen[0].normalize_reward is True
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"normalize_obs": None, "normalize_reward": False}))  # null: by space
-    assert main(["train", "ppo", "--env", "Pendulum-v1", "--config", str(cfg)]) == 0
+    assert main(["train", "ppo", "--env", box, "--config", str(cfg)]) == 0
     assert seen[1].normalize_obs is True and seen[1].normalize_reward is False
 
 
@@ -172,7 +175,7 @@ def test_pixels_are_never_normalised():
 
 def test_agent_saves_loads_and_acts_with_frozen_statistics(tmp_path, capsys):
     agent = shoal.PPO(
-        "Pendulum-v1",
+        "MountainCarContinuous-v0",  # Box actions, no preset: normalisation on
         total_steps=1024,
         num_steps=256,
         num_envs=2,
@@ -185,14 +188,14 @@ def test_agent_saves_loads_and_acts_with_frozen_statistics(tmp_path, capsys):
     assert saved["normalize_obs"] is True and saved["normalize_reward"] is True  # resolved, visible
     loaded = shoal.load(agent.run_dir)
     np.testing.assert_array_equal(loaded.algorithm.normalizer.used_vector(), norm.used_vector())
-    obs = np.array([[1.0, 0.0, 0.5], [-0.5, 0.9, -7.0]], np.float32)
+    obs = np.array([[-0.5, 0.0], [0.4, -0.06]], np.float32)
     before = norm.used_vector().copy()
     # act applies the statistics: the network sees (obs - mean) / std, clipped
     stats = norm.used[0]
     seen = np.clip((obs - stats.mean) / np.sqrt(stats.var + 1e-8), -10, 10).astype(np.float32)
     with torch.no_grad():
         mean_action, _ = loaded.algorithm.net.sample(torch.from_numpy(seen), True)
-    expected = np.clip(mean_action.numpy(), -2, 2)
+    expected = np.clip(mean_action.numpy(), -1, 1)  # clipped to the Box
     np.testing.assert_allclose(loaded.act(obs), expected, atol=1e-6)
     np.testing.assert_allclose(agent.act(obs), expected, atol=1e-6)
     for _ in range(5):
