@@ -132,13 +132,15 @@ class PeriodicEvaluation(Callback):
         c = trainer.config
         self.due = (trainer.env_steps // c.eval_every + 1) * c.eval_every
         self.last = trainer.env_steps
+        start = time.perf_counter()
         result = self.evaluate(
             trainer.algo, trainer.env_fn or c.env, c.periodic_eval_episodes, self.seed, trainer.stop
         )
         if trainer.stop:  # cut short: neither a score nor a best
             return
         mean, std = result["mean_return"], result["std_return"]
-        trainer.logger.log(trainer.env_steps, {"eval_return": mean, "eval_return_std": std}, progress=False)
+        row = {"eval_return": mean, "eval_return_std": std, "eval_seconds": time.perf_counter() - start}
+        trainer.logger.log(trainer.env_steps, row, progress=False)  # its time counts in the run's sps
         best = trainer.best_eval
         if best is None or mean > best["eval_return"]:
             trainer.best_eval = {

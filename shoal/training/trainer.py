@@ -277,7 +277,7 @@ class Trainer:
         callbacks: list[Callback] = [UserHook(on_update)] if on_update else []
         callbacks.append(StopVote())
         if self.config.eval_every > 0 and self.strategy.is_chief:  # no collective in it: the others go on
-            callbacks.append(PeriodicEvaluation(self))  # before the boundary: a resume from it goes on after
+            callbacks.append(PeriodicEvaluation(self))  # before the boundary: resumed from it, it was done
         callbacks += [CheckpointBoundaries(crash_after), MetricsRow(self)]
         faults = FaultInjection.from_environment(self.strategy.rank)
         return [faults, *callbacks] if faults else callbacks
