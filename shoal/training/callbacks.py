@@ -116,22 +116,19 @@ class PeriodicEvaluation(Callback):
         self.evaluate, self.seed = evaluate, trainer.config.seed + MAX_EVAL_EPISODES
         every = trainer.config.eval_every
         self.due = (trainer.env_steps // every + 1) * every  # the first multiple not evaluated yet
-        self.last = -1  # env steps of the last evaluation
         trainer.best_eval = read_best(trainer.run_dir)
 
     def after_update(self, trainer: Trainer) -> bool:  # the weights change only in updates
-        if trainer.env_steps >= self.due:
+        if self.due <= trainer.env_steps < trainer.config.total_steps:  # the end: at_end, final weights
             self.run(trainer)
         return False
 
     def at_end(self, trainer: Trainer) -> None:
-        if self.last != trainer.env_steps:
-            self.run(trainer)
+        self.run(trainer)
 
     def run(self, trainer: Trainer) -> None:
         c = trainer.config
         self.due = (trainer.env_steps // c.eval_every + 1) * c.eval_every
-        self.last = trainer.env_steps
         start = time.perf_counter()
         result = self.evaluate(
             trainer.algo, trainer.env_fn or c.env, c.periodic_eval_episodes, self.seed, trainer.stop
