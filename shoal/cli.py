@@ -127,7 +127,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_config_flags(p, algo.config_class, algo.presets, run_env)
         p.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="greedy evaluation of a run's latest checkpoint")
+    ev = sub.add_parser("eval", help="greedy evaluation of a run's latest (or best) checkpoint")
     ev.add_argument("run_dir")
     ev.add_argument(
         "--episodes",
@@ -145,6 +145,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--device",
         default=None,
         help="device to evaluate on: auto|cpu|cuda|cuda:N (default: the run's, or the CPU without a GPU)",
+    )
+    ev.add_argument(
+        "--best",
+        action="store_true",
+        help="evaluate the run's best checkpoint (kept by --eval-every) instead of its latest",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_eval)
@@ -298,7 +303,7 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir} is not a directory")
-    agent = load(args.run_dir, device=args.device)
+    agent = load(args.run_dir, device=args.device, best=args.best)
     seed = agent.config.seed if args.seed is None else args.seed
     result = evaluate(agent.algorithm, agent.config.env, args.episodes, seed)
     if args.json:

@@ -169,6 +169,20 @@ class TrainConfig:
     eval_episodes: int = opt(
         20, "episodes of the final greedy evaluation", group=RUN_FILES, ge=1, le=MAX_EVAL_EPISODES
     )
+    eval_every: int = opt(
+        0,
+        "env steps between greedy evaluations, which keep the best checkpoint in checkpoints/best (0: none)",
+        group=RUN_FILES,
+        ge=0,
+    )
+    periodic_eval_episodes: int = opt(
+        5,
+        "episodes of each --eval-every evaluation (the same seeds each time)",
+        group=RUN_FILES,
+        ge=1,
+        le=MAX_EVAL_EPISODES,
+        only_with=(lambda c: c.eval_every > 0, "--eval-every N"),
+    )
     checkpoint_every: int = opt(0, "env steps between checkpoints (0: 10 per run)", group=RUN_FILES, ge=0)
     keep_checkpoints: int = opt(
         3, "newest checkpoints kept (0: all); only the newest keeps a replay buffer", group=RUN_FILES, ge=0
