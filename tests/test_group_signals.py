@@ -117,7 +117,8 @@ def test_kill_9_of_the_whole_group_leaves_no_process_no_semaphore_and_its_scratc
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
     assert no_semaphore_left(sems), "named semaphores left in /dev/shm"
     assert clean_stale_scratch(base=tmp) == scratch  # what the next launcher does first
-    assert list(tmp.iterdir()) == []
+    # (torch keeps a cache of its own there, torchinductor_<user>, made by its first optimizer)
+    assert [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def stop_worker_at(tmp_path: Path, steps: int) -> dict[str, str]:
