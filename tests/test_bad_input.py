@@ -25,6 +25,13 @@ MP2 = ["--backend", "mp", "--num-workers", "2"]
 REFUSED = [
     # incompatible combinations
     (["dqn", "--env", "Pendulum-v1"], "dqn needs discrete actions but Pendulum-v1 has Box", {}),
+    (["sac", "--env", "CartPole-v1"], "sac needs continuous (Box) actions but CartPole-v1", {}),
+    (["td3", "--env", "CartPole-v1"], "td3 needs continuous (Box) actions but CartPole-v1", {}),
+    (
+        ["sac", "--env", "Pendulum-v1", "--batch-size", "100", "--buffer-size", "50"],
+        "batch_size 100 is more than buffer_size 50; lower --batch-size",
+        dict(batch_size=100, buffer_size=50),
+    ),
     (
         ["ppo", "--backend", "mp", "--num-workers", "1", "--ps-mode", "sync"],
         "ps_mode is for --strategy param-server (a3c is always async); drop --ps-mode",
