@@ -122,7 +122,10 @@ class SAC(OffPolicyAlgorithm):
             self.gradient_steps += 1
             if self.gradient_steps % c.target_update_interval == 0:
                 self.polyak(self.targets, self.online, c.tau)
-            stats.append(torch.stack([critic_loss, actor_loss, alpha_loss, alpha, -logp.mean(), q.mean()]))
+            with torch.no_grad():
+                stats.append(
+                    torch.stack([critic_loss, actor_loss, alpha_loss, alpha, -logp.mean(), q.mean()])
+                )
         self.updates += 1
         critic_l, actor_l, alpha_l, alpha_v, entropy, q_mean = torch.stack(stats).mean(0).tolist()
         return {
