@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,3 +181,22 @@ def test_learns_pendulum_within_15k_steps(algo, tmp_path):
     assert agent.config.total_steps <= 15_000
     agent.learn(progress=False)
     assert agent.summary["mean_return"] >= -200, agent.summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sac_trains_its_three_optimizers_on_a_parameter_server(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--env", "Pendulum-v1", "--backend", "mp", "--num-workers", "2", "--strategy", "param-server"]
+    args += ["--total-steps", "600", "--learning-starts", "400", "--hidden", "8", "--batch-size", "16"]
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "train", "sac", *args, "--eval-episodes", "1"]
+        + ["--run-dir", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    server = json.loads((run_dir / "summary.json").read_text())["parameter_server"]
+    # every gradient step of each worker pushes to the server for actor, critic and temperature
+    assert server["pushes"] > 0 and server["pushes"] % 3 == 0 and server["dropped"] == 0, server
