@@ -185,6 +185,7 @@ def test_learns_pendulum_within_15k_steps(algo, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # a multi-process run: one at a time (see tests/conftest.py)
 @pytest.mark.timeout(300)
 def test_sac_trains_its_three_optimizers_on_a_parameter_server(tmp_path):
     run_dir = tmp_path / "run"
