@@ -268,4 +268,25 @@ def DQN(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N80
     return Agent("dqn", env, **config)
 
 
-__all__ = ["Agent", "PPO", "A2C", "DQN", "load", "make_config", "config_dict", "read_checkpoint"]
+def SAC(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Soft Actor-Critic, continuous actions (see :mod:`shoal.algos.sac`)."""
+    return Agent("sac", env, **config)
+
+
+def TD3(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Twin Delayed DDPG, continuous actions (see :mod:`shoal.algos.td3`)."""
+    return Agent("td3", env, **config)
+
+
+__all__ = [
+    "Agent",
+    "PPO",
+    "A2C",
+    "DQN",
+    "SAC",
+    "TD3",
+    "load",
+    "make_config",
+    "config_dict",
+    "read_checkpoint",
+]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from shoal.algos import ALGORITHMS
-from shoal.config import MAX_EVAL_EPISODES
+from shoal.config import MAX_EVAL_EPISODES, names_list
 
 if TYPE_CHECKING:
     from shoal.training.trainer import StopRequest
@@ -62,7 +62,7 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, ex
         owners = [n for n, a in ALGORITHMS.items() if field in a.config_class.__dataclass_fields__]
         near = _nearest(name, own)
         if owners and getattr(args, "algo", None):
-            message += f" ({name} is a setting of {' and '.join(sorted(owners))} only)"
+            message += f" ({name} is a setting of {names_list(sorted(owners))} only)"
         elif near:
             message += f" (did you mean {near}?)"
         else:
