@@ -153,15 +153,22 @@ class Agent:
 
 
 def load(
-    path: str | Path, env: str | Callable[..., gym.Env] | None = None, *, device: str | None = None
+    path: str | Path,
+    env: str | Callable[..., gym.Env] | None = None,
+    *,
+    device: str | None = None,
+    best: bool = False,
 ) -> Agent:
     """An agent from a saved path, a run directory or a checkpoint file (never unpickles).
 
     A checkpoint is data: its config is validated like flags, and its env id must be
     registered already (a ``module:Env`` id, which ``gym.make`` would import, is refused;
     import your module, or pass ``env``). Its ``device`` is a preference: without a GPU a
-    CUDA checkpoint loads on the CPU; ``device`` overrides it.
+    CUDA checkpoint loads on the CPU; ``device`` overrides it. ``best``: the run's best
+    checkpoint (``--eval-every``) instead of its latest; it holds no replay buffer.
     """
+    if best:
+        path = best_checkpoint(path)
     algo, config, _meta = read_checkpoint(path, env=None if callable(env) else env, custom_env=callable(env))
     if device is not None:
         config.device = device
@@ -180,10 +187,25 @@ def load(
     return agent
 
 
+def best_checkpoint(run_dir: str | Path) -> Path:
+    """The best checkpoint of a run directory; one line if there is none."""
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"best=True takes a run directory; {run_dir} is not a directory")
+    found = ckpt.best(run_dir_of(run_dir))
+    if found is None:
+        raise ckpt.CheckpointError(
+            f"{run_dir} has no best checkpoint (checkpoints/best/): the run was trained without"
+            " --eval-every (or stopped before its first evaluation)"
+        )
+    return found
+
+
 def run_dir_of(path: str | Path) -> Path:
     """The folder a saved agent lives in: ``path`` itself, or the one holding ``checkpoints/``."""
     path = Path(path).absolute()
     if path.is_file():
+        path = path.parent
+    if path.name == ckpt.BEST and path.parent.name == "checkpoints":
         path = path.parent
     return path.parent if path.name == "checkpoints" else path
 
@@ -243,6 +265,9 @@ def result_line(algo: str, env: str, result: dict[str, Any], run_dir: str | Path
         f"shoal: {algo} on {env}: mean greedy return {result['mean_return']:.1f}"
         f" +- {result['std_return']:.1f} over {result['episodes']} episodes"
     )
+    if "best_eval_return" in result:
+        best, at = result["best_eval_return"], result["best_eval_env_steps"]
+        line += f"; best periodic evaluation {best:.1f} at step {at:,}"
     return line + (f"; run in {Path(run_dir).absolute()}" if run_dir is not None else "")
 
 
@@ -261,4 +286,25 @@ def DQN(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N80
     return Agent("dqn", env, **config)
 
 
-__all__ = ["Agent", "PPO", "A2C", "DQN", "load", "make_config", "config_dict", "read_checkpoint"]
+def SAC(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Soft Actor-Critic, continuous actions (see :mod:`shoal.algos.sac`)."""
+    return Agent("sac", env, **config)
+
+
+def TD3(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N802
+    """Twin Delayed DDPG, continuous actions (see :mod:`shoal.algos.td3`)."""
+    return Agent("td3", env, **config)
+
+
+__all__ = [
+    "Agent",
+    "PPO",
+    "A2C",
+    "DQN",
+    "SAC",
+    "TD3",
+    "load",
+    "make_config",
+    "config_dict",
+    "read_checkpoint",
+]

@@ -216,6 +216,8 @@ class ReplayBuffer:
         return arrays, {"pos": self.pos, "size": self.size, "pending": [len(q) for q in self.pending]}
 
     def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if not arrays:  # a checkpoint for acting (the best one) holds no transitions: start empty
+            return
         if any(meta["pending"]):
             raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
         for key, value in arrays.items():

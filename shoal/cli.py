@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from shoal.algos import ALGORITHMS
-from shoal.config import MAX_EVAL_EPISODES
+from shoal.config import MAX_EVAL_EPISODES, names_list
 
 if TYPE_CHECKING:
     from shoal.training.trainer import StopRequest
@@ -62,7 +62,7 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, ex
         owners = [n for n, a in ALGORITHMS.items() if field in a.config_class.__dataclass_fields__]
         near = _nearest(name, own)
         if owners and getattr(args, "algo", None):
-            message += f" ({name} is a setting of {' and '.join(sorted(owners))} only)"
+            message += f" ({name} is a setting of {names_list(sorted(owners))} only)"
         elif near:
             message += f" (did you mean {near}?)"
         else:
@@ -129,7 +129,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_config_flags(p, algo.config_class, algo.presets, run_env)
         p.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="greedy evaluation of a run's latest checkpoint")
+    ev = sub.add_parser("eval", help="greedy evaluation of a run's latest (or best) checkpoint")
     ev.add_argument("run_dir")
     ev.add_argument(
         "--episodes",
@@ -147,6 +147,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--device",
         default=None,
         help="device to evaluate on: auto|cpu|cuda|cuda:N (default: the run's, or the CPU without a GPU)",
+    )
+    ev.add_argument(
+        "--best",
+        action="store_true",
+        help="evaluate the run's best checkpoint (kept by --eval-every) instead of its latest",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(run=_eval)
@@ -300,7 +305,7 @@ def _eval(args: argparse.Namespace) -> int:
         )
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir} is not a directory")
-    agent = load(args.run_dir, device=args.device)
+    agent = load(args.run_dir, device=args.device, best=args.best)
     seed = agent.config.seed if args.seed is None else args.seed
     result = evaluate(agent.algorithm, agent.config.env, args.episodes, seed)
     if args.json:

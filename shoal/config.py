@@ -82,6 +82,11 @@ _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
 _REPR.maxlevel = 2
 
 
+def names_list(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -168,6 +173,20 @@ class TrainConfig:
     )
     eval_episodes: int = opt(
         20, "episodes of the final greedy evaluation", group=RUN_FILES, ge=1, le=MAX_EVAL_EPISODES
+    )
+    eval_every: int = opt(
+        0,
+        "env steps between greedy evaluations, which keep the best checkpoint in checkpoints/best (0: none)",
+        group=RUN_FILES,
+        ge=0,
+    )
+    periodic_eval_episodes: int = opt(
+        5,
+        "episodes of each --eval-every evaluation (the same seeds each time)",
+        group=RUN_FILES,
+        ge=1,
+        le=MAX_EVAL_EPISODES,
+        only_with=(lambda c: c.eval_every > 0, "--eval-every N"),
     )
     checkpoint_every: int = opt(0, "env steps between checkpoints (0: 10 per run)", group=RUN_FILES, ge=0)
     keep_checkpoints: int = opt(

@@ -34,6 +34,7 @@ from shoal.config import (
     flag,
     is_int,
     kind,
+    names_list,
     show,
 )
 
@@ -244,7 +245,7 @@ def unknown_hint(cls: type, key: Any) -> str:
     fields = {n: a.config_class.__dataclass_fields__ for n, a in ALGORITHMS.items()}
     owners = [n for n, names in fields.items() if isinstance(key, str) and key in names]
     if owners:
-        return f"; it is a setting of {' and '.join(owners)} only"
+        return f"; it is a setting of {names_list(owners)} only"
     if key in fields:
         return f"; settings go at the top level, not under {key!r}"
     near = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(cls)], n=1)

@@ -221,3 +221,93 @@ class QNetwork(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(obs))
+
+
+# -- off-policy continuous control (SAC, TD3) -------------------------------------------------
+LOG_2 = math.log(2.0)
+
+
+def relu_mlp(inputs: int, hidden: tuple[int, ...], outputs: int) -> nn.Sequential:
+    """ReLU layers with torch's default (uniform) initialisation, as SB3's SAC and TD3 use."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(inputs, width), nn.ReLU()]
+        inputs = width
+    return nn.Sequential(*layers, nn.Linear(inputs, outputs))
+
+
+def flat_size(space: spaces.Space) -> int:
+    return int(np.prod(space.shape)) if space.shape else 1
+
+
+class TwinQ(nn.Module):
+    """Two Q(s, a) MLPs run as one: each layer is one batched matmul over stacked weights.
+
+    ``forward`` returns both critics' values, shape (2, batch), in one call: for the small
+    networks of continuous control a layer costs its per-op overhead more than its
+    arithmetic, so the twin costs about what one critic does. Each critic is initialised
+    like ``nn.Linear`` (uniform in +-1/sqrt(fan_in)), exactly as two separate MLPs would be.
+    """
+
+    def __init__(self, obs_size: int, act_size: int, hidden: tuple[int, ...], critics: int = 2) -> None:
+        super().__init__()
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        inputs = obs_size + act_size
+        for width in (*hidden, 1):
+            bound = 1.0 / math.sqrt(inputs)
+            self.weights.append(nn.Parameter(torch.empty(critics, inputs, width).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(critics, 1, width).uniform_(-bound, bound)))
+            inputs = width
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """Q-values (critics x batch); ``first_only``: Q1 alone (TD3's actor loss), shape (1, batch)."""
+        x = torch.cat([obs.reshape(obs.shape[0], -1).float(), actions], -1)
+        k = 1 if first_only else self.weights[0].shape[0]
+        h = x.unsqueeze(0).expand(k, *x.shape)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b[:k], h, w[:k])
+            if i < last:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # SAC's clamp of the policy's log-std
+
+
+def squashed_gaussian_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Log-density of ``a = tanh(u)``, ``u ~ N(mean, exp(log_std))``, summed over dimensions.
+
+    Change of variables: log p(a) = log N(u) - sum log(1 - tanh(u)^2), with
+    log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and stable for large |u|
+    (SAC's paper, appendix C, adds an epsilon inside the log instead).
+    """
+    return gaussian_log_prob(u, mean, log_std) - (2.0 * (LOG_2 - u - nn.functional.softplus(-2.0 * u))).sum(
+        -1
+    )
+
+
+class SquashedGaussianActor(nn.Module):
+    """SAC's policy: a Gaussian with state-dependent mean and log-std, squashed by tanh into [-1, 1]."""
+
+    def __init__(self, obs_size: int, act_size: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = relu_mlp(obs_size, hidden, 2 * act_size)  # mean and log-std from one layer
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actions in [-1, 1] and their log-probabilities (``deterministic``: tanh of the mean)."""
+        mean, log_std = self.net(obs.reshape(obs.shape[0], -1).float()).chunk(2, -1)
+        log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        return torch.tanh(u), squashed_gaussian_log_prob(u, mean, log_std)
+
+
+class DeterministicActor(nn.Module):
+    """TD3's policy: an MLP whose tanh output is the action in [-1, 1]."""
+
+    def __init__(self, obs_size: int, act_size: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = relu_mlp(obs_size, hidden, act_size)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs.reshape(obs.shape[0], -1).float()))

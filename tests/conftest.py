@@ -1,4 +1,11 @@
-"""Shared fixtures: every test must leave no child process behind."""
+"""Shared fixtures: every test must leave no child process behind.
+
+CI runs the suite in two pytest-xdist processes (``-n 2 --dist loadgroup``). Tests that start
+a multi-process training run keep both cores of the reference machine busy, so their files
+mark them ``xdist_group("processes")``: that group runs one test at a time, while the other
+xdist process takes the single-process tests. Two such runs side by side would only slow
+each other down, and their timing-bound checks (hang timeouts, staleness) with them.
+"""
 
 from __future__ import annotations
 

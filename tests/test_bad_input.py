@@ -25,6 +25,13 @@ MP2 = ["--backend", "mp", "--num-workers", "2"]
 REFUSED = [
     # incompatible combinations
     (["dqn", "--env", "Pendulum-v1"], "dqn needs discrete actions but Pendulum-v1 has Box", {}),
+    (["sac", "--env", "CartPole-v1"], "sac needs continuous (Box) actions but CartPole-v1", {}),
+    (["td3", "--env", "CartPole-v1"], "td3 needs continuous (Box) actions but CartPole-v1", {}),
+    (
+        ["sac", "--env", "Pendulum-v1", "--batch-size", "100", "--buffer-size", "50"],
+        "batch_size 100 is more than buffer_size 50; lower --batch-size",
+        dict(batch_size=100, buffer_size=50),
+    ),
     (
         ["ppo", "--backend", "mp", "--num-workers", "1", "--ps-mode", "sync"],
         "ps_mode is for --strategy param-server (a3c is always async); drop --ps-mode",
@@ -219,7 +226,7 @@ def test_api_types_and_unknown_keywords(kwargs):
         assert isinstance(raised.value, TypeError)  # what Python raises for an unknown keyword
         assert message == "ppo has no setting 'learning_rat'; did you mean 'learning_rate'?"
     elif "buffer_size" in kwargs:
-        assert message == "ppo has no setting 'buffer_size'; it is a setting of dqn only"
+        assert message == "ppo has no setting 'buffer_size'; it is a setting of dqn, sac and td3 only"
     else:
         assert message.startswith(next(iter(kwargs)) + " ")
 
@@ -236,7 +243,7 @@ def test_api_learn_and_env_arguments():
 
 
 def test_unknown_flags_name_the_algorithm_they_belong_to(capsys):
-    assert "(--learning-starts is a setting of dqn only)" in cli_error(
+    assert "(--learning-starts is a setting of dqn, sac and td3 only)" in cli_error(
         ["train", "ppo", "--learning-starts", "5"], capsys
     )
     assert "(did you mean --learning-rate?)" in cli_error(["train", "ppo", "--lerning-rate", "1"], capsys)
@@ -259,7 +266,7 @@ def test_config_files(tmp_path, capsys, nothing_starts):
         ("empty_value.yaml", "num_envs:\n"): "num_envs cannot be empty",
         ("float_int.toml", "total_steps = 1e5\n"): "total_steps must be an int, got 100000.0 (write 100000)",
         ("str.toml", 'gamma = "high"\n'): "gamma must be a float, got 'high'",
-        ("other.yaml", "buffer_size: 10\n"): "'buffer_size' in the config file; it is a setting of dqn only",
+        ("other.yaml", "buffer_size: 10\n"): "'buffer_size' in the config file; it is a setting of dqn, sac",
         ("dqn.yaml", "algo: dqn\nlearning_rate: 0.001\n"): "is for 'dqn', not ppo",
         ("unsafe.yaml", "seed: !!python/object/apply:os.getpid []\n"): "cannot read config file",
         ("conf.json", "{}"): "must end in .yaml, .yml or .toml",

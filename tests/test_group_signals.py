@@ -23,7 +23,7 @@ from shoal.run.rundir import clean_stale_scratch
 from shoal.training.callbacks import FAULTS_VARIABLE
 from tests.test_shutdown import finish, session_ends
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # see tests/conftest.py
 
 
 STOPPED = re.compile(
@@ -33,6 +33,18 @@ STOPPED = re.compile(
 
 def semaphores() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
+def no_semaphore_left(before: set[str], grace: float = 20.0) -> bool:
+    """No named semaphore made since ``before`` outlives ``grace`` seconds. (The tests beside
+    this one, in the other xdist process, make and free some of their own meanwhile; one the
+    killed run leaked stays in /dev/shm for good.)"""
+    deadline = time.monotonic() + grace
+    while semaphores() - before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def start(tmp_path: Path, algo: str, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -80,7 +92,7 @@ def test_a_signal_to_the_whole_process_group_stops_every_rank_with_a_checkpoint(
     saved = STOPPED.match(line).group(2)
     assert ckpt.load(saved)[1]["env_steps"] > 0
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
-    assert semaphores() <= sems, "named semaphores left in /dev/shm"
+    assert no_semaphore_left(sems), "named semaphores left in /dev/shm"
 
 
 @pytest.mark.timeout(300)
@@ -103,9 +115,10 @@ def test_kill_9_of_the_whole_group_leaves_no_process_no_semaphore_and_its_scratc
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
-    assert semaphores() <= sems, "named semaphores left in /dev/shm"
+    assert no_semaphore_left(sems), "named semaphores left in /dev/shm"
     assert clean_stale_scratch(base=tmp) == scratch  # what the next launcher does first
-    assert list(tmp.iterdir()) == []
+    # (torch keeps a cache of its own there, torchinductor_<user>, made by its first optimizer)
+    assert [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def stop_worker_at(tmp_path: Path, steps: int) -> dict[str, str]:
@@ -118,7 +131,7 @@ def stop_worker_at(tmp_path: Path, steps: int) -> dict[str, str]:
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(("strategy", "replaced"), [("a3c", True), ("sync", False)])
 def test_a_stopped_worker_is_found_within_hang_timeout_and_lost_like_a_dead_one(tmp_path, strategy, replaced):
-    args = ["--backend", "mp", "--strategy", strategy, "--total-steps", "40000", "--checkpoint-every", "4096"]
+    args = ["--backend", "mp", "--strategy", strategy, "--total-steps", "24000", "--checkpoint-every", "4096"]
     proc = start(tmp_path, "ppo", *args, "--hang-timeout", "5", env=stop_worker_at(tmp_path, 10_000))
     started = time.monotonic()
     err = finish(proc, timeout=300)
@@ -136,7 +149,7 @@ def test_a_stopped_worker_is_found_within_hang_timeout_and_lost_like_a_dead_one(
 
 @pytest.mark.timeout(400)
 def test_a_stopped_parameter_server_is_found_within_hang_timeout_and_the_group_rebuilt(tmp_path):
-    args = ["--backend", "mp", "--strategy", "a3c", "--total-steps", "40000", "--checkpoint-every", "4096"]
+    args = ["--backend", "mp", "--strategy", "a3c", "--total-steps", "24000", "--checkpoint-every", "4096"]
     proc = start(tmp_path, "ppo", *args, "--hang-timeout", "5")
     wait_metrics(proc, tmp_path / "run")
     (server,) = [p for p in psutil.Process(proc.pid).children() if p.name() == "shoal-server"]
@@ -147,5 +160,5 @@ def test_a_stopped_parameter_server_is_found_within_hang_timeout_and_the_group_r
     assert len(hung) == 1, err[-3000:]
     assert "rebuilding the group" in err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["group_rebuilds"] == 1 and summary["env_steps"] >= 40000
+    assert summary["group_rebuilds"] == 1 and summary["env_steps"] >= 24000
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"

@@ -24,7 +24,32 @@ SMALL = {
         target_update_interval=100,
         buffer_size=2000,
     ),
+    # SAC and TD3 act on Pendulum; several gradient steps per phase, TD3's delayed actor
+    # updates falling across checkpoint boundaries, targets moving every step
+    "sac": dict(
+        total_steps=1200,
+        checkpoint_every=300,
+        learning_starts=100,
+        train_freq=8,
+        gradient_steps=2,
+        batch_size=16,
+        hidden=(8,),
+        buffer_size=1000,
+    ),
+    "td3": dict(
+        num_envs=2,
+        total_steps=1200,
+        checkpoint_every=400,
+        learning_starts=100,
+        train_freq=8,
+        gradient_steps=2,
+        policy_delay=3,  # a resume that lost the count would move the actor updates
+        batch_size=16,
+        hidden=(8,),
+        buffer_size=1000,
+    ),
 }
+ENV = {"sac": "Pendulum-v1", "td3": "Pendulum-v1"}  # the others: CartPole-v1
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -37,7 +62,9 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def run(algo: str, run_dir, **overrides) -> Trainer:
     config = make_config(
-        algo, "CartPole-v1", {**SMALL[algo], "run_dir": str(run_dir), "eval_episodes": 1, **overrides}
+        algo,
+        ENV.get(algo, "CartPole-v1"),
+        {**SMALL[algo], "run_dir": str(run_dir), "eval_episodes": 1, **overrides},
     )
     return Trainer(ALGORITHMS[algo], config, progress=False)
 
@@ -50,7 +77,7 @@ def assert_same_weights(a: Trainer, b: Trainer) -> None:
 
 
 def test_interrupted_then_resumed_run_ends_with_the_same_parameters(tmp_path):
-    for algo in ("ppo", "dqn", "a2c"):
+    for algo in ("ppo", "dqn", "a2c", "sac", "td3"):
         whole = run(algo, tmp_path / f"{algo}-whole")
         whole.train()
 

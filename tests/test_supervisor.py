@@ -23,7 +23,8 @@ class FakeBackend:
     """Ranks that do what a script says, one poll at a time.
 
     ``script[(attempt, key, generation)]`` is a list of what the rank does at each poll:
-    "run", "return", "die", "raise" or "hang" (no sign of life from then on).
+    "run", "return", "die", "raise", "hang" (no sign of life from then on) or "starting"
+    (90 s more without a first sign of life).
     """
 
     settle_s = 0.0
@@ -45,14 +46,24 @@ class FakeBackend:
         generation = kwargs.get("generation", 0)
         self.started.append((self.attempt, rank.key, generation, kwargs["resume"]))
         steps = self.script.get((self.attempt, rank.key, generation), ["run", "return"])
-        self.state[rank.key] = {"steps": list(steps), "exit": None, "silent": 0.0, "result": None}
+        self.state[rank.key] = {
+            "steps": list(steps),
+            "exit": None,
+            "silent": 0.0,
+            "result": None,
+            "up": False,
+        }
 
     def _advance(self) -> None:
         for key, s in self.state.items():
             if s["exit"] is not None or s["result"] is not None:
                 continue
             step = s["steps"].pop(0) if len(s["steps"]) > 1 else s["steps"][0]
-            if step == "return":
+            if step == "run":
+                s["up"], s["silent"] = True, 0.0
+            elif step == "starting":
+                s["silent"] += 90.0
+            elif step == "return":
                 s["result"] = {"rank": key}
             elif step == "die":
                 s["exit"] = Exit("was killed by SIGKILL before returning a result", killed=True)
@@ -77,6 +88,9 @@ class FakeBackend:
 
     def silent_for(self, key: Any) -> float:
         return self.state[key]["silent"]
+
+    def has_started(self, key: Any) -> bool:
+        return self.state[key]["up"]
 
     def request_stop(self) -> None:
         self.stops += 1
@@ -144,6 +158,21 @@ def test_a_hung_rank_is_ended_after_hang_timeout_and_then_lost_like_a_dead_one(t
     results = sup.run()
     assert backend.killed == [1]
     assert (results["worker_replacements"], results["group_rebuilds"]) == ((1, 0) if replaced else (0, 1))
+
+
+def test_a_rank_slow_to_start_has_the_startup_allowance_and_then_hang_timeout(tmp_path, caplog):
+    # 90 s before its first sign of life: past --hang-timeout 60, within STARTUP_S (120 s).
+    sup, backend = supervise(tmp_path, "a3c", {(1, 1, 0): ["starting", "run", "return"]})
+    assert sup.run()["worker_replacements"] == 0 and backend.killed == []
+    # 180 s and still not started: ended, and lost like a dead one.
+    sup, backend = supervise(tmp_path, "a3c", {(1, 1, 0): ["starting", "starting", "run", "return"]})
+    assert sup.run()["worker_replacements"] == 1 and backend.killed == [1]
+    assert (
+        "worker 1 showed no sign of life in the 120 s since it was started (stuck starting up)" in caplog.text
+    )
+    # Once started, --hang-timeout applies.
+    sup, backend = supervise(tmp_path, "a3c", {(1, 1, 0): ["run", "starting", "run", "return"]})
+    assert sup.run()["worker_replacements"] == 1 and backend.killed == [1]
 
 
 def test_no_hang_detection_with_hang_timeout_0(tmp_path):

@@ -121,10 +121,10 @@ class MpBackend:
         old = self.procs.get(rank.key)
         if old is not None:
             old.join(0)
+        self.started[rank.key] = time.monotonic()  # (before the child can beat)
         proc.start()
         send.close()  # the child holds the only write end: its death is EOF here
         self.procs[rank.key], self.conns[rank.key] = proc, receive
-        self.started[rank.key] = time.monotonic()
         self.errors.pop(rank.key, None)
         self.hung.discard(rank.key)
         self.returned.discard(rank.key)
@@ -165,6 +165,9 @@ class MpBackend:
     def silent_for(self, key: Key) -> float:
         last = max(self.shared[1 + self.slots[key]], self.started[key])
         return time.monotonic() - last
+
+    def has_started(self, key: Key) -> bool:
+        return self.shared[1 + self.slots[key]] >= self.started[key]
 
     def request_stop(self) -> None:
         self.shared[0] = 1.0

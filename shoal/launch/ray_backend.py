@@ -102,6 +102,7 @@ class RayBackend:
         self.exits: dict[Key, Exit] = {}
         self.pings: dict[Key, tuple[Any, float]] = {}  # the ping in flight and when it was sent
         self.alive_at: dict[Key, float] = {}
+        self.answered: set[Key] = set()  # ranks that answered a ping since their start
         self.nodes: dict[str, str] = {}
         self.attempt = 0
 
@@ -167,6 +168,7 @@ class RayBackend:
         self.exits.pop(rank.key, None)
         self.pings.pop(rank.key, None)
         self.alive_at[rank.key] = time.monotonic()
+        self.answered.discard(rank.key)
 
     def results(self) -> list[tuple[Key, Any]]:
         import ray
@@ -202,10 +204,14 @@ class RayBackend:
         sent = self.pings.get(key)
         if sent is not None and ray.wait([sent[0]], timeout=0)[0]:
             self.alive_at[key] = sent[1]
+            self.answered.add(key)
             sent = None
         if sent is None and now - self.alive_at[key] >= PING_S:
             self.pings[key] = (self.actors[key].ping.remote(), now)
         return now - self.alive_at[key]
+
+    def has_started(self, key: Key) -> bool:
+        return key in self.answered
 
     def request_stop(self) -> None:
         for key, actor in self.actors.items():

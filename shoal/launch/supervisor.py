@@ -8,7 +8,8 @@ wrong lives here, once:
 - a rank that **raises** (a bug, a NaN stop) is not retried: it would raise again. Every
   rank is stopped and its error becomes the run's one line.
 - a rank that **dies** (a signal, out of memory, its machine gone) or **hangs** (no sign of
-  life for ``hang_timeout`` seconds: it is killed first) is *lost*. A replaceable rank (a
+  life for ``hang_timeout`` seconds, or for ``STARTUP_S`` after its start before its first
+  sign: it is killed first) is *lost*. A replaceable rank (a
   worker that talks to a parameter server over its own link) is replaced by a new one that
   resumes from the chief's latest checkpoint while the others train on. Otherwise (a rank
   of one torch.distributed group, or the server) every rank stops and the group is
@@ -32,6 +33,10 @@ from shoal.distributed.names import SERVER_STRATEGIES
 from shoal.training.trainer import StopRequest
 
 log = logging.getLogger("shoal")
+
+# A rank's first sign of life may come this long after its start (``--hang-timeout`` applies
+# from then on, if longer): importing torch took over 5 s on a loaded 2-core machine.
+STARTUP_S = 120.0
 
 Key = int | str  # a worker's rank, or "server"
 
@@ -104,7 +109,10 @@ class Backend(Protocol):
         """How the rank ended, or None while it runs (or ended with its result)."""
 
     def silent_for(self, key: Key) -> float:
-        """Seconds since the rank last showed life (it is hung past ``hang_timeout``)."""
+        """Seconds since the rank last showed life, or since it was started if it has not yet."""
+
+    def has_started(self, key: Key) -> bool:
+        """Whether the rank has shown life since it was started (its imports are done)."""
 
     def request_stop(self) -> None:
         """Ask every rank to save and return."""
@@ -195,13 +203,24 @@ class Supervisor:
 
     def _kill_hung(self, running: list[Key]) -> None:
         limit = self.config.hang_timeout
+        if limit <= 0:
+            return
         for key in running:
-            if limit > 0 and self.backend.exit(key) is None and self.backend.silent_for(key) > limit:
+            if self.backend.exit(key) is not None:
+                continue
+            # Before its first sign of life a rank is starting up (importing torch, joining
+            # Ray), which takes longer than a short --hang-timeout on a loaded machine.
+            started = self.backend.has_started(key)
+            allowed = limit if started else max(limit, STARTUP_S)
+            if self.backend.silent_for(key) > allowed:
                 rank = next(r for r in self.topology.ranks if r.key == key)
-                log.warning(
-                    f"{rank.name} showed no sign of life for {limit:g} s (stopped or stuck; "
-                    f"--hang-timeout): ending it, as if it had died"
+                why = (
+                    f"showed no sign of life for {limit:g} s (stopped or stuck; --hang-timeout)"
+                    if started
+                    else f"showed no sign of life in the {allowed:g} s since it was started"
+                    " (stuck starting up)"
                 )
+                log.warning(f"{rank.name} {why}: ending it, as if it had died")
                 self.backend.kill(key)
 
     def _lost(self, ranks: dict[Key, Rank], out: dict[Key, Any]) -> dict[Key, Exit]:

@@ -12,6 +12,10 @@ The JSON records the sha256 of the tensor files and of its own values; loading c
 them, so a truncated or corrupted file is refused with a clear message. An older
 checkpoint whose heavy arrays were pruned still loads (its weights can still be read),
 but :func:`check_run` refuses to resume from it. Loading parses JSON and safetensors only.
+
+With ``--eval-every``, the best-scoring weights so far are kept beside the latest, in
+``checkpoints/best/`` (:func:`save_best`): one checkpoint written the same way, without its
+heavy arrays (it is for acting, not for resuming), which pruning never touches.
 """
 
 from __future__ import annotations
@@ -175,6 +179,23 @@ def prune(directory: str | Path, keep: int = 0) -> None:
             path.unlink(missing_ok=True)
     for path in directory.glob(".ckpt-*.tmp"):  # one writer per run directory: these are debris
         path.unlink(missing_ok=True)
+
+
+BEST = "best"  # checkpoints/best/: the best-scoring checkpoint of the periodic evaluations
+
+
+def save_best(
+    directory: str | Path, env_steps: int, tensors: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Path:
+    """Replace the best checkpoint in ``directory/best`` (written as :func:`save` writes, then the
+    previous best is deleted); its heavy arrays are left out: a best checkpoint is for acting."""
+    light = {k: v for k, v in tensors.items() if not is_heavy(k)}
+    return save(Path(directory) / BEST, env_steps, light, meta, keep=1)
+
+
+def best(run_dir: str | Path) -> Path | None:
+    """The best checkpoint's JSON file of a run directory, or None."""
+    return latest(Path(run_dir) / "checkpoints" / BEST)
 
 
 def _digest(info: dict[str, Any]) -> str:

@@ -96,7 +96,8 @@ class RunLogger:
             )
             self.bar.start()
 
-    def log(self, env_steps: int, metrics: dict[str, float]) -> None:
+    def log(self, env_steps: int, metrics: dict[str, float], *, progress: bool = True) -> None:
+        """Append a row (and its TensorBoard scalars); ``progress``: also show it as progress."""
         row: dict[str, Any] = {"env_steps": env_steps, **metrics}
         if self.file is not None:
             try:
@@ -107,6 +108,8 @@ class RunLogger:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, env_steps)
+        if not progress:
+            return
         if "episode_return" in metrics:
             self.recent_return = metrics["episode_return"]
         sps = metrics.get("sps", math.nan)

@@ -2,13 +2,15 @@
 
 The loop (``shoal.training.trainer``) calls every callback's ``after_update`` after each
 update, in order, and stops training when one returns True; ``after_step`` after every env
-step. Checkpoint boundaries, the lockstep stop vote, metrics rows, the user's hook and the
-test suite's fault injection are all callbacks, not branches inside the loop.
+step; ``at_end`` once when training reached its total steps. Checkpoint boundaries, the
+lockstep stop vote, metrics rows, periodic evaluation, the user's hook and the test suite's
+fault injection are all callbacks, not branches inside the loop.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -16,12 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoal.run import checkpoint as ckpt
+
 if TYPE_CHECKING:
     from shoal.training.trainer import Trainer
 
+log = logging.getLogger("shoal")
+
 
 class Callback:
-    """Both hooks do nothing; a callback overrides what it needs."""
+    """Every hook does nothing; a callback overrides what it needs."""
 
     def after_update(self, trainer: Trainer) -> bool:
         """Called after every update; True stops training here."""
@@ -29,6 +35,10 @@ class Callback:
 
     def after_step(self, trainer: Trainer) -> None:
         """Called after every env step (and after the update it may have triggered)."""
+
+    def at_end(self, trainer: Trainer) -> None:
+        """Called once when training reached ``total_steps`` (not when stopped), with the final
+        weights (after the strategy's last exchange), before the final checkpoint."""
 
 
 class UserHook(Callback):
@@ -82,6 +92,75 @@ class CheckpointBoundaries(Callback):
             raise CrashAfterCheckpoints
         trainer.start_episodes()
         return False
+
+
+class PeriodicEvaluation(Callback):
+    """Every ``eval_every`` env steps (and at the end): a greedy evaluation, logged, and the best
+    weights so far kept in ``checkpoints/best/`` (as SB3's ``EvalCallback`` keeps ``best_model``).
+
+    Run by the chief only, on its own env, outside every collective: the other workers just
+    wait for it at their next exchange. Each evaluation plays the same ``periodic_eval_episodes``
+    seeds (so that two evaluations compare the policies, not their luck), which no final
+    evaluation (``eval_episodes`` <= MAX_EVAL_EPISODES seeds from the run's) ever plays: the best
+    checkpoint is not scored on the episodes ``shoal eval --best`` then reports. Acting greedily
+    draws from no random stream of training, so a run with evaluations learns bitwise the same.
+    It runs before the checkpoint boundary of the same update, so a run resumed from that
+    checkpoint does not evaluate again there; the best score is read back from the best
+    checkpoint, so a resumed run never replaces a better best with a worse one.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        from shoal.config import MAX_EVAL_EPISODES
+        from shoal.training.trainer import evaluate
+
+        self.evaluate, self.seed = evaluate, trainer.config.seed + MAX_EVAL_EPISODES
+        every = trainer.config.eval_every
+        self.due = (trainer.env_steps // every + 1) * every  # the first multiple not evaluated yet
+        trainer.best_eval = read_best(trainer.run_dir)
+
+    def after_update(self, trainer: Trainer) -> bool:  # the weights change only in updates
+        if self.due <= trainer.env_steps < trainer.config.total_steps:  # the end: at_end, final weights
+            self.run(trainer)
+        return False
+
+    def at_end(self, trainer: Trainer) -> None:
+        self.run(trainer)
+
+    def run(self, trainer: Trainer) -> None:
+        c = trainer.config
+        self.due = (trainer.env_steps // c.eval_every + 1) * c.eval_every
+        start = time.perf_counter()
+        result = self.evaluate(
+            trainer.algo, trainer.env_fn or c.env, c.periodic_eval_episodes, self.seed, trainer.stop
+        )
+        if trainer.stop:  # cut short: neither a score nor a best
+            return
+        mean, std = result["mean_return"], result["std_return"]
+        row = {"eval_return": mean, "eval_return_std": std, "eval_seconds": time.perf_counter() - start}
+        trainer.logger.log(trainer.env_steps, row, progress=False)  # its time counts in the run's sps
+        best = trainer.best_eval
+        if best is None or mean > best["eval_return"]:
+            trainer.best_eval = {
+                "eval_return": mean,
+                "eval_return_std": std,
+                "episodes": result["episodes"],
+                "env_steps": trainer.env_steps,
+            }
+            trainer.save_best(trainer.best_eval)
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """The score of a run's best checkpoint (None: none yet, or one that cannot be read)."""
+    path = ckpt.best(run_dir)
+    if path is None:
+        return None
+    try:
+        score = ckpt.load(path)[1]["best"]
+        float(score["eval_return"])
+        return score
+    except (ckpt.CheckpointError, KeyError, TypeError, ValueError) as e:
+        log.warning(f"{path} cannot be read ({e}): the next evaluation replaces it")
+        return None
 
 
 class MetricsRow(Callback):

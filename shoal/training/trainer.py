@@ -48,6 +48,7 @@ from shoal.training.callbacks import (
     CrashAfterCheckpoints,
     FaultInjection,
     MetricsRow,
+    PeriodicEvaluation,
     StopVote,
     UserHook,
 )
@@ -154,6 +155,18 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        arrays, meta = self.checkpoint_state()
+        keep = self.config.keep_checkpoints
+        return ckpt.save(self.run_dir / "checkpoints", self.env_steps, arrays, meta, keep=keep)
+
+    def save_best(self, score: dict[str, float]) -> Path:
+        """Keep the current weights as the best so far (``score``: the evaluation that found them)."""
+        arrays, meta = self.checkpoint_state()
+        meta["best"] = score
+        return ckpt.save_best(self.run_dir / "checkpoints", self.env_steps, arrays, meta)
+
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON values) of a checkpoint: weights, optimizers, the algorithm's extra state, RNG."""
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"algo": self.algo_class.name, "config": config_dict(self.config)}
         for name, module in self.algo.modules().items():
@@ -175,8 +188,7 @@ class Trainer:
             boundary=self.boundary,
             env_steps=self.env_steps,
         )
-        keep = self.config.keep_checkpoints
-        return ckpt.save(self.run_dir / "checkpoints", self.env_steps, arrays, meta, keep=keep)
+        return arrays, meta
 
     def load_checkpoint(self, path: str | Path) -> None:
         arrays, meta = ckpt.load(path)
@@ -250,6 +262,9 @@ class Trainer:
                 for cb in callbacks:
                     cb.after_step(self)
             self.strategy.finish()
+            if self.env_steps >= c.total_steps and not self.stop:
+                for cb in callbacks:
+                    cb.at_end(self)
         except CrashAfterCheckpoints:
             return {"stopped_at": self.env_steps}
         except guards.NonFiniteError as e:
@@ -268,7 +283,10 @@ class Trainer:
     ) -> list[Callback]:
         """The periodic work, in the order it runs after an update."""
         callbacks: list[Callback] = [UserHook(on_update)] if on_update else []
-        callbacks += [StopVote(), CheckpointBoundaries(crash_after), MetricsRow(self)]
+        callbacks.append(StopVote())
+        if self.config.eval_every > 0 and self.strategy.is_chief:  # no collective in it: the others go on
+            callbacks.append(PeriodicEvaluation(self))  # before the boundary: resumed from it, it was done
+        callbacks += [CheckpointBoundaries(crash_after), MetricsRow(self)]
         faults = FaultInjection.from_environment(self.strategy.rank)
         return [faults, *callbacks] if faults else callbacks
 
@@ -302,6 +320,7 @@ class Trainer:
         self.screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
         self.episodes = Episodes(c.num_envs)
         self.update_metrics: dict[str, float] = {}
+        self.best_eval: dict[str, Any] | None = None  # the best periodic evaluation (--eval-every)
         chief = self.strategy.is_chief
         self.logger = RunLogger(
             self.run_dir if chief else None,
@@ -367,6 +386,9 @@ class Trainer:
             self.algo.on_new_episodes()
             self.save_checkpoint()
             summary.update(evaluate(self.algo, self.env_fn or c.env, c.eval_episodes, c.seed, self.stop))
+            if self.best_eval is not None:
+                best = self.best_eval
+                summary.update(best_eval_return=best["eval_return"], best_eval_env_steps=best["env_steps"])
         if self.stop:  # no summary.json: the run is not finished (a resume finishes it)
             return {**summary, "stopped": self.stop.signal}
         if chief:
