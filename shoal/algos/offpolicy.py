@@ -145,7 +145,7 @@ class OffPolicyAlgorithm(Algorithm):
         return (
             self._obs(obs),
             as_t(actions, device=self.device),
-            as_t(rewards, device=self.device),
+            as_t(self._rewards(rewards), device=self.device),  # scaled when --normalize-reward
             self._obs(next_obs),
             as_t(discounts, device=self.device),
         )
