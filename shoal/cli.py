@@ -164,9 +164,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     bench.add_argument(
         "which",
-        choices=["envs", "sb3", "scaling"],
+        choices=["envs", "sb3", "scaling", "zoo"],
         help="envs: vector-env steps/s vs other libraries; sb3: PPO vs Stable-Baselines3; "
-        "scaling: distributed strategies with 1 and 2 workers, bytes per update with compression",
+        "scaling: distributed strategies with 1 and 2 workers, bytes per update with compression; "
+        "zoo: shoal vs Stable-Baselines3 on MuJoCo and Box2D (PPO, SAC, TD3) and 1 vs 2 workers",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help)")
     bench.set_defaults(run=_bench)
@@ -333,6 +334,10 @@ def _bench(args: argparse.Namespace) -> int:
         from shoal.bench import scaling
 
         return scaling.main(args.args)
+    if args.which == "zoo":
+        from shoal.bench import zoo
+
+        return zoo.main(args.args)
     from shoal.bench import vector_envs
 
     return vector_envs.main(args.args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 
@@ -22,3 +23,38 @@ def machine(*packages: str) -> dict[str, Any]:
         except ImportError:
             out[name] = None
     return out
+
+
+def plot_curves(
+    panels: dict[str, dict[str, list[list[tuple[float, float]]]]], path: Path, ylabel: str = "greedy return"
+) -> None:
+    """One panel per title; in each, one line per label: the mean over its runs' curves of
+    (env steps, value) points, shaded between their min and max (cut to the shortest run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, runs in lines.items():
+            curves = [np.asarray(c, dtype=float) for c in runs if len(c)]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = curves[0][:n, 0]
+            vals = np.stack([c[:n, 1] for c in curves])
+            line = ax.plot(steps, vals.mean(0), label=f"{label} ({len(curves)} seeds)")[0]
+            ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("env steps")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

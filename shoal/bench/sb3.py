@@ -23,6 +23,7 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ import torch
 
 from shoal.agent import make_config
 from shoal.algos import PPO
-from shoal.bench import machine
-from shoal.training.trainer import Trainer, evaluate
+from shoal.bench import machine, plot_curves
+from shoal.training.trainer import EVAL_SEED_OFFSET, Trainer, evaluate
 
 THRESHOLD = 475.0
 
@@ -91,14 +92,21 @@ class _Clock:
         return time.perf_counter() - self.start - self.paused
 
 
-def _greedy_sb3(model: Any, env_id: str, episodes: int, seed: int) -> float:
+def _greedy_sb3(
+    model: Any, env_id: str, episodes: int, seed: int, obs_filter: Callable[[Any], Any] | None = None
+) -> float:
+    """shoal's ``evaluate`` protocol for an SB3 model: the same episode seeds, raw returns.
+
+    ``obs_filter``: what the model sees of an observation, e.g. a ``VecNormalize``'s frozen
+    ``normalize_obs`` (RL-Zoo evaluates so, with raw rewards)."""
     env = gym.make(env_id)
     total = []
     for k in range(episodes):
-        obs, _ = env.reset(seed=seed + 1_000_000_007 + k)
+        obs, _ = env.reset(seed=seed + EVAL_SEED_OFFSET + k)
         done, ret = False, 0.0
         while not done:
-            action, _ = model.predict(obs, deterministic=True)
+            seen = obs if obs_filter is None else obs_filter(obs)
+            action, _ = model.predict(seen, deterministic=True)
             obs, r, term, trunc, _ = env.step(action)
             ret, done = ret + float(r), term or trunc
         total.append(ret)
@@ -258,32 +266,14 @@ def part_curves(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def _plot_curves(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
-    for ax, (env_id, res) in zip(np.atleast_1d(axes), results.items()):
-        for lib in ("shoal", "sb3"):
-            curves = [np.array([(s, v) for s, _, v in run["curve"]]) for run in res[lib] if run["curve"]]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            steps = curves[0][:n, 0]
-            vals = np.stack([c[:n, 1] for c in curves])
-            line = ax.plot(steps, vals.mean(0), label=f"{lib} ({len(curves)} seeds)")[0]
-            ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_title(f"PPO on {env_id}")
-        ax.set_xlabel("env steps")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
-        ax.set_ylabel("greedy return")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = {
+        f"PPO on {env_id}": {
+            lib: [[(steps, value) for steps, _, value in run["curve"]] for run in res[lib]]
+            for lib in ("shoal", "sb3")
+        }
+        for env_id, res in results.items()
+    }
+    plot_curves(panels, path)
 
 
 def main(argv: list[str] | None = None) -> int:
