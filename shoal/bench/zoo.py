@@ -466,7 +466,7 @@ def part_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         plan.append(("sac", "Pendulum-v1", args.sac_steps, "sync"))
     else:
         print("  sac: skipped, this shoal has no sac", flush=True)
-    results: dict[str, Any] = {"rows": {}, "algo": "shoal, 1 worker vs 2"}
+    results: dict[str, Any] = {"rows": {}, "algo": "shoal, 2 workers vs 1"}
     for algo, env_id, budget, strategy in plan:
         steps = budget or make_config(algo, env_id, {}).total_steps  # None: the preset's budget
         two = {"strategy": strategy, "backend": "mp", "num_workers": 2}
@@ -475,14 +475,14 @@ def part_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             base = {"seed": seed, "total_steps": steps, "run_dir": str(work / f"{tag}-{seed}"), **extra}
             return run_shoal(algo, make_config(algo, env_id, _evals(base, args, steps)))
 
-        row = f"{algo.upper()}, {env_id}"
+        row = f"{algo.upper()}, {env_id}, {strategy} on mp"
         results["rows"][row] = _sides(
             row,
             env_id,
             steps,
             seeds,
             {
-                f"2 mp workers, {strategy}": lambda seed, a=algo, t=two: run(seed, t, f"{a}-2w"),
+                "2 workers": lambda seed, a=algo, t=two: run(seed, t, f"{a}-2w"),
                 "1 worker": lambda seed, a=algo: run(seed, {}, f"{a}-1w"),
             },
         )
@@ -508,7 +508,7 @@ def table(name: str, part: dict[str, Any]) -> str:
     for row, res in rows.items():
         cells, means = [], []
         for side in sides:
-            mean, std, n = _stats(res["sides"][side])
+            mean, std, n = _stats(res["sides"].get(side, []))
             means.append(mean)
             cells.append(f"{mean:.1f} +- {std:.1f} ({n})")
         ok = "yes" if means[0] >= means[1] else "no" if means[0] < means[1] else "n/a"
