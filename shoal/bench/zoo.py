@@ -218,6 +218,11 @@ def _evals(config: dict[str, Any], args: argparse.Namespace, steps: int) -> dict
     }
 
 
+def _wanted(args: argparse.Namespace, row: str) -> bool:
+    """Whether ``--rows`` (substrings of row names, any case) selects ``row``."""
+    return not args.rows or any(word.lower() in row.lower() for word in args.rows)
+
+
 def _attempt(side: str, seed: int, row: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One run; a failure is recorded (and printed) rather than ending an hour-long part."""
     try:
@@ -282,52 +287,56 @@ def sb3_ppo_rl_zoo(env_id: str, seed: int, zoo: dict[str, Any]) -> tuple[Any, An
 
 
 def part_ppo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    steps, seeds = args.ppo_steps, list(range(1, args.seeds + 1))
+    seeds = list(range(1, args.seeds + 1))
     episodes = (args.curve_episodes, args.eval_episodes)
-    every = max(steps // args.curve_points, 1)
     results: dict[str, Any] = {}
 
-    def shoal_side(env_id: str, settings: dict[str, Any], tag: str) -> Callable[[int], dict]:
+    def shoal_side(env_id: str, settings: dict[str, Any], tag: str, steps: int) -> Callable[[int], dict]:
         def run(seed: int) -> dict[str, Any]:
             base = {"seed": seed, "total_steps": steps, "run_dir": str(work / f"{tag}-{seed}"), **settings}
             return run_shoal("ppo", make_config("ppo", env_id, _evals(base, args, steps)))
 
         return run
 
-    def sb3_side(env_id: str, build: Callable[[int], tuple[Any, Any]]) -> Callable[[int], dict]:
+    def sb3_side(env_id: str, build: Callable[[int], tuple[Any, Any]], steps: int) -> Callable[[int], dict]:
         def run(seed: int) -> dict[str, Any]:
             model, vec_normalize = build(seed)
+            every = max(steps // args.curve_points, 1)
             return run_sb3(model, env_id, steps, seed, every, episodes, vec_normalize)
 
         return run
 
+    steps = args.ppo_steps
     for env_id in PPO_ENVS:
         row = f"defaults, {env_id}"
+        if not _wanted(args, row):
+            continue
         results[row] = _sides(
             row,
             env_id,
             steps,
             seeds,
             {
-                "shoal": shoal_side(env_id, {}, f"ppo-defaults-{env_id}"),
-                "sb3": sb3_side(env_id, lambda seed, e=env_id: sb3_ppo_defaults(e, seed)),
+                "shoal": shoal_side(env_id, {}, f"ppo-defaults-{env_id}", steps),
+                "sb3": sb3_side(env_id, lambda seed, e=env_id: sb3_ppo_defaults(e, seed), steps),
             },
         )
-    env_id = "HalfCheetah-v5"
+    env_id, steps = "HalfCheetah-v5", args.rl_zoo_steps
     fields = set(ALGORITHMS["ppo"].config_class.__dataclass_fields__)
     settings, unmapped = rl_zoo_to_shoal(RL_ZOO_HALFCHEETAH, fields)
     row = f"RL-Zoo hyperparameters, {env_id}"
-    results[row] = _sides(
-        row,
-        env_id,
-        steps,
-        seeds,
-        {
-            "shoal": shoal_side(env_id, settings, f"ppo-rlzoo-{env_id}"),
-            "sb3": sb3_side(env_id, lambda seed: sb3_ppo_rl_zoo(env_id, seed, RL_ZOO_HALFCHEETAH)),
-        },
-    )
-    results[row].update(rl_zoo=RL_ZOO_HALFCHEETAH, shoal_settings=settings, not_mapped=unmapped)
+    if _wanted(args, row):
+        results[row] = _sides(
+            row,
+            env_id,
+            steps,
+            seeds,
+            {
+                "shoal": shoal_side(env_id, settings, f"ppo-rlzoo-{env_id}", steps),
+                "sb3": sb3_side(env_id, lambda seed: sb3_ppo_rl_zoo(env_id, seed, RL_ZOO_HALFCHEETAH), steps),
+            },
+        )
+        results[row].update(rl_zoo=RL_ZOO_HALFCHEETAH, shoal_settings=settings, not_mapped=unmapped)
     return {"rows": results, "algo": "PPO"}
 
 
@@ -440,8 +449,11 @@ def part_offpolicy(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             return run_sb3(model, env_id, steps, seed, every, episodes)
 
         row = f"{algo.upper()}, {env_id}"
-        results["rows"][row] = _sides(row, env_id, steps, seeds, {"shoal": shoal_run, "sb3": sb3_run})
+        if _wanted(args, row):
+            results["rows"][row] = _sides(row, env_id, steps, seeds, {"shoal": shoal_run, "sb3": sb3_run})
     speed: dict[str, Any] = {"env": "HalfCheetah-v5", "timed_steps": args.speed_steps}
+    if not _wanted(args, f"speed, {speed['env']}"):
+        return results
     for algo in (a for a in ("sac", "td3") if a in ALGORITHMS):
         runs: dict[str, list[float]] = {"shoal": [], "sb3": []}
         for r in range(args.repeats):
@@ -476,6 +488,8 @@ def part_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             return run_shoal(algo, make_config(algo, env_id, _evals(base, args, steps)))
 
         row = f"{algo.upper()}, {env_id}, {strategy} on mp"
+        if not _wanted(args, row):
+            continue
         results["rows"][row] = _sides(
             row,
             env_id,
@@ -516,8 +530,7 @@ def table(name: str, part: dict[str, Any]) -> str:
         if res.get("not_mapped"):
             lines.append("")
             why = "; ".join(f"{k} {v}" for k, v in res["not_mapped"].items())
-            lines.append(f"Not mapped onto shoal ({row}): {why}")
-            lines.append("")
+            lines += ["", f"Not mapped onto shoal ({row}): {why}", ""]
     for algo in ("sac", "td3"):
         s = part.get("speed", {}).get(algo)
         if s:
@@ -529,7 +542,7 @@ def table(name: str, part: dict[str, Any]) -> str:
                 f"| {part['speed']['timed_steps']:,} timed env steps | {s['median']['shoal']:,.1f} |"
                 f" {s['median']['sb3']:,.1f} | **{s['ratio']:.2f}x** | {'>= 2x' if algo == 'sac' else '-'} |",
             ]
-    return "\n".join(lines)
+    return "\n".join(lines).strip()
 
 
 def plot(name: str, part: dict[str, Any], path: Path) -> None:
@@ -547,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", nargs="+", default=["all"], choices=[*names, "all"])
     parser.add_argument("--seeds", type=int, default=2, help="ppo, offpolicy: seeds per row (1..N)")
     parser.add_argument("--ppo-steps", type=int, default=300_000, help="ppo: env steps per run")
+    parser.add_argument(
+        "--rl-zoo-steps", type=int, default=300_000, help="ppo: env steps of the RL-Zoo runs (RL-Zoo: 1M)"
+    )
     parser.add_argument("--offpolicy-steps", type=int, default=30_000, help="offpolicy: env steps per run")
     parser.add_argument("--speed-steps", type=int, default=3_000, help="offpolicy: timed env steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="offpolicy: timed runs per library")
@@ -554,6 +570,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dqn-steps", type=int, default=200_000, help="distributed: DQN total env steps")
     parser.add_argument(
         "--sac-steps", type=int, default=None, help="distributed: SAC total env steps (default: the preset's)"
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=[],
+        metavar="TEXT",
+        help="only the rows whose name contains one of these (e.g. Hopper, RL-Zoo, speed, DQN);"
+        " the JSON keeps the other rows measured before",
     )
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes of each final evaluation")
     parser.add_argument("--curve-points", type=int, default=10, help="evaluations per run for the curves")
@@ -566,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = names if "all" in args.part else args.part
     if args.quick:
         args.seeds = args.dist_seeds = args.repeats = 1
-        args.ppo_steps, args.offpolicy_steps, args.speed_steps = 2_048, 400, 200
+        args.ppo_steps = args.rl_zoo_steps = 2_048
+        args.offpolicy_steps, args.speed_steps = 400, 200
         args.dqn_steps, args.sac_steps = 4_000, 1_500
         args.eval_episodes, args.curve_points, args.curve_episodes = 2, 2, 1
     default = Path(tempfile.gettempdir()) / "shoal-zoo-quick" if args.quick else Path("benchmarks/results")
@@ -586,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} ...", flush=True)
         start = time.perf_counter()
         result = run[name](args, work)
+        before = report.get(name, {})
+        result["rows"] = {**before.get("rows", {}), **result["rows"]}  # rows measured apart stay
+        if "speed" in before and result.get("speed", {}).keys() <= {"env", "timed_steps"}:
+            result["speed"] = before["speed"]
         report[name] = {**result, "settings": vars(args), "seconds": time.perf_counter() - start}
         plot(name, report[name], out.parent / f"zoo_{name}.png")
         out.write_text(json.dumps(report, indent=1, default=str))  # after each part: hours of runs
