@@ -519,6 +519,7 @@ def table(name: str, part: dict[str, Any]) -> str:
     sides = list(next(iter(rows.values()))["sides"])
     header = f"| {part['algo']}: final greedy return, mean +- std over seeds | budget | "
     lines = [header + " | ".join(sides) + f" | {sides[0]} >= {sides[1]} |", "|---" * (len(sides) + 3) + "|"]
+    notes: list[str] = []
     for row, res in rows.items():
         cells, means = [], []
         for side in sides:
@@ -530,7 +531,9 @@ def table(name: str, part: dict[str, Any]) -> str:
         if res.get("not_mapped"):
             lines.append("")
             why = "; ".join(f"{k} {v}" for k, v in res["not_mapped"].items())
-            lines += ["", f"Not mapped onto shoal ({row}): {why}", ""]
+            notes.append(f"Not mapped onto shoal ({row}): {why}")
+    for note in notes:  # under the table, which a blank line would end
+        lines += ["", note]
     for algo in ("sac", "td3"):
         s = part.get("speed", {}).get(algo)
         if s:
