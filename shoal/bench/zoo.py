@@ -529,7 +529,6 @@ def table(name: str, part: dict[str, Any]) -> str:
         ok = "yes" if means[0] >= means[1] else "no" if means[0] < means[1] else "n/a"
         lines.append(f"| {row} | {res['budget']:,} | " + " | ".join(cells) + f" | {ok} |")
         if res.get("not_mapped"):
-            lines.append("")
             why = "; ".join(f"{k} {v}" for k, v in res["not_mapped"].items())
             notes.append(f"Not mapped onto shoal ({row}): {why}")
     for note in notes:  # under the table, which a blank line would end
