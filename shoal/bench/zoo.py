@@ -236,7 +236,7 @@ def _attempt(side: str, seed: int, row: str, run: Callable[[], dict[str, Any]]) 
 
 
 def _sides(row: str, env_id: str, steps: int, seeds: list[int], runs: dict[str, Callable]) -> dict:
-    """Each side of a row for each seed, the sides alternating within a seed."""
+    """Each side of a row for each seed, one after the other, seed by seed."""
     out: dict[str, Any] = {"env": env_id, "budget": steps, "sides": {side: [] for side in runs}}
     for seed in seeds:
         for side, run in runs.items():
