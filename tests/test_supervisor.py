@@ -201,3 +201,19 @@ def test_a_stop_is_passed_to_every_rank_once_and_a_loss_meanwhile_rebuilds_nothi
     with pytest.raises(TrainingFailed, match="worker 1 was killed"):
         sup.run()
     assert backend.attempt == 1
+
+
+def test_the_local_ray_is_our_own_never_a_ray_already_running_here(monkeypatch):
+    # ray.init() without an address joins the newest Ray started on this machine, another
+    # job's, and then refuses num_cpus: two `--backend ray` runs on one machine collided.
+    import ray
+
+    from shoal.launch.ray_backend import ray_start
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert ray_start(dataclasses.replace(TrainConfig(), backend="ray", num_workers=2))
+    assert calls[0]["address"] == "local"
+    ray_start(dataclasses.replace(TrainConfig(), backend="ray", num_workers=2, ray_address="10.0.0.1:6379"))
+    assert calls[1]["address"] == "10.0.0.1:6379"  # a cluster the user names is joined

@@ -77,6 +77,9 @@ def ray_start(config: TrainConfig) -> bool:
     needed = config.num_workers * config.ray_cpus_per_worker
     ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(
+        # "local": a Ray of our own. Without an address, ray.init() joins the newest Ray
+        # started on this machine (another job's: seen in CI, a second run failed to start).
+        address="local",
         num_cpus=max(os.cpu_count() or 1, int(-(-needed // 1))),  # never wait for CPUs we lack
         include_dashboard=False,
         logging_level=logging.WARNING,
