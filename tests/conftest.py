@@ -1,10 +1,13 @@
 """Shared fixtures: every test must leave no child process behind.
 
-CI runs the suite in two pytest-xdist processes (``-n 2 --dist loadgroup``). Tests that start
-a multi-process training run keep both cores of the reference machine busy, so their files
-mark them ``xdist_group("processes")``: that group runs one test at a time, while the other
-xdist process takes the single-process tests. Two such runs side by side would only slow
-each other down, and their timing-bound checks (hang timeouts, staleness) with them.
+CI runs the suite in two pytest-xdist processes (``-n 2 --dist loadgroup``). A test that
+starts a multi-process training run keeps both cores of the reference machine busy, so each
+such file marks its tests with an ``xdist_group``: ``"faults"`` (training workers killed
+mid-run) or ``"processes"`` (the other distributed runs, signals to a process group). A group
+runs one test at a time: at most two multi-process runs share the machine, each beside the
+other group's, then the single-process tests fill both xdist processes. The checks that
+depend on timing allow for that: a rank has ``STARTUP_S`` for its first sign of life, a
+semaphore check waits for the neighbours' own semaphores to go.
 """
 
 from __future__ import annotations

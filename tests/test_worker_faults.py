@@ -16,7 +16,7 @@ import pytest
 
 from shoal.training.callbacks import FAULTS_VARIABLE
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # see tests/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]  # see tests/conftest.py
 
 
 def training_ranks(root: int, backend: str) -> list[psutil.Process]:
