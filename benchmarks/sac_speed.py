@@ -24,19 +24,10 @@ import torch
 
 from shoal.agent import make_config
 from shoal.algos import SAC
+from shoal.bench.zoo import OFF_POLICY
 from shoal.training.trainer import Trainer
 
-SETTINGS: dict[str, Any] = dict(
-    learning_rate=3e-4,
-    buffer_size=1_000_000,
-    learning_starts=100,
-    batch_size=256,
-    tau=0.005,
-    gamma=0.99,
-    train_freq=1,
-    gradient_steps=1,
-    hidden=(256, 256),
-)
+SETTINGS: dict[str, Any] = OFF_POLICY["sac"]  # SB3's SAC defaults, as `shoal bench zoo` runs them
 
 
 def shoal_sps(env_id: str, steps: int, seed: int, threads: int) -> float:

@@ -131,7 +131,6 @@ class RolloutBuffer:
         self._valid[t] = valid
         self.t += 1
 
-
     def truncate(self, envs: np.ndarray) -> None:
         """End the episodes of ``envs`` at the last stored step (a truncation, bootstrapped).
 

@@ -304,6 +304,13 @@ def test_each_strategy_learns_cartpole_with_two_workers(backend, algo, strategy,
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mean_return"] >= 475, summary
+    check_two_worker_run(run_dir, summary, backend, strategy)
+
+
+def check_two_worker_run(run_dir, summary: dict, backend: str, strategy: str) -> None:
+    """What every 2-worker run shows, faults or not: both workers stepped, bytes went out, on
+    a parameter server every row after the first carries the policy lag, on Ray both ranks
+    name their node."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["bytes_sent"] > 0 and rows[-1]["sps_worker_1"] > 0
     if strategy in ("a3c", "param-server"):

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from shoal.training.callbacks import FAULTS_VARIABLE
+from tests.test_distributed import check_two_worker_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]  # see tests/conftest.py
 
@@ -94,15 +95,7 @@ def chaos_run(tmp_path, backend: str, strategy: str, at_steps: list[int], *extra
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    # What every 2-worker run shows, faults or not: both workers stepped, bytes went out, and
-    # on a parameter server every row after the first carries the policy lag.
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["bytes_sent"] > 0 and rows[-1]["sps_worker_1"] > 0
-    if strategy in ("a3c", "param-server"):
-        assert summary["parameter_server"]["pushes"] > 0
-        assert all("policy_lag" in r for r in rows if r["env_steps"] > rows[0]["env_steps"])
-    if backend == "ray":
-        assert {"0", "1"} <= set(summary["nodes"])
+    check_two_worker_run(run_dir, summary, backend, strategy)
     assert len(chaos.killed) == len(at_steps), (
         f"faults fired {len(chaos.killed)} of {len(at_steps)}: {err[-2000:]}"
     )

@@ -65,28 +65,21 @@ RL_ZOO_HALFCHEETAH: dict[str, Any] = dict(
 
 # Identical hyperparameters for both libraries: SB3's defaults (TD3's 0.1 action noise is
 # RL-Zoo's; SB3 has none by default, and (256, 256) networks replace its (400, 300)).
+_REPLAY: dict[str, Any] = dict(
+    buffer_size=1_000_000,
+    learning_starts=100,
+    batch_size=256,
+    tau=0.005,
+    gamma=0.99,
+    train_freq=1,
+    gradient_steps=1,
+    hidden=(256, 256),
+)
 OFF_POLICY: dict[str, dict[str, Any]] = {
-    "sac": dict(
-        learning_rate=3e-4,
-        buffer_size=1_000_000,
-        learning_starts=100,
-        batch_size=256,
-        tau=0.005,
-        gamma=0.99,
-        train_freq=1,
-        gradient_steps=1,
-        hidden=(256, 256),
-    ),
+    "sac": dict(_REPLAY, learning_rate=3e-4),
     "td3": dict(
+        _REPLAY,
         learning_rate=1e-3,
-        buffer_size=1_000_000,
-        learning_starts=100,
-        batch_size=256,
-        tau=0.005,
-        gamma=0.99,
-        train_freq=1,
-        gradient_steps=1,
-        hidden=(256, 256),
         policy_delay=2,
         target_policy_noise=0.2,
         target_noise_clip=0.5,
