@@ -509,6 +509,15 @@ def check_run_dir(run_dir: str | None) -> None:
         raise ConfigError(f"run_dir {run_dir} cannot be created: {existing} is not writable")
 
 
+def check_replay_batch(config: Any) -> None:
+    """A replay minibatch is drawn from the buffer, so it cannot be larger (DQN, SAC, TD3)."""
+    if config.batch_size > config.buffer_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is more than buffer_size {config.buffer_size};"
+            " lower --batch-size"
+        )
+
+
 def rollout_memory(config: Any, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
     """Bytes of an on-policy learner: its rollout, and actor and critic with their activations."""
     widths = [inputs, *config.hidden]

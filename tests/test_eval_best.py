@@ -18,6 +18,7 @@ from shoal.config import MAX_EVAL_EPISODES
 from shoal.run import checkpoint as ckpt
 from shoal.training import trainer as trainer_module
 from shoal.training.trainer import Trainer, evaluate
+from tests.test_resume import SMALL
 
 # PPO updates every 4 envs x 64 steps = 256 env steps; evaluations every 1000 steps then come
 # at the first update past each multiple (1024, 2048, 3072) and at the end (4000).
@@ -123,18 +124,7 @@ def test_a_resumed_run_keeps_a_better_best(tmp_path, monkeypatch):
     assert ckpt.best(run_dir).name == f"ckpt-{1024:012d}.json"
 
 
-DQN = dict(
-    num_envs=2,
-    total_steps=3000,
-    checkpoint_every=1000,
-    learning_starts=200,
-    train_freq=50,
-    gradient_steps=5,
-    n_step=3,
-    target_update_interval=100,
-    buffer_size=2000,
-    eval_episodes=1,
-)
+DQN = {**SMALL["dqn"], "eval_episodes": 1}  # tests/test_resume.py's small DQN run
 
 
 def test_evaluations_change_no_weight_and_resume_bitwise_and_best_holds_no_replay(tmp_path):

@@ -23,6 +23,7 @@ from shoal.run import checkpoint as ckpt
 from shoal.run import rundir
 from shoal.training import trainer as trainer_module
 from shoal.training.trainer import Trainer
+from tests.test_resume import SMALL as SMALL_RUNS
 from tests.test_resume import assert_same_weights
 
 SMALL = ["--num-envs", "2", "--num-steps", "32", "--update-epochs", "1", "--checkpoint-every", "256"]
@@ -251,19 +252,7 @@ def test_keep_checkpoints_prunes_the_oldest(tmp_path):
     assert train("--keep-checkpoints", "-1", "--run-dir", str(tmp_path / "x")) == 2
 
 
-DQN = dict(
-    num_envs=2,
-    total_steps=3000,
-    checkpoint_every=1000,
-    learning_starts=200,
-    train_freq=50,
-    gradient_steps=5,
-    n_step=3,
-    target_update_interval=100,
-    buffer_size=2000,
-    eval_episodes=1,
-    keep_checkpoints=0,
-)
+DQN = {**SMALL_RUNS["dqn"], "eval_episodes": 1, "keep_checkpoints": 0}  # tests/test_resume.py's small DQN run
 
 
 def test_dqn_older_checkpoints_hold_no_replay_and_the_newest_resumes_bitwise(tmp_path):

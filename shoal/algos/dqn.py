@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import ReplayBuffer
-from shoal.config import ConfigError, TrainConfig, opt
+from shoal.config import ConfigError, TrainConfig, check_replay_batch, opt
 from shoal.nn import QNetwork
 
 
@@ -66,11 +66,7 @@ class DQNConfig(TrainConfig):
 
     def validate(self, *, explicit: Iterable[str] = ()) -> None:
         super().validate(explicit=explicit)
-        if self.batch_size > self.buffer_size:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is more than buffer_size {self.buffer_size};"
-                " lower --batch-size"
-            )
+        check_replay_batch(self)
 
     def check_spaces(self, algo: str, env: str, obs_space: Any, action_space: Any) -> None:
         if not isinstance(action_space, spaces.Discrete):

@@ -21,7 +21,7 @@ from gymnasium import spaces
 
 from shoal.algos.base import Algorithm
 from shoal.buffers import ReplayBuffer
-from shoal.config import ENVS, MAX_NUM_ENVS, ConfigError, TrainConfig, opt, show
+from shoal.config import ENVS, MAX_NUM_ENVS, ConfigError, TrainConfig, check_replay_batch, opt, show
 from shoal.distributed.strategy import Strategy
 from shoal.nn import is_image
 
@@ -53,11 +53,7 @@ class OffPolicyConfig(TrainConfig):
 
     def validate(self, *, explicit: Iterable[str] = ()) -> None:
         super().validate(explicit=explicit)
-        if self.batch_size > self.buffer_size:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is more than buffer_size {self.buffer_size};"
-                " lower --batch-size"
-            )
+        check_replay_batch(self)
 
     def check_spaces(self, algo: str, env: str, obs_space: Any, action_space: Any) -> None:
         if not isinstance(action_space, spaces.Box):

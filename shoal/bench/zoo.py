@@ -368,7 +368,9 @@ def sb3_off_policy(algo: str, env_id: str, seed: int, settings: dict[str, Any]) 
     )
 
 
-def shoal_off_policy_sps(algo: str, env_id: str, seed: int, steps: int, work: Path) -> float:
+def shoal_off_policy_sps(
+    algo: str, env_id: str, seed: int, steps: int, work: Path, threads: int = 1
+) -> float:
     """shoal's env steps/s over ``steps`` env steps after learning starts (no checkpoint inside)."""
     from shoal.training.trainer import Trainer
 
@@ -384,6 +386,7 @@ def shoal_off_policy_sps(algo: str, env_id: str, seed: int, steps: int, work: Pa
         "eval_episodes": 1,
         "checkpoint_every": 10**12,
         "vectorization": "sync",
+        "torch_threads": threads,
     }
     config = make_config(algo, env_id, overrides, presets=False)
     marks: dict[str, float] = {}
@@ -401,9 +404,10 @@ def shoal_off_policy_sps(algo: str, env_id: str, seed: int, steps: int, work: Pa
     return (marks["to"] - marks["from"]) / (marks["end"] - marks["begin"])
 
 
-def sb3_off_policy_sps(algo: str, env_id: str, seed: int, steps: int) -> float:
+def sb3_off_policy_sps(algo: str, env_id: str, seed: int, steps: int, threads: int = 1) -> float:
     from stable_baselines3.common.callbacks import BaseCallback
 
+    torch.set_num_threads(threads)  # as shoal's learner sets its torch_threads
     start = OFF_POLICY[algo]["learning_starts"]
     marks: dict[str, float] = {}
 
