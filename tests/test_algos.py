@@ -7,9 +7,10 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from shoal.algos import DQN, PPO, DQNConfig, PPOConfig
+from shoal.algos import DQN, PPO, SAC, DQNConfig, PPOConfig, SACConfig
 from shoal.algos.dqn import td_target
 from shoal.buffers import ReplayBuffer, gae
+from shoal.distributed.strategy import LocalStrategy
 from shoal.nn import ActorCritic, NatureCNN, QNetwork, gaussian_log_prob
 
 
@@ -137,3 +138,43 @@ def test_twin_mlp_is_two_independent_mlps():
         torch.testing.assert_close(out, h)
     critic.sum().backward()  # the critic's loss must not reach the actor's weights
     assert all(w.grad[0].abs().sum() == 0 and w.grad[1].abs().sum() > 0 for w in twin.weights)
+
+
+class _GroupOfTwo(LocalStrategy):
+    """A worker of a group of two that exchanges nothing: the group counts its steps twice."""
+
+    world_size = 2
+
+
+def _training_phases(algo_name: str, world_size: int, own_steps: int) -> tuple[int, int]:
+    """(gradient steps, target updates) of one worker over ``own_steps`` of its env steps, fed the
+    group's count as the trainer does (its own steps times the workers)."""
+    strategy = _GroupOfTwo() if world_size == 2 else LocalStrategy()
+    obs_space = spaces.Box(-1, 1, (2,), np.float32)
+    if algo_name == "dqn":
+        config = DQNConfig(learning_starts=0, train_freq=8, gradient_steps=3, target_update_interval=16)
+        algo = DQN(config, obs_space, spaces.Discrete(2), torch.device("cpu"), strategy)
+    else:
+        config = SACConfig(learning_starts=0, train_freq=8, gradient_steps=3, batch_size=4, hidden=(8,))
+        algo = SAC(config, obs_space, spaces.Box(-1, 1, (1,), np.float32), torch.device("cpu"), strategy)
+    targets = 0
+    obs, no = np.zeros((1, 2), np.float32), np.array([False])
+    for step in range(1, own_steps + 1):
+        last_target = getattr(algo, "last_target", 0)
+        algo.act(obs)
+        algo.record(np.array([1.0]), no, no, obs, np.array([True]), step * world_size)
+        if algo.ready():
+            algo.update(obs, step * world_size)
+        targets += getattr(algo, "last_target", 0) != last_target
+    return algo.updates * config.gradient_steps, targets
+
+
+@pytest.mark.parametrize("algo_name", ["dqn", "sac"])
+def test_each_worker_replays_its_own_data_at_one_workers_rate(algo_name):
+    """train_freq (and DQN's target_update_interval) count a worker's own env steps: in a group
+    of two, whose shared count grows twice as fast, a worker takes as many gradient steps per
+    transition it collects as a lone learner does (twice as many made DQN param-avg collapse)."""
+    alone = _training_phases(algo_name, 1, 64)
+    in_a_pair = _training_phases(algo_name, 2, 64)
+    assert alone[0] == 64 // 8 * 3
+    assert in_a_pair == alone

@@ -185,6 +185,32 @@ def test_param_avg_with_sgd_and_k1_equals_sync_with_sgd():
             np.testing.assert_allclose(a, ref.numpy(), atol=1e-5, rtol=0)
 
 
+def _average_with_a_target(rank: int) -> list:
+    from shoal.distributed.strategy import ParamAvgStrategy
+
+    torch.manual_seed(0)
+    online, target = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    strategy = ParamAvgStrategy(rank, 2, sync_every=1)
+    strategy.start({"q": online, "q_target": target}, {"optimizer": optimizer})
+    with torch.no_grad():  # each worker's target drifts its own way (a copy of its own online net)
+        for p in target.parameters():
+            p.fill_(float(rank + 1))
+    online(torch.ones(1, 2)).sum().backward()
+    strategy.step(optimizer)  # K = 1: this step ends with an average
+    return [p.detach().numpy().copy() for p in target.parameters()]
+
+
+@pytest.mark.timeout(120)
+def test_param_avg_averages_target_networks_with_the_trained_weights():
+    """theta = mean theta_i for every weight of the agent: a target network no optimizer steps
+    is averaged too, or each worker's target keeps tracking only its own drifted weights."""
+    got = run_group(2, _average_with_a_target)
+    for rank in range(2):
+        for p in got[rank]:
+            np.testing.assert_array_equal(p, np.full_like(p, 1.5))
+
+
 PS_OBS = [np.arange(6.0).reshape(3, 2), np.arange(8.0).reshape(4, 2) ** 2]  # each worker's observations
 
 

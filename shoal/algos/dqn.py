@@ -4,7 +4,8 @@ Read top to bottom: epsilon-greedy acting with a linearly decaying epsilon, tran
 into a replay buffer (optionally as n-step returns), and every ``train_freq`` env steps
 ``gradient_steps`` minibatch updates of the Huber loss against
 ``r + discount * Q_target(s', argmax_a Q(s', a))``; the target network is copied (or
-Polyak-averaged with ``tau < 1``) every ``target_update_interval`` env steps.
+Polyak-averaged with ``tau < 1``) every ``target_update_interval`` env steps. With several
+workers, both intervals count each worker's own env steps.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class DQN(Algorithm):
         self.replay.add(obs, actions, rewards, next_obs, terminated, truncated, valid)
         self.env_steps = env_steps
         c = self.config
-        if env_steps - self.last_target >= c.target_update_interval:
+        if env_steps - self.last_target >= c.target_update_interval * self.strategy.world_size:
             self.last_target = env_steps
             with torch.no_grad():
                 for target, online in zip(self.q_target.parameters(), self.q.parameters()):
@@ -138,7 +139,9 @@ class DQN(Algorithm):
     def ready(self) -> bool:
         c = self.config
         started = self.env_steps >= c.learning_starts and self.replay.size > 0  # n-step: none stored yet
-        return started and self.env_steps - self.last_train >= c.train_freq
+        # ``env_steps`` is the group's count; train_freq and target_update_interval count this
+        # worker's own steps, so each worker replays its data at the rate one worker would.
+        return started and self.env_steps - self.last_train >= c.train_freq * self.strategy.world_size
 
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:

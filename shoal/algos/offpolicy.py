@@ -128,7 +128,9 @@ class OffPolicyAlgorithm(Algorithm):
     def ready(self) -> bool:
         c = self.config
         started = self.env_steps >= c.learning_starts and self.replay.size >= 1
-        return started and self.env_steps - self.last_train >= c.train_freq
+        # train_freq counts this worker's own env steps (``env_steps`` is the group's): with
+        # several workers, each replays its own data at the rate one worker would.
+        return started and self.env_steps - self.last_train >= c.train_freq * self.strategy.world_size
 
     # -- learning -------------------------------------------------------------------------
     def sample(self) -> tuple[torch.Tensor, ...]:

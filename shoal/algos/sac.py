@@ -13,10 +13,7 @@ first ``learning_starts`` env steps); transitions go to a replay buffer; every
 
 Three optimizers (actor, critic, temperature), each stepped through the learner, so the
 strategy reduces, averages or pushes each one. Distributed: with ``param-avg`` the actor,
-critics and log(alpha) are averaged every K optimizer steps; the target critics are not
-trained parameters, so each worker's stays a Polyak average of its own critics, which the
-averaging pulls together (a target lags the mean by at most tau times the drift since
-the last average).
+critics, log(alpha) and the target critics are averaged every K optimizer steps.
 """
 
 from __future__ import annotations

@@ -12,9 +12,7 @@ a replay buffer; every ``train_freq`` env steps, ``gradient_steps`` minibatch up
    Q_1(s, pi(s)) and the targets move, pi' <- (1 - tau) pi' + tau pi, Q' likewise.
 
 Two optimizers (actor, critic), stepped through the learner. Distributed: with
-``param-avg`` the actor and critics are averaged every K optimizer steps; the target
-networks are not trained parameters and stay each worker's Polyak averages of its own
-(averaged) networks, as in SAC.
+``param-avg`` the actor, critics and their targets are averaged every K optimizer steps.
 """
 
 from __future__ import annotations

@@ -327,10 +327,13 @@ class ParamAvgStrategy(CollectiveStrategy):
     """Model averaging: each worker steps its own copy; every ``sync_every`` optimizer steps
     all copies are replaced by their mean, theta = (1/N) sum_i theta_i.
 
-    Every optimizer's parameters are averaged (one all-reduce each); ``sync_every`` counts
-    step calls of any optimizer. Optimizer state stays per worker. Compressed, what is sent
-    is each worker's change since the last average (the anchor), with error feedback; the
-    mean is then anchor + mean of the changes, the same on every worker.
+    Every optimizer's parameters are averaged (one all-reduce each), and so are the weights
+    no optimizer steps (target networks): a worker's target, copied or Polyak-averaged from
+    its own online weights, would otherwise stay a blend of what the workers drifted to,
+    never of their mean. ``sync_every`` counts step calls of any optimizer. Optimizer state
+    stays per worker. Compressed, what is sent is each worker's change since the last
+    average (the anchor), with error feedback; the mean is then anchor + mean of the
+    changes, the same on every worker.
     """
 
     def __init__(
@@ -340,7 +343,23 @@ class ParamAvgStrategy(CollectiveStrategy):
         self.sync_every = sync_every
         self.params: list[list[torch.Tensor]] = []  # per optimizer
         self.anchors: list[torch.Tensor] = []  # per optimizer: the last mean
+        self.untrained: list[torch.Tensor] = []  # weights no optimizer steps (target networks)
         self.calls = 0  # step calls, taken or skipped: the averaging schedule all workers share
+
+    def start(
+        self,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, optim.Optimizer],
+        normalizer: Normalizer | None = None,
+    ) -> None:
+        super().start(modules, optimizers, normalizer)
+        trained = {id(p) for opt in optimizers.values() for p in trained_params(opt)}
+        seen: set[int] = set()
+        for module in modules.values():
+            for p in module.parameters():
+                if id(p) not in trained and id(p) not in seen and p.is_floating_point():
+                    seen.add(id(p))
+                    self.untrained.append(p)
 
     def step(
         self,
@@ -377,6 +396,15 @@ class ParamAvgStrategy(CollectiveStrategy):
                 mean = anchor + delta / self.world_size
             set_params(params, mean)
             self.anchors[i] = mean.clone()
+        if self.untrained and self.world_size > 1:  # uncompressed: no anchor, no error feedback
+            import torch.distributed as dist
+
+            start = time.perf_counter()
+            total = flat_params(self.untrained).clone()
+            dist.all_reduce(total)
+            set_params(self.untrained, total / self.world_size)
+            self.bytes_sent += total.numel() * total.element_size()
+            self.comm_seconds += time.perf_counter() - start
 
     def finish(self) -> None:
         if self.params and self.calls % self.sync_every:
