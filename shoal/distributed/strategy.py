@@ -329,11 +329,11 @@ class ParamAvgStrategy(CollectiveStrategy):
 
     Every optimizer's parameters are averaged (one all-reduce each), and so are the weights
     no optimizer steps (target networks): a worker's target, copied or Polyak-averaged from
-    its own online weights, would otherwise stay a blend of what the workers drifted to,
-    never of their mean. ``sync_every`` counts step calls of any optimizer. Optimizer state
-    stays per worker. Compressed, what is sent is each worker's change since the last
-    average (the anchor), with error feedback; the mean is then anchor + mean of the
-    changes, the same on every worker.
+    its own online weights, would otherwise follow that worker's drifted copy, never the mean.
+    ``sync_every`` counts step calls of any optimizer. Optimizer state stays per worker.
+    Compressed, what is sent is each worker's change since the last average (the anchor),
+    with error feedback; the mean is then anchor + mean of the changes, the same on every
+    worker (target networks go uncompressed).
     """
 
     def __init__(
@@ -354,12 +354,8 @@ class ParamAvgStrategy(CollectiveStrategy):
     ) -> None:
         super().start(modules, optimizers, normalizer)
         trained = {id(p) for opt in optimizers.values() for p in trained_params(opt)}
-        seen: set[int] = set()
-        for module in modules.values():
-            for p in module.parameters():
-                if id(p) not in trained and id(p) not in seen and p.is_floating_point():
-                    seen.add(id(p))
-                    self.untrained.append(p)
+        untrained = {id(p): p for m in modules.values() for p in m.parameters() if id(p) not in trained}
+        self.untrained = [p for p in untrained.values() if p.is_floating_point()]
 
     def step(
         self,
