@@ -228,12 +228,16 @@ def _attempt(side: str, seed: int, row: str, run: Callable[[], dict[str, Any]]) 
     return result
 
 
-def _sides(row: str, env_id: str, steps: int, seeds: list[int], runs: dict[str, Callable]) -> dict:
-    """Each side of a row for each seed, one after the other, seed by seed."""
+def _sides(
+    args: argparse.Namespace, row: str, env_id: str, steps: int, seeds: list[int], runs: dict[str, Callable]
+) -> dict:
+    """Each side of a row for each seed, one after the other, seed by seed; the row so far is
+    written to the JSON after every seed (``args.keep``), so that a stopped part keeps it."""
     out: dict[str, Any] = {"env": env_id, "budget": steps, "sides": {side: [] for side in runs}}
     for seed in seeds:
         for side, run in runs.items():
             out["sides"][side].append(_attempt(side, seed, row, lambda run=run, seed=seed: run(seed)))
+        args.keep(row, out)
     return out
 
 
@@ -305,6 +309,7 @@ def part_ppo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if not _wanted(args, row):
             continue
         results[row] = _sides(
+            args,
             row,
             env_id,
             steps,
@@ -320,6 +325,7 @@ def part_ppo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     row = f"RL-Zoo hyperparameters, {env_id}"
     if _wanted(args, row):
         results[row] = _sides(
+            args,
             row,
             env_id,
             steps,
@@ -447,7 +453,9 @@ def part_offpolicy(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         row = f"{algo.upper()}, {env_id}"
         if _wanted(args, row):
-            results["rows"][row] = _sides(row, env_id, steps, seeds, {"shoal": shoal_run, "sb3": sb3_run})
+            results["rows"][row] = _sides(
+                args, row, env_id, steps, seeds, {"shoal": shoal_run, "sb3": sb3_run}
+            )
     speed: dict[str, Any] = {"env": "HalfCheetah-v5", "timed_steps": args.speed_steps}
     if not _wanted(args, f"speed, {speed['env']}"):
         return results
@@ -488,6 +496,7 @@ def part_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if not _wanted(args, row):
             continue
         results["rows"][row] = _sides(
+            args,
             row,
             env_id,
             steps,
@@ -606,15 +615,25 @@ def main(argv: list[str] | None = None) -> int:
         report = {**json.loads(out.read_text()), **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     run = {"ppo": part_ppo, "offpolicy": part_offpolicy, "distributed": part_distributed}
+
+    def keeper(name: str) -> Callable[[str, dict[str, Any]], None]:
+        def keep(row: str, measured: dict[str, Any]) -> None:  # a part takes hours: keep each row
+            report.setdefault(name, {}).setdefault("rows", {})[row] = measured
+            out.write_text(json.dumps(report, indent=1, default=str))
+
+        return keep
+
     for name in parts:
         print(f"{name} ...", flush=True)
         start = time.perf_counter()
+        args.keep = keeper(name)
         result = run[name](args, work)
         before = report.get(name, {})
         result["rows"] = {**before.get("rows", {}), **result["rows"]}  # rows measured apart stay
         if "speed" in before and result.get("speed", {}).keys() <= {"env", "timed_steps"}:
             result["speed"] = before["speed"]
-        report[name] = {**result, "settings": vars(args), "seconds": time.perf_counter() - start}
+        settings = {k: v for k, v in vars(args).items() if k != "keep"}
+        report[name] = {**result, "settings": settings, "seconds": time.perf_counter() - start}
         plot(name, report[name], out.parent / f"zoo_{name}.png")
         out.write_text(json.dumps(report, indent=1, default=str))  # after each part: hours of runs
     text = "\n\n".join(f"### {n}\n\n{table(n, report[n])}" for n in names if n in report)
