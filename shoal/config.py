@@ -194,7 +194,11 @@ class TrainConfig:
     )
     log_every: int = opt(2_000, "env steps between metric rows", group=RUN_FILES, ge=1)
     torch_threads: int = opt(
-        1, "torch CPU threads of the learner (small nets are fastest on 1)", ge=1, le=MAX_TORCH_THREADS
+        1,
+        "torch CPU threads of the learner (0: this machine's cores, shared by its workers;"
+        " small nets are fastest on 1)",
+        ge=0,
+        le=MAX_TORCH_THREADS,
     )
     backend: str = opt(
         "local",

@@ -142,6 +142,25 @@ def test_sac_steps_its_three_optimizers_and_tunes_alpha_toward_the_target_entrop
     assert fixed.temperature.log_alpha.exp().item() == pytest.approx(0.2)
 
 
+def test_sac_and_td3_learn_on_the_cores_of_their_worker_and_ppo_on_one(monkeypatch):
+    """SB3's SAC takes every core; shoal's off-policy learners take this machine's cores, shared
+    by its workers (PPO's 64x64 networks are fastest on one thread, its default stays 1)."""
+    from shoal.agent import make_config
+    from shoal.training.trainer import Trainer, learner_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert learner_threads(make_config("sac", "Pendulum-v1", {})) == 6
+    assert learner_threads(make_config("td3", "Pendulum-v1", {"backend": "mp", "num_workers": 2})) == 3
+    assert learner_threads(make_config("sac", "Pendulum-v1", {"torch_threads": 2})) == 2
+    assert learner_threads(make_config("ppo", "Pendulum-v1", {})) == 1
+    before = torch.get_num_threads()
+    try:
+        Trainer(SAC, make_config("sac", "Pendulum-v1", {"num_workers": 3, "backend": "mp"}), progress=False)
+        assert torch.get_num_threads() == 2  # what the learner computes with
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("algo", [SAC, TD3])
 def test_actions_are_scaled_to_the_box_bounds(algo):
     space = spaces.Box(np.array([0.0, -10.0], np.float32), np.array([1.0, 10.0], np.float32))

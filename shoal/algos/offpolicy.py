@@ -21,7 +21,16 @@ from gymnasium import spaces
 
 from shoal.algos.base import Algorithm
 from shoal.buffers import ReplayBuffer
-from shoal.config import ENVS, MAX_NUM_ENVS, ConfigError, TrainConfig, check_replay_batch, opt, show
+from shoal.config import (
+    ENVS,
+    MAX_NUM_ENVS,
+    MAX_TORCH_THREADS,
+    ConfigError,
+    TrainConfig,
+    check_replay_batch,
+    opt,
+    show,
+)
 from shoal.distributed.strategy import Strategy
 from shoal.nn import is_image
 
@@ -34,6 +43,13 @@ class OffPolicyConfig(TrainConfig):
         1, "parallel environments", group=ENVS, ge=1, le=MAX_NUM_ENVS, note="each env runs on this machine"
     )
     total_steps: int = opt(1_000_000, "env steps to train for (summed over envs)", ge=1)
+    torch_threads: int = opt(
+        0,
+        "torch CPU threads of the learner (0: this machine's cores, shared by its workers; one"
+        " gradient step of 256x256 networks at batch 256 per env step is worth the threads)",
+        ge=0,
+        le=MAX_TORCH_THREADS,
+    )
     learning_rate: float = opt(3e-4, "Adam learning rate (every network)", gt=0)
     anneal_lr: bool = opt(False, "decay the learning rate linearly to 0 over training")
     buffer_size: int = opt(1_000_000, "replay buffer capacity (transitions)", ge=1, frozen=True)

@@ -103,6 +103,15 @@ def default_run_dir(algo: str, config: TrainConfig) -> Path:
     return Path("runs") / f"{config.env.replace('/', '_')}-{algo}-s{config.seed}-{stamp}"
 
 
+def learner_threads(config: TrainConfig) -> int:
+    """``torch_threads``, or for 0 this machine's cores shared by the workers (SB3's SAC takes
+    every core; for big networks shoal should too, without workers oversubscribing them)."""
+    if config.torch_threads > 0:
+        return config.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // config.num_workers)
+
+
 def spaces_of(env: str | Callable[..., gym.Env]) -> tuple[gym.Space, gym.Space]:
     probe = gym.make(env) if isinstance(env, str) else env()
     try:
@@ -131,7 +140,7 @@ class Trainer:
         # Checked once per env step; the CLI's signal handlers (or the supervisor) set it.
         self.stop = stop if stop is not None else StopRequest()
         self.device = resolve_device(config.device)
-        torch.set_num_threads(max(1, config.torch_threads))
+        torch.set_num_threads(learner_threads(config))
         torch.manual_seed(config.seed)  # the same initial weights on every worker and the server
         obs_space, action_space = spaces_of(env_fn or config.env)
         self.algo = algo_class(config, obs_space, action_space, self.device, self.strategy)
