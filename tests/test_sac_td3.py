@@ -149,13 +149,16 @@ def test_sac_and_td3_learn_on_the_cores_of_their_worker_and_ppo_on_one(monkeypat
     from shoal.training.trainer import Trainer, learner_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)), raising=False)
-    assert learner_threads(make_config("sac", "Pendulum-v1", {})) == 6
-    assert learner_threads(make_config("td3", "Pendulum-v1", {"backend": "mp", "num_workers": 2})) == 3
-    assert learner_threads(make_config("sac", "Pendulum-v1", {"torch_threads": 2})) == 2
-    assert learner_threads(make_config("ppo", "Pendulum-v1", {})) == 1
+    assert learner_threads(make_config("sac", "Pendulum-v1", {}, presets=False)) == 6
+    two = {"backend": "mp", "num_workers": 2}
+    assert learner_threads(make_config("td3", "Pendulum-v1", two, presets=False)) == 3
+    assert learner_threads(make_config("sac", "Pendulum-v1", {"torch_threads": 2}, presets=False)) == 2
+    assert learner_threads(make_config("sac", "Pendulum-v1", {})) == 1  # its preset's 64x64 networks
+    assert learner_threads(make_config("ppo", "Pendulum-v1", {}, presets=False)) == 1
     before = torch.get_num_threads()
     try:
-        Trainer(SAC, make_config("sac", "Pendulum-v1", {"num_workers": 3, "backend": "mp"}), progress=False)
+        three = {"num_workers": 3, "backend": "mp"}
+        Trainer(SAC, make_config("sac", "Pendulum-v1", three, presets=False), progress=False)
         assert torch.get_num_threads() == 2  # what the learner computes with
     finally:
         torch.set_num_threads(before)
