@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -140,41 +142,52 @@ def test_twin_mlp_is_two_independent_mlps():
     assert all(w.grad[0].abs().sum() == 0 and w.grad[1].abs().sum() > 0 for w in twin.weights)
 
 
-class _GroupOfTwo(LocalStrategy):
+class _Pair(LocalStrategy):
     """A worker of a group of two that exchanges nothing: the group counts its steps twice."""
 
     world_size = 2
 
+    def __init__(self, one_learner: bool) -> None:
+        super().__init__()
+        self.one_learner = one_learner
 
-def _training_phases(algo_name: str, world_size: int, own_steps: int) -> tuple[int, int]:
-    """(gradient steps, target updates) of one worker over ``own_steps`` of its env steps, fed the
-    group's count as the trainer does (its own steps times the workers)."""
-    strategy = _GroupOfTwo() if world_size == 2 else LocalStrategy()
-    obs_space = spaces.Box(-1, 1, (2,), np.float32)
+
+def _replay_schedule(algo_name: str, strategy: LocalStrategy, own_steps: int) -> dict[str, Any]:
+    """Gradient steps, their batch sizes and target updates of one worker over ``own_steps``
+    of its vector steps, fed the group's count as the trainer does (own steps x workers)."""
+    obs_space, n = spaces.Box(-1, 1, (2,), np.float32), strategy.world_size
+    common = dict(learning_starts=0, train_freq=8, gradient_steps=3, num_envs=2)
     if algo_name == "dqn":
-        config = DQNConfig(learning_starts=0, train_freq=8, gradient_steps=3, target_update_interval=16)
+        config = DQNConfig(**common, batch_size=16, target_update_interval=16)
         algo = DQN(config, obs_space, spaces.Discrete(2), torch.device("cpu"), strategy)
     else:
-        config = SACConfig(learning_starts=0, train_freq=8, gradient_steps=3, batch_size=4, hidden=(8,))
+        config = SACConfig(**common, batch_size=16, hidden=(8,))
         algo = SAC(config, obs_space, spaces.Box(-1, 1, (1,), np.float32), torch.device("cpu"), strategy)
+    batches: list[int] = []
+    sample = algo.replay.sample
+    algo.replay.sample = lambda size, rng: batches.append(size) or sample(size, rng)
     targets = 0
-    obs, no = np.zeros((1, 2), np.float32), np.array([False])
+    obs, no, yes = np.zeros((2, 2), np.float32), np.zeros(2, bool), np.ones(2, bool)
     for step in range(1, own_steps + 1):
         last_target = getattr(algo, "last_target", 0)
         algo.act(obs)
-        algo.record(np.array([1.0]), no, no, obs, np.array([True]), step * world_size)
+        algo.record(np.ones(2), no, no, obs, yes, step * 2 * n)
         if algo.ready():
-            algo.update(obs, step * world_size)
+            algo.update(obs, step * 2 * n)
         targets += getattr(algo, "last_target", 0) != last_target
-    return algo.updates * config.gradient_steps, targets
+    return {"gradient_steps": len(batches), "batch": set(batches), "target_updates": targets}
 
 
 @pytest.mark.parametrize("algo_name", ["dqn", "sac"])
-def test_each_worker_replays_its_own_data_at_one_workers_rate(algo_name):
-    """train_freq (and DQN's target_update_interval) count a worker's own env steps: in a group
-    of two, whose shared count grows twice as fast, a worker takes as many gradient steps per
-    transition it collects as a lone learner does (twice as many made DQN param-avg collapse)."""
-    alone = _training_phases(algo_name, 1, 64)
-    in_a_pair = _training_phases(algo_name, 2, 64)
-    assert alone[0] == 64 // 8 * 3
-    assert in_a_pair == alone
+def test_replay_workers_averaged_into_one_learner_share_its_schedule_and_batch(algo_name):
+    """Two workers whose updates are averaged (sync, param-avg) are one learner: over the same
+    group steps they take its gradient steps and target updates, each on half its batch, so
+    their mean update is its update. Two whose updates are each applied (a3c) each learn like
+    a learner alone on their own steps. (A pair once trained on the group's count with the
+    whole batch each, twice the replay of one learner, and param-avg DQN collapsed.)"""
+    alone = _replay_schedule(algo_name, LocalStrategy(), 64)
+    assert alone["gradient_steps"] == 64 * 2 // 8 * 3 and alone["batch"] == {16}
+    averaged = _replay_schedule(algo_name, _Pair(one_learner=True), 32)  # the same 128 group steps
+    assert averaged == {**alone, "batch": {8}}
+    applied = _replay_schedule(algo_name, _Pair(one_learner=False), 64)  # 64 of its own steps
+    assert applied == alone

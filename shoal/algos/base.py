@@ -112,6 +112,30 @@ class Algorithm:
         Called before ``record`` of the step that brought the new env's first observation.
         """
 
+    # -- replay learners in a group -------------------------------------------------------
+    # ``env_steps`` is the group's count. Workers averaged into one learner
+    # (``Strategy.one_learner``: sync, param-avg, a synchronous server) train on that count,
+    # as the one learner would, each on its share of the batch: their mean update is its
+    # update, at the same total budget. Workers whose every update is applied (a3c, an
+    # asynchronous server) each train on their own steps (the group's count grows
+    # world_size times as fast) with the whole batch, as a learner alone would.
+    def replay_interval(self, steps: int) -> int:
+        """``steps`` env steps of one learner's schedule (training, target updates), counted
+        as the group counts them."""
+        s = self.strategy
+        return steps if s.one_learner else steps * s.world_size
+
+    def replay_batch(self, batch_size: int) -> int:
+        """This worker's share of a learner's batch."""
+        s = self.strategy
+        return max(1, batch_size // s.world_size) if s.one_learner else batch_size
+
+    def training_phases(self, since: int, train_freq: int) -> int:
+        """The training phases the learner this worker stands for took in ``since`` env steps
+        of the group's count: one per vector step at most, so 1 for a learner alone."""
+        vector_step = self.replay_interval(self.config.num_envs)
+        return max(1, since // max(self.replay_interval(train_freq), vector_step))
+
     # -- state, for checkpoints -----------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
         """Networks to save (their weights are all an agent needs to act)."""

@@ -4,8 +4,8 @@ Read top to bottom: epsilon-greedy acting with a linearly decaying epsilon, tran
 into a replay buffer (optionally as n-step returns), and every ``train_freq`` env steps
 ``gradient_steps`` minibatch updates of the Huber loss against
 ``r + discount * Q_target(s', argmax_a Q(s', a))``; the target network is copied (or
-Polyak-averaged with ``tau < 1``) every ``target_update_interval`` env steps. With several
-workers, both intervals count each worker's own env steps.
+Polyak-averaged with ``tau < 1``) every ``target_update_interval`` env steps. Several
+workers share these schedules and the batch as ``Algorithm.replay_interval`` says.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class DQN(Algorithm):
         self.replay.add(obs, actions, rewards, next_obs, terminated, truncated, valid)
         self.env_steps = env_steps
         c = self.config
-        if env_steps - self.last_target >= c.target_update_interval * self.strategy.world_size:
+        if env_steps - self.last_target >= self.replay_interval(c.target_update_interval):
             self.last_target = env_steps
             with torch.no_grad():
                 for target, online in zip(self.q_target.parameters(), self.q.parameters()):
@@ -139,18 +139,18 @@ class DQN(Algorithm):
     def ready(self) -> bool:
         c = self.config
         started = self.env_steps >= c.learning_starts and self.replay.size > 0  # n-step: none stored yet
-        # ``env_steps`` is the group's count; train_freq and target_update_interval count this
-        # worker's own steps, so each worker replays its data at the rate one worker would.
-        return started and self.env_steps - self.last_train >= c.train_freq * self.strategy.world_size
+        return started and self.env_steps - self.last_train >= self.replay_interval(c.train_freq)
 
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c = self.config
+        steps = self.training_phases(env_steps - self.last_train, c.train_freq) * c.gradient_steps
         self.last_train = env_steps
         lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
+        batch = self.replay_batch(c.batch_size)  # with several workers: see Algorithm.replay_batch
         losses, q_means = [], []
-        for _ in range(c.gradient_steps):
-            obs, actions, returns, next_o, discounts = self.replay.sample(c.batch_size, self.rng)
+        for _ in range(steps):
+            obs, actions, returns, next_o, discounts = self.replay.sample(batch, self.rng)
             # Raw observations and rewards are stored; they are normalised with today's statistics.
             obs, next_o = self._obs(obs), self._obs(next_o)
             actions, returns, discounts = (
@@ -161,7 +161,7 @@ class DQN(Algorithm):
             q = self.q(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
             loss = F.smooth_l1_loss(q, target)
 
-            self.learner.step("optimizer", loss, samples=c.batch_size)
+            self.learner.step("optimizer", loss, samples=batch)
             losses.append(loss.detach())
             q_means.append(q.detach().mean())
         self.updates += 1

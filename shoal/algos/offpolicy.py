@@ -144,17 +144,25 @@ class OffPolicyAlgorithm(Algorithm):
     def ready(self) -> bool:
         c = self.config
         started = self.env_steps >= c.learning_starts and self.replay.size >= 1
-        # train_freq counts this worker's own env steps (``env_steps`` is the group's): with
-        # several workers, each replays its own data at the rate one worker would.
-        return started and self.env_steps - self.last_train >= c.train_freq * self.strategy.world_size
+        return started and self.env_steps - self.last_train >= self.replay_interval(c.train_freq)
 
     # -- learning -------------------------------------------------------------------------
+    def gradient_steps_due(self, env_steps: int) -> int:
+        """The gradient steps of this training phase (more than ``gradient_steps`` when
+        several workers stand for one learner, see ``Algorithm.replay_interval``)."""
+        c = self.config
+        phases = self.training_phases(env_steps - self.last_train, c.train_freq)
+        self.last_train = env_steps
+        return phases * c.gradient_steps
+
     def sample(self) -> tuple[torch.Tensor, ...]:
-        """A minibatch (obs, actions, rewards, next obs, discounts) as tensors on the device.
+        """A minibatch (obs, actions, rewards, next obs, discounts) as tensors on the device:
+        this worker's share of ``batch_size``.
 
         ``discounts`` is gamma, or 0 after a termination (a truncation still bootstraps).
         """
-        obs, actions, rewards, next_obs, discounts = self.replay.sample(self.config.batch_size, self.rng)
+        batch = self.replay_batch(self.config.batch_size)
+        obs, actions, rewards, next_obs, discounts = self.replay.sample(batch, self.rng)
         as_t = torch.as_tensor
         return (
             self._obs(obs),

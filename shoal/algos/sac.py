@@ -85,11 +85,11 @@ class SAC(OffPolicyAlgorithm):
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs, env_steps: int) -> dict[str, float]:  # noqa: ANN001
         c = self.config
-        self.last_train = env_steps
+        steps = self.gradient_steps_due(env_steps)
         lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
         log_alpha = self.temperature.log_alpha
         stats = []
-        for _ in range(c.gradient_steps):
+        for _ in range(steps):
             obs, actions, rewards, next_o, discounts = self.sample()
             n = len(rewards)
 

@@ -86,10 +86,10 @@ class TD3(OffPolicyAlgorithm):
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs, env_steps: int) -> dict[str, float]:  # noqa: ANN001
         c = self.config
-        self.last_train = env_steps
+        steps = self.gradient_steps_due(env_steps)
         lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
         critic_stats, actor_losses = [], []
-        for _ in range(c.gradient_steps):
+        for _ in range(steps):
             obs, actions, rewards, next_o, discounts = self.sample()
             n = len(rewards)
 

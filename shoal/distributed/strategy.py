@@ -82,6 +82,11 @@ class Strategy:
     world_size: int = 1
     loss_decides = True  # a non-finite loss alone skips a step (see guards.gradients_ok)
     in_lockstep = False  # its workers meet in every update, so they must also stop together
+    # Whether the workers' updates are averaged into one (sync, param-avg, a synchronous
+    # server): together they are one learner, and a replay learner's batch is split among
+    # them. Otherwise (a3c, an asynchronous server) each worker's update is applied on its
+    # own, and each one learns from its own env steps with the whole batch.
+    one_learner = True
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -436,8 +441,10 @@ class ServerStrategy(Strategy):
         pipelined: bool = False,
         link: Link | None = None,
         peer_timeout: float | None = wire.PEER_TIMEOUT_S,
+        averaged: bool = False,
     ) -> None:
         super().__init__()
+        self.one_learner = averaged  # the server applies the workers' mean once (ps-mode sync)
         self.rank, self.world_size = rank, world_size
         self.link: Link = link  # type: ignore[assignment]  # set before start() (see shoal.distributed.link)
         self.compress, self.topk_ratio, self.pipelined = compress, topk_ratio, pipelined

@@ -34,7 +34,10 @@ def make_strategy(config: TrainConfig, rank: int, link: Any = None) -> Strategy:
         from shoal.distributed.wire import peer_timeout_of
 
         pipelined, timeout = config.strategy == "a3c", peer_timeout_of(config)
-        return ServerStrategy(rank, n, compress, ratio, pipelined, link, peer_timeout=timeout)
+        averaged = config.strategy == "param-server" and config.ps_mode == "sync"
+        return ServerStrategy(
+            rank, n, compress, ratio, pipelined, link, peer_timeout=timeout, averaged=averaged
+        )
     raise ValueError(f"unknown strategy {config.strategy!r}; available: {', '.join(STRATEGIES)}")
 
 
