@@ -131,10 +131,17 @@ class Algorithm:
         return max(1, batch_size // s.world_size) if s.one_learner else batch_size
 
     def training_phases(self, since: int, train_freq: int) -> int:
-        """The training phases the learner this worker stands for took in ``since`` env steps
-        of the group's count: one per vector step at most, so 1 for a learner alone."""
-        vector_step = self.replay_interval(self.config.num_envs)
-        return max(1, since // max(self.replay_interval(train_freq), vector_step))
+        """Training phases due now, ``since`` env steps (the group's count) after the last.
+
+        A learner takes at most one per vector step (``ready`` said it is due), so a learner
+        alone, or a worker learning on its own steps, takes 1. Workers that are one learner
+        stand for world_size of its vector steps at each of theirs: as many phases as it
+        would take in them (its first phase after ``learning_starts`` aside, which may come
+        with up to world_size - 1 more)."""
+        s = self.strategy
+        if not s.one_learner or s.world_size == 1:
+            return 1
+        return min(s.world_size, max(1, since // max(train_freq, self.config.num_envs)))
 
     # -- state, for checkpoints -----------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
