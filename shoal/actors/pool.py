@@ -33,9 +33,10 @@ from shoal.actors.shared import (
     pack_index,
     unpack_index,
 )
+from shoal.launch.supervisor import TrainingFailed
 
 
-class ActorFailed(RuntimeError):
+class ActorFailed(TrainingFailed):
     """An actor raised or died; the message is one line (its traceback was printed above)."""
 
 

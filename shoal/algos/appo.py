@@ -138,7 +138,7 @@ PRESETS: dict[str, dict] = {
         num_minibatches=4,
         learning_rate=1e-3,
         gamma=0.98,
-        total_steps=150_000,
+        total_steps=100_000,
     ),
     "Pendulum-v1": dict(
         num_envs=4,
