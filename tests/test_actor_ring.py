@@ -103,7 +103,9 @@ def test_two_actors_every_trajectory_exactly_once():
     net = ALGORITHMS["appo"].actor_network(config, obs_space, action_space)
     normalizer = ALGORITHMS["appo"](config, obs_space, action_space, torch.device("cpu")).normalizer
     layout = TrajectoryLayout(16, 4, (4,), "<f4", (), "<i8")
-    pool = MpActors("appo", config, layout, len(policy_vector(net, normalizer)), num_actors=2, slots_per_actor=2)
+    pool = MpActors(
+        "appo", config, layout, len(policy_vector(net, normalizer)), num_actors=2, slots_per_actor=2
+    )
     pool.publish(policy_vector(net, normalizer))
     pool.start()
     seqs: dict[int, list[int]] = {0: [], 1: []}
@@ -141,7 +143,9 @@ def test_actor_policy_acts_as_the_learner_after_loading_its_vector():
     algo.normalizer.observe(np.random.default_rng(1).normal(3.0, 2.0, (64, 4)))
     algo.normalizer.merge([algo.normalizer.take_fresh()])
     torch.manual_seed(5)
-    copy = ActorPolicy(ALGORITHMS["appo"].actor_network(config, obs_space, action_space), action_space, True, 10.0)
+    copy = ActorPolicy(
+        ALGORITHMS["appo"].actor_network(config, obs_space, action_space), action_space, True, 10.0
+    )
     copy.load(policy_vector(algo.net, algo.normalizer))
     obs = np.random.default_rng(2).normal(3.0, 2.0, (8, 4)).astype(np.float32)
     _, actions, logprobs = copy.act(obs)

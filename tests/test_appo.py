@@ -75,9 +75,11 @@ def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
     an older policy than the learner's is dropped, and counted."""
     run_dir = tmp_path / "impala"
     settings = dict(SMALL, max_policy_lag=0, normalize_obs=True, log_every=256)
-    summary = shoal.IMPALA("Pendulum-v1", total_steps=4096, run_dir=str(run_dir), **settings).learn(
-        progress=False
-    ).summary
+    summary = (
+        shoal.IMPALA("Pendulum-v1", total_steps=4096, run_dir=str(run_dir), **settings)
+        .learn(progress=False)
+        .summary
+    )
     check_counts(summary)
     assert summary["trajectories_dropped_stale"] > 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -87,7 +89,17 @@ def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
 
 def start(run_dir: Path, *args: str) -> subprocess.Popen:
     """``shoal train appo`` for a long time, in a session of its own (its pid is the session id)."""
-    argv = ["train", "appo", "--env", "CartPole-v1", "--quiet", "--run-dir", str(run_dir), "--log-every", "500"]
+    argv = [
+        "train",
+        "appo",
+        "--env",
+        "CartPole-v1",
+        "--quiet",
+        "--run-dir",
+        str(run_dir),
+        "--log-every",
+        "500",
+    ]
     return subprocess.Popen(
         [sys.executable, "-m", "shoal.cli", *argv, "--total-steps", str(10**7), *args],
         cwd=ROOT,
