@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shoal.actors.actor import ActorPolicy, policy_vector
-from shoal.actors.pool import MpActors
+from shoal.actors.pool import ActorFailed, MpActors
 from shoal.actors.shared import TrajectoryLayout, TrajectoryRing, WeightBuffer
 from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
@@ -151,3 +151,24 @@ def test_actor_policy_acts_as_the_learner_after_loading_its_vector():
     _, actions, logprobs = copy.act(obs)
     learner_logprobs, _, _ = algo.net.evaluate(algo._obs(obs), torch.as_tensor(actions))
     np.testing.assert_allclose(logprobs, learner_logprobs.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_actor_that_raises_fails_the_learner_in_one_line():
+    """An actor's exception reaches the learner's next receive as one line (here: a weight
+    vector too short for its network); closing then leaves no process behind."""
+    config = _config()
+    obs_space, action_space = spaces_of(config.env)
+    size = sum(
+        p.numel() for p in ALGORITHMS["appo"].actor_network(config, obs_space, action_space).parameters()
+    )
+    pool = MpActors("appo", config, CARTPOLE, size - 1, num_actors=2, slots_per_actor=1)
+    pool.publish(np.zeros(size - 1, np.float32))
+    pool.start()
+    try:
+        with pytest.raises(ActorFailed, match=r"^actor [01] raised RuntimeError: "):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                pool.receive(0.1)
+    finally:
+        pool.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,20 @@ def start(run_dir: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def actors(sid: int) -> dict[str, int]:
+    """The actor processes of session ``sid`` by name (the session also holds multiprocessing's
+    resource tracker)."""
+    out = {}
+    for pid in session(sid):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("shoal-actor-"):
+            out[name] = pid
+    return out
+
+
 def wait_learning(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
     """Until the learner has logged a metrics row and both actors run."""
     deadline = time.monotonic() + timeout
@@ -118,7 +133,7 @@ def wait_learning(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -
         if proc.poll() is not None:
             pytest.fail(f"the run ended early with {proc.returncode}: {proc.communicate()[1]}")
         metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().strip() and len(session(proc.pid)) >= 3:
+        if metrics.exists() and metrics.read_text().strip() and len(actors(proc.pid)) == 2:
             return
         time.sleep(0.05)
     pytest.fail("the run logged no metrics in time")
@@ -153,3 +168,17 @@ def test_sigkill_of_the_learner_ends_its_actors(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not session_ends(proc.pid, grace=10), "actors outlived their learner"
     assert shm() <= before  # the shared memory was never a named file
+
+
+@pytest.mark.slow
+def test_a_killed_actor_ends_the_run_in_one_line_with_no_process_left(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_learning(proc, run_dir)
+    actor = actors(proc.pid)["shoal-actor-1"]
+    os.kill(actor, signal.SIGKILL)
+    err = finish(proc)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert re.search(r"^shoal: error: actor 1 was killed by SIGKILL$", err, re.M), err
+    assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
