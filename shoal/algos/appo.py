@@ -1,6 +1,7 @@
-"""Asynchronous PPO (APPO): PPO's clipped surrogate on trajectories from decoupled actors,
-with V-trace (Espeholt et al. 2018) value targets and advantages, as in RLlib's APPO and
-Sample Factory.
+"""Asynchronous PPO (APPO): PPO's clipped surrogate with V-trace, on decoupled actors.
+
+PPO's clipped surrogate on trajectories from actor processes, with V-trace (Espeholt et
+al. 2018) value targets and advantages, as in RLlib's APPO and Sample Factory.
 
 The actors act with a policy mu some updates older than the learner's pi. Read top to
 bottom: the config, then one update on a batch of trajectories: V-trace under the current
