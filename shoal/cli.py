@@ -245,12 +245,10 @@ def _train(args: argparse.Namespace) -> int:
 
         saved_to = latest(Path(run_dir) / "checkpoints")
         sys.stdout.flush()
-        then = (  # impala, appo: no resume yet (see shoal.training.decoupled)
-            f"evaluate it with: shoal eval {run_dir}"
-            if getattr(algo, "decoupled", False)
-            else f"resume with: shoal train {args.algo} --resume {run_dir}"
+        sys.stderr.write(
+            f"shoal: interrupted ({why}): checkpoint saved to {saved_to};"
+            f" resume with: shoal train {args.algo} --resume {run_dir}\n"
         )
-        sys.stderr.write(f"shoal: interrupted ({why}): checkpoint saved to {saved_to}; {then}\n")
         return 128 + signal.Signals[why]
     from shoal.agent import result_line
 

@@ -1,5 +1,5 @@
-"""IMPALA and APPO runs: the run directory, the trajectory counts, evaluation, what is refused
-in one line, and shutdown (Ctrl-C, SIGKILL of the learner) with no process and no /dev/shm
+"""IMPALA and APPO runs: the run directory, the trajectory counts, evaluation, resume, what is
+refused in one line, and shutdown (Ctrl-C, SIGKILL of the learner) with no process and no /dev/shm
 entry left behind."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from test_shutdown import finish, session, session_ends
 import shoal
 from shoal.cli import main
 from shoal.configio import ConfigError
+from shoal.run import checkpoint as ckpt
 
 pytestmark = pytest.mark.xdist_group("processes")
 
@@ -57,8 +58,16 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
     assert main(["eval", str(run_dir), "--episodes", "2", "--json"]) == 0
     assert shm() <= before
 
+    # A resume continues from the last checkpoint (not exactly: the actors start afresh).
+    last = ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]
+    assert main(["train", "appo", "--resume", str(run_dir), "--total-steps", "5120", "--quiet"]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    check_counts(resumed)
+    assert resumed["updates"] == last["updates"] + resumed["trajectories_learned"] // 2
+    steps = [json.loads(line)["env_steps"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == resumed["env_steps"] >= 5120
+
     # Not implemented yet: one line each, before anything starts.
-    assert main(["train", "appo", "--resume", str(run_dir)]) == 2
     for settings, words in [
         (dict(backend="ray"), "not implemented"),
         (dict(backend="local"), "--backend mp"),
@@ -149,7 +158,7 @@ def test_ctrl_c_saves_a_checkpoint_and_leaves_no_process_nor_shared_memory(tmp_p
     err = finish(proc)
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
-    assert f"evaluate it with: shoal eval {run_dir}" in err, err
+    assert f"resume with: shoal train appo --resume {run_dir}" in err, err
     assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
     assert shm() <= before
     assert list((run_dir / "checkpoints").glob("ckpt-*.json"))

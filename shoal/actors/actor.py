@@ -96,11 +96,12 @@ class ActorJob:
     weights: WeightBuffer
     control: Any  # RawArray("q"): see STOP
     parent_pid: int
+    boundary: int = 0  # the checkpoint boundary the run started from (a resume: fresh episodes)
 
     @property
     def seed(self) -> int:
         """The actor's envs and sampling: its own stream, derived from the run seed."""
-        return self.config.seed + 1_000_003 * (self.actor + 1)
+        return self.config.seed + 1_000_003 * (self.actor + 1) + 10_007 * self.boundary
 
 
 def actor_main(job: ActorJob, conn: Connection) -> None:

@@ -57,6 +57,7 @@ class Produced:
 class MpActors:
     """``num_actors`` actor processes on this machine (spawned), sharing memory with the learner.
 
+    ``boundary``: the checkpoint boundary the run (re)starts from, which seeds the actors' envs.
     ``target`` is what each actor process runs (``actor_main``; tests pass their own).
     """
 
@@ -69,10 +70,11 @@ class MpActors:
         *,
         num_actors: int,
         slots_per_actor: int = 2,
+        boundary: int = 0,
         target: Any = actor_main,
     ) -> None:
         self.ctx = mp.get_context("spawn")
-        self.algo, self.config, self.target = algo, config, target
+        self.algo, self.config, self.target, self.boundary = algo, config, target, boundary
         self.num_actors = num_actors
         self.ring = TrajectoryRing(layout, num_actors, slots_per_actor, self.ctx)
         self.weights = WeightBuffer(weight_size, self.ctx)
@@ -89,7 +91,9 @@ class MpActors:
     def start(self) -> None:
         for k in range(self.num_actors):
             mine, theirs = self.ctx.Pipe(duplex=True)
-            job = ActorJob(k, self.algo, self.config, self.ring, self.weights, self._control, os.getpid())
+            job = ActorJob(
+                k, self.algo, self.config, self.ring, self.weights, self._control, os.getpid(), self.boundary
+            )
             proc = self.ctx.Process(
                 target=self.target, args=(job, theirs), name=f"shoal-actor-{k}", daemon=True
             )

@@ -8,8 +8,13 @@
 Everything a run directory holds works as in :mod:`shoal.training.trainer`, whose
 :class:`Trainer` this extends: ``config.yaml``, ``metrics.jsonl`` and progress, checkpoints
 every ``checkpoint_every`` env steps and at the end, the final greedy evaluation,
-``--eval-every``, and a stop request (Ctrl-C) that saves and returns. Env steps count every
-trajectory the learner received (learned from or dropped as too stale).
+``--eval-every``, a stop request (Ctrl-C) that saves and returns, and ``--resume``. Env
+steps count every trajectory the learner received (learned from or dropped as too stale).
+
+A resume is not exact, unlike the step-by-step loop's: the learner continues from the
+checkpoint's weights, optimizer, statistics and counts, but the actors start fresh episodes
+(seeded by the checkpoint boundary) and their timing decides which policy version acts
+where, as it does in any run.
 
 The actors run in an actor pool (:mod:`shoal.actors.pool`); the loop only publishes weights,
 receives slot indices, reads and releases slots, and closes the pool.
@@ -32,7 +37,6 @@ from shoal.actors.actor import policy_vector
 from shoal.actors.pool import MpActors, Produced
 from shoal.actors.shared import TrajectoryLayout
 from shoal.algos.base import Trajectories
-from shoal.config import ConfigError
 from shoal.run import checkpoint as ckpt
 from shoal.run.logger import RunLogger
 from shoal.run.rundir import choose_run_dir
@@ -58,13 +62,10 @@ class DecoupledTrainer(Trainer):
         stop_after_checkpoints: int | None = None,
         on_update: Callable[[Trainer], bool] | None = None,
     ) -> dict[str, Any]:
-        if resume is not None:
-            raise ConfigError(
-                f"--resume is not implemented for {self.algo_class.name} yet (decoupled actors):"
-                " start a new run, or evaluate this one with shoal eval"
-            )
         c, algo = self.config, self.algo
-        self._open_learner()
+        if resume is not None:  # weights, optimizer, statistics, counts; the actors start afresh
+            self.load_checkpoint(resume)
+        self._open_learner(fresh=resume is None)
         callbacks: list[Callback] = [UserHook(on_update)] if on_update else []
         if c.eval_every > 0:
             callbacks.append(PeriodicEvaluation(self))
@@ -117,9 +118,9 @@ class DecoupledTrainer(Trainer):
         }
 
     # -- inside -----------------------------------------------------------------------------
-    def _open_learner(self) -> None:
+    def _open_learner(self, fresh: bool) -> None:
         c = self.config
-        self.run_dir = choose_run_dir(self.run_dir, explicit=bool(c.run_dir), claim=self.env_steps == 0)
+        self.run_dir = choose_run_dir(self.run_dir, explicit=bool(c.run_dir), claim=fresh)
         ckpt.write_text_atomic(
             self.run_dir / "config.yaml",
             yaml.safe_dump({"algo": self.algo_class.name, **config_dict(c)}, sort_keys=False),
@@ -150,7 +151,13 @@ class DecoupledTrainer(Trainer):
         )
         size = len(policy_vector(algo.net, algo.normalizer))
         return MpActors(
-            self.algo_class.name, c, layout, size, num_actors=c.num_actors, slots_per_actor=c.slots_per_actor
+            self.algo_class.name,
+            c,
+            layout,
+            size,
+            num_actors=c.num_actors,
+            slots_per_actor=c.slots_per_actor,
+            boundary=self.boundary,
         )
 
     def _collect(self, count: int) -> Trajectories | None:
