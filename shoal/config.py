@@ -467,10 +467,6 @@ class DecoupledConfig(TrainConfig):
             raise ConfigError(
                 "--nan-policy skip is not implemented for impala and appo yet: use --nan-policy raise"
             )
-        if c.normalize_reward:
-            raise ConfigError(
-                "--normalize-reward is not implemented for impala and appo yet: drop it (--normalize-obs is)"
-            )
 
     def step_overshoot(self) -> int:
         # the learner counts every trajectory it receives: at most all the slots past the end

@@ -72,7 +72,6 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
         (dict(backend="ray"), "not implemented"),
         (dict(backend="local"), "--backend mp"),
         (dict(nan_policy="skip"), "not implemented"),
-        (dict(normalize_reward=True), "not implemented"),
         (dict(num_workers=2), "--num-actors"),
     ]:
         with pytest.raises(ConfigError, match=words):
@@ -81,10 +80,10 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
 
 @pytest.mark.slow
 def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
-    """Box actions, normalised observations, and --max-policy-lag 0: every trajectory acted by
-    an older policy than the learner's is dropped, and counted."""
+    """Box actions, normalised observations and rewards, and --max-policy-lag 0: every
+    trajectory acted by an older policy than the learner's is dropped, and counted."""
     run_dir = tmp_path / "impala"
-    settings = dict(SMALL, max_policy_lag=0, normalize_obs=True, log_every=256)
+    settings = dict(SMALL, max_policy_lag=0, normalize_obs=True, normalize_reward=True, log_every=256)
     summary = (
         shoal.IMPALA("Pendulum-v1", total_steps=4096, run_dir=str(run_dir), **settings)
         .learn(progress=False)
@@ -95,6 +94,8 @@ def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r.get("policy_lag_max", 0) == 0 for r in rows)
     assert np.isfinite(summary["mean_return"])
+    stats = ckpt.load(ckpt.latest(run_dir / "checkpoints"))[0]["norm/used"]
+    assert stats[-3] > 1000  # the return statistics counted (their count is the third-last entry)
 
 
 def start(run_dir: Path, *args: str) -> subprocess.Popen:

@@ -81,7 +81,7 @@ class DecoupledTrainer(Trainer):
                     break
                 with self.timing:
                     self.update_metrics = algo.learn(batch, self.env_steps)
-                    if algo.normalizer.on_obs:  # fold what this batch counted into the statistics in use
+                    if algo.normalizer.active:  # what this batch counted: used from the next one on
                         algo.normalizer.merge([algo.normalizer.take_fresh()])
                 self.version = self.actors.publish(policy_vector(algo.net, algo.normalizer))
                 if any(cb.after_update(self) for cb in callbacks):
@@ -131,6 +131,7 @@ class DecoupledTrainer(Trainer):
         self.update_metrics: dict[str, float] = {}
         self.best_eval: dict[str, Any] | None = None
         self.pending: list[dict[str, np.ndarray]] = []  # received, not yet in a batch
+        self.returns = np.zeros((c.num_actors, c.num_envs))  # discounted, for --normalize-reward
         self.learned = self.dropped = 0
         self.lags: list[int] = []
         self.episode_returns: list[float] = []
@@ -171,6 +172,7 @@ class DecoupledTrainer(Trainer):
                 arrays, version = ring.slot(slot), ring.header(slot)["version"]
                 lag = self.version - version
                 self.env_steps += steps
+                self._track_returns(ring.owner(slot), arrays)
                 ended = ~np.isnan(arrays["episode_return"])
                 self.episode_returns += arrays["episode_return"][ended].tolist()
                 self.episode_lengths += arrays["episode_length"][ended].tolist()
@@ -185,6 +187,18 @@ class DecoupledTrainer(Trainer):
         taken, self.pending = self.pending[:count], self.pending[count:]
         self.learned += len(taken)
         return self._batch(taken)
+
+    def _track_returns(self, actor: int, arrays: dict[str, np.ndarray]) -> None:
+        """``--normalize-reward``: each actor's envs' discounted returns, step by step, as the
+        step-by-step loop tracks its own envs' (every trajectory of an actor arrives in order)."""
+        n = self.algo.normalizer
+        if not n.on_reward:
+            return
+        n.returns = self.returns[actor]
+        done = arrays["terminated"] | arrays["truncated"]
+        for t in range(len(done)):
+            n.track(arrays["rewards"][t], done[t], arrays["valid"][t])
+        self.returns[actor] = n.returns
 
     def _batch(self, trajectories: list[dict[str, np.ndarray]]) -> Trajectories:
         def joined(name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
