@@ -15,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from gymnasium import spaces
 from test_shutdown import finish, session, session_ends
 
 import shoal
+from shoal.actors.actor import ActorPolicy, policy_vector
+from shoal.algos import ALGORITHMS
+from shoal.algos.base import Trajectories
 from shoal.cli import main
 from shoal.configio import ConfigError
 from shoal.run import checkpoint as ckpt
@@ -192,3 +197,47 @@ def test_a_killed_actor_ends_the_run_in_one_line_with_no_process_left(tmp_path):
     assert "Traceback" not in err, err
     assert re.search(r"^shoal: error: actor 1 was killed by SIGKILL$", err, re.M), err
     assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
+
+
+@pytest.mark.parametrize("algo", ["impala", "appo"])
+@pytest.mark.parametrize(
+    ("obs_space", "action_space"),
+    [
+        (spaces.Box(-1, 1, (4,), np.float32), spaces.Discrete(2)),
+        (spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-2, 2, (1,), np.float32)),
+        (spaces.Box(0, 255, (36, 36, 3), np.uint8), spaces.Discrete(3)),  # the CNN
+    ],
+    ids=["mlp-discrete", "mlp-box", "cnn-discrete"],
+)
+def test_learn_on_a_batch_of_trajectories_in_every_space(algo, obs_space, action_space):
+    """What the learner loop hands an algorithm, built by hand: one update changes the
+    weights, its metrics are finite, and the actors' network acts on these observations."""
+    cls = ALGORITHMS[algo]
+    config = cls.config_class(env="custom", num_envs=2, rollout_length=5, total_steps=1000)
+    learner = cls(config, obs_space, action_space, torch.device("cpu"))
+    t, m = 5, 4
+    obs = torch.as_tensor(np.stack([[obs_space.sample() for _ in range(m)] for _ in range(t + 1)]))
+    with torch.no_grad():
+        actions, logprobs = learner.net.sample(learner._obs(obs[:t].flatten(0, 1)))
+    done = torch.zeros(t, m)
+    done[2, 1] = 1.0
+    valid = torch.ones(t, m, dtype=torch.bool)
+    valid[3, 1] = False  # the autoreset step after that episode end
+    batch = Trajectories(
+        obs,
+        actions.view(t, m, *actions.shape[1:]),
+        logprobs.view(t, m) - 0.1,
+        torch.randn(t, m),
+        done,
+        torch.zeros(t, m),
+        valid,
+    )
+    before = [p.detach().clone() for p in learner.net.parameters()]
+    metrics = learner.learn(batch, env_steps=100)
+    assert all(np.isfinite(v) for k, v in metrics.items() if k != "explained_variance"), metrics
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.net.parameters()))
+    net = cls.actor_network(config, obs_space, action_space)
+    policy = ActorPolicy(net, action_space, normalize_obs=False, obs_clip=10.0)
+    policy.load(policy_vector(learner.net, learner.normalizer))
+    env_actions, _, _ = policy.act(obs[0].numpy())
+    assert all(action_space.contains(a) for a in env_actions)
