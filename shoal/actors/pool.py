@@ -2,6 +2,7 @@
 
     publish(vector)  -> the version actors will act with next
     receive(timeout) -> indices of filled trajectory slots (read them with ``ring.slot``)
+    backlog()        -> how many are sent and not received yet
     release(slot)    -> the slot goes back to the actor that owns it
     close()          -> every actor stopped and joined; what it produced, counted
 
@@ -84,7 +85,6 @@ class MpActors:
         self.conns: list[Connection] = []
         self.received = [0] * num_actors
         self.received_crc = [0] * num_actors
-        self.waiting = 0  # slots sent and not yet received: the queue's fill, at the last receive
         self.closed = False
 
     # -- the learner's calls ----------------------------------------------------------------
@@ -115,10 +115,11 @@ class MpActors:
                     out.append(self._slot(actor, conn.recv_bytes()))
             except (EOFError, OSError):
                 raise ActorFailed(self._how_it_ended(actor)) from None
-        self.waiting = int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors))) - sum(
-            self.received
-        )
         return out
+
+    def backlog(self) -> int:
+        """Trajectories sent and not received yet: the queue's fill."""
+        return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors))) - sum(self.received)
 
     def release(self, slot: int) -> None:
         with contextlib.suppress(OSError):  # an actor that has stopped needs it no more

@@ -134,6 +134,7 @@ class DecoupledTrainer(Trainer):
         self.returns = np.zeros((c.num_actors, c.num_envs))  # discounted, for --normalize-reward
         self.learned = self.dropped = 0
         self.lags: list[int] = []
+        self.backlogs: list[int] = []
         self.episode_returns: list[float] = []
         self.episode_lengths: list[float] = []
         self.row_time, self.row_steps, self.row_sent = time.perf_counter(), self.env_steps, 0
@@ -165,6 +166,7 @@ class DecoupledTrainer(Trainer):
         """The next ``count`` trajectories fresh enough to learn from, as one batch (None: stopped)."""
         ring, c = self.actors.ring, self.config
         steps = c.rollout_length * c.num_envs
+        self.backlogs.append(self.actors.backlog())  # what waited while the learner was away
         while len(self.pending) < count:
             if self.stop:
                 return None
@@ -229,7 +231,7 @@ class DecoupledTrainer(Trainer):
             "wall_time": self.timing.since_start(),
             "sps": (self.env_steps - self.row_steps) / wall,  # received by the learner
             "actor_sps": (sent - self.row_sent) * steps / wall,  # produced by the actors
-            "queue_fill": self.actors.waiting / self.actors.num_slots,
+            "queue_fill": float(np.mean(self.backlogs or [0])) / self.actors.num_slots,
             "trajectories_dropped": float(self.dropped),
             "policy_version": float(self.version),
             **self.update_metrics,
@@ -242,6 +244,6 @@ class DecoupledTrainer(Trainer):
                 episode_length=float(np.mean(self.episode_lengths)),
             )
         row.update(self.timing.drain())
-        self.lags, self.episode_returns, self.episode_lengths = [], [], []
+        self.lags, self.backlogs, self.episode_returns, self.episode_lengths = [], [], [], []
         self.row_time, self.row_steps, self.row_sent = now, self.env_steps, sent
         self.logger.log(self.env_steps, {k: v for k, v in row.items() if not math.isnan(v)})
