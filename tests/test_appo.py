@@ -195,7 +195,12 @@ def test_a_killed_actor_ends_the_run_in_one_line_with_no_process_left(tmp_path):
     err = finish(proc)
     assert proc.returncode == 1, err
     assert "Traceback" not in err, err
-    assert re.search(r"^shoal: error: actor 1 was killed by SIGKILL$", err, re.M), err
+    assert re.search(
+        r"^shoal: error: actor 1 was killed by SIGKILL; the run stopped, resume it from checkpoint \S+$",
+        err,
+        re.M,
+    ), err
+    assert ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]["env_steps"] > 0  # whole, resumable
     assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
 
 

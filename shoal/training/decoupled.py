@@ -34,7 +34,7 @@ import yaml
 
 from shoal import guards
 from shoal.actors.actor import policy_vector
-from shoal.actors.pool import MpActors, Produced
+from shoal.actors.pool import ActorFailed, MpActors, Produced
 from shoal.actors.shared import TrajectoryLayout
 from shoal.algos.base import Trajectories
 from shoal.run import checkpoint as ckpt
@@ -93,6 +93,11 @@ class DecoupledTrainer(Trainer):
                     cb.at_end(self)
         except CrashAfterCheckpoints:
             return {"stopped_at": self.env_steps}
+        except ActorFailed as e:
+            # Replacing the actor is not implemented: the run stops. The learner is between two
+            # updates (an actor's loss shows in a receive), so its state is whole: saved.
+            saved = self.save_checkpoint()
+            raise ActorFailed(f"{e}; the run stopped, resume it from checkpoint {saved}") from None
         except guards.NonFiniteError as e:
             e.env_steps, e.context = self.env_steps, True
             e.checkpoint = ckpt.latest(self.run_dir / "checkpoints")
