@@ -105,24 +105,17 @@ class TrajectoryRing:
     def slot(self, index: int) -> dict[str, np.ndarray]:
         """Numpy views of slot ``index``'s arrays (writing them writes the shared memory)."""
         if self._views is None:
-            data = np.frombuffer(self._data, dtype=np.uint8)
-            views = []
-            for k in range(self.num_slots):
-                base = k * self.slot_bytes
-                views.append(
-                    {
-                        name: data[
-                            base + self.offsets[name] : base
-                            + self.offsets[name]
-                            + int(np.prod(s)) * d.itemsize
-                        ]
-                        .view(d)
-                        .reshape(s)
-                        for name, (s, d) in self.layout.fields().items()
-                    }
-                )
-            self._views = views
+            fields = self.layout.fields()
+            self._views = [
+                {name: self._field(k, name, shape, dtype) for name, (shape, dtype) in fields.items()}
+                for k in range(self.num_slots)
+            ]
         return self._views[index]
+
+    def _field(self, slot: int, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        start = slot * self.slot_bytes + self.offsets[name]
+        raw = np.frombuffer(self._data, dtype=np.uint8)[start : start + int(np.prod(shape)) * dtype.itemsize]
+        return raw.view(dtype).reshape(shape)
 
     def _bytes(self, index: int) -> np.ndarray:
         return np.frombuffer(self._data, dtype=np.uint8)[
