@@ -22,7 +22,7 @@ SEED = "7"
     ("algo", "env", "budget", "threshold"),
     [
         ("appo", "CartPole-v1", 100_000, 475),
-        ("impala", "CartPole-v1", 400_000, 475),
+        ("impala", "CartPole-v1", 600_000, 475),
         ("appo", "Pendulum-v1", 200_000, -250),
     ],
 )
