@@ -249,7 +249,7 @@ def read_checkpoint(
         value = meta[name]
         if not (type(value) is int and 0 <= value <= MAX_INT):
             raise ConfigError(f"{where}: {name} must be a non-negative integer, got {show(value)}")
-    slack = config.num_envs * config.num_workers  # the last step of a run may pass total_steps
+    slack = config.step_overshoot()  # the last step of a run may pass total_steps
     if meta["env_steps"] > config.total_steps + slack:
         raise ConfigError(
             f"{where}: env_steps {meta['env_steps']:,} is past the run's total_steps {config.total_steps:,}"
@@ -296,8 +296,20 @@ def TD3(env: str | Callable[..., gym.Env], **config: Any) -> Agent:  # noqa: N80
     return Agent("td3", env, **config)
 
 
+def IMPALA(env: str, **config: Any) -> Agent:  # noqa: N802
+    """IMPALA, V-trace actor-critic with actor processes (see :mod:`shoal.algos.impala`)."""
+    return Agent("impala", env, **config)
+
+
+def APPO(env: str, **config: Any) -> Agent:  # noqa: N802
+    """Asynchronous PPO with V-trace, with actor processes (see :mod:`shoal.algos.appo`)."""
+    return Agent("appo", env, **config)
+
+
 __all__ = [
     "Agent",
+    "IMPALA",
+    "APPO",
     "PPO",
     "A2C",
     "DQN",

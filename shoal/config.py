@@ -398,12 +398,88 @@ class TrainConfig:
                 " drop --normalize-obs (or pass --no-normalize-obs)"
             )
 
+    def step_overshoot(self) -> int:
+        """How far past ``total_steps`` a run's env steps may end (its last step's size)."""
+        return self.num_envs * self.num_workers
+
     def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
         """Rough bytes one learner allocates, by the setting that sizes it (none by default).
 
         A key names the setting(s) to lower: ``"buffer_size"``, or ``"num_steps*num_envs"``.
         """
         return {}
+
+
+@dataclass
+class DecoupledConfig(TrainConfig):
+    """What every algorithm of decoupled actors and one learner shares (IMPALA, APPO).
+
+    ``num_actors`` actor processes each step ``num_envs`` envs with a copy of the policy and
+    send fixed-length trajectories; the learner updates on ``batch_trajectories`` of them at a
+    time (``batch_trajectories * rollout_length * num_envs`` env steps per update) and
+    publishes its weights, which the actors read every ``refresh_every`` trajectories.
+    """
+
+    backend: str = opt(
+        "mp",
+        "where the actors run: mp (processes on this machine; ray is not implemented yet)",
+        group=DISTRIBUTION,
+        choices=BACKENDS,
+    )
+    num_actors: int = opt(
+        2, "actor processes, each with num_envs envs and a CPU policy copy", group=DISTRIBUTION, ge=1, le=256
+    )
+    rollout_length: int = opt(64, "env steps per trajectory an actor sends (per env)", ge=1)
+    batch_trajectories: int = opt(
+        2, "trajectories per learner update (each rollout_length x num_envs steps)", group=DISTRIBUTION, ge=1
+    )
+    refresh_every: int = opt(
+        1, "trajectories an actor sends between reads of the newest weights", group=DISTRIBUTION, ge=1
+    )
+    max_policy_lag: int = opt(
+        20,
+        "drop trajectories acted by a policy more than this many updates older than the learner's (counted)",
+        group=DISTRIBUTION,
+        ge=0,
+    )
+    slots_per_actor: int = opt(
+        2,
+        "shared-memory trajectory slots per actor (2: it acts into one while the learner reads the other)",
+        group=DISTRIBUTION,
+        ge=1,
+        le=64,
+    )
+
+    def validate(self, *, explicit: Iterable[str] = ()) -> None:
+        super().validate(explicit=explicit)
+        c = self
+        if c.backend == "ray":
+            raise ConfigError(
+                "--backend ray is not implemented for decoupled actors (impala, appo) yet;"
+                " use --backend mp (actors as processes on this machine)"
+            )
+        if c.backend == "local":
+            raise ConfigError(
+                "impala and appo run actor processes beside the learner: use --backend mp (their default)"
+            )
+        if c.num_workers != 1 or c.strategy != "sync" or c.compress != "none":
+            raise ConfigError(
+                "impala and appo have one learner and --num-actors actors: drop --num-workers,"
+                " --strategy and --compress"
+            )
+        if c.nan_policy == "skip":
+            raise ConfigError(
+                "--nan-policy skip is not implemented for impala and appo yet: use --nan-policy raise"
+            )
+
+    def step_overshoot(self) -> int:
+        # the learner counts every trajectory it receives: at most all the slots past the end
+        return self.num_actors * self.slots_per_actor * self.rollout_length * self.num_envs
+
+    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+        slots = self.num_actors * self.slots_per_actor + self.batch_trajectories
+        rows = slots * (self.rollout_length + 1) * self.num_envs
+        return {"num_actors*slots_per_actor*rollout_length*num_envs": rows * (obs_bytes + act_bytes + 24.0)}
 
 
 MIN_FRAME = 36  # the Nature-DQN encoder (8/4, 4/2 and 3/1 convolutions) needs this much

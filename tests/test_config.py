@@ -137,7 +137,7 @@ def test_bare_shoal_prints_its_usage(capsys):
     assert main([]) == 2
     assert "usage: shoal" in capsys.readouterr().out
     assert main(["train"]) == 2
-    assert "{ppo,a2c,dqn,sac,td3}" in capsys.readouterr().out
+    assert "{ppo,a2c,dqn,sac,td3,impala,appo}" in capsys.readouterr().out
 
 
 # -- flags -----------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ networks, buffers and losses) lives in its own module and reads top to bottom th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
+from shoal.algos.vtrace import vtrace
 from shoal.buffers import RolloutBuffer
 from shoal.config import TrainConfig
 from shoal.distributed.strategy import LocalStrategy, Strategy
@@ -245,6 +247,100 @@ class ActorCriticAlgorithm(Algorithm):
         # The last stored step becomes a truncation: its bootstrap is the value of the last
         # observation the lost env returned, which is the next stored step's value.
         self.buffer.truncate(envs)
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        with torch.inference_mode():
+            action, _ = self.net.sample(self._obs(obs), deterministic)
+        return self._to_env(action)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"net": self.net}
+
+
+@dataclass
+class Trajectories:
+    """A learner batch of fixed-length trajectories, time-major: ``T`` steps of ``M`` envs
+    (the trajectories' envs side by side), on the learner's device.
+
+    ``obs`` holds the raw observations, with one more step (``obs[T]``, the observation after
+    the last step, to bootstrap from); ``behaviour_logprobs`` are log mu(a|x) of the policy
+    that acted (some updates older than the learner's); ``valid`` is False on the autoreset
+    step after an episode end, which is not to be learned from.
+    """
+
+    obs: torch.Tensor  # (T + 1, M, *obs_shape)
+    actions: torch.Tensor  # (T, M, *action_shape)
+    behaviour_logprobs: torch.Tensor  # (T, M)
+    rewards: torch.Tensor  # (T, M)
+    terminated: torch.Tensor  # (T, M) float 0/1
+    truncated: torch.Tensor  # (T, M) float 0/1
+    valid: torch.Tensor  # (T, M) bool
+
+    @property
+    def done(self) -> torch.Tensor:
+        return torch.maximum(self.terminated, self.truncated)
+
+
+class TrajectoryAlgorithm(Algorithm):
+    """An actor-critic that learns from trajectories other processes acted (IMPALA, APPO).
+
+    The learner loop (:mod:`shoal.training.decoupled`) hands it :class:`Trajectories` in
+    ``learn``; the actors act with :meth:`actor_network`, loaded from the learner's weights.
+    Neither knows where the other runs. Its config needs ``hidden`` and ``log_std_init``.
+    """
+
+    decoupled = True  # trained by the decoupled learner loop, not the step-by-step one
+
+    def __init__(
+        self,
+        config: Any,
+        obs_space: spaces.Space,
+        action_space: spaces.Space,
+        device: torch.device,
+        strategy: Strategy | None = None,
+    ) -> None:
+        super().__init__(config, obs_space, action_space, device, strategy)
+        self.net = self.actor_network(config, obs_space, action_space).to(device)
+
+    @classmethod
+    def actor_network(cls, config: Any, obs_space: spaces.Space, action_space: spaces.Space) -> ActorCritic:
+        """The network actors act with and the learner trains (same initial weights for a seed)."""
+        return ActorCritic(obs_space, action_space, config.hidden, torch.nn.Tanh, config.log_std_init)
+
+    def learn(self, batch: Trajectories, env_steps: int) -> dict[str, float]:
+        """One update on ``batch``; ``env_steps`` sampled so far (for schedules); metrics to log."""
+        raise NotImplementedError
+
+    def vtrace_targets(
+        self, batch: Trajectories, rho_bar: float, c_bar: float, pg_rho_bar: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values V(x_t), V-trace targets v_s, policy-gradient advantages), all (T, M) and without
+        gradient, under the learner's current policy (the target policy pi)."""
+        t = batch.rewards.shape[0]
+        with torch.no_grad():
+            flat_obs = self._obs(batch.obs.flatten(0, 1))
+            flat_actions = batch.actions.flatten(0, 1)
+            out, values = self.net.heads(flat_obs)
+            values = values.view(t + 1, -1)
+            logprobs, _, _ = self.net.evaluate(flat_obs[: len(flat_actions)], flat_actions)
+        target = vtrace(
+            batch.behaviour_logprobs,
+            logprobs.view(t, -1),
+            self._rewards(batch.rewards),
+            values[:t],
+            values[t],
+            batch.terminated,
+            batch.done,
+            float(self.config.gamma),
+            rho_bar=rho_bar,
+            c_bar=c_bar,
+            pg_rho_bar=pg_rho_bar,
+        )
+        return values[:t], target.vs, target.pg_advantages
+
+    # the step-by-step loop's interface: not this algorithm's
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{self.name} learns from actor processes (shoal.training.decoupled)")
 
     def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
         with torch.inference_mode():

@@ -45,6 +45,11 @@ def train(
     from shoal.training.trainer import Trainer, default_run_dir
 
     stop = stop if stop is not None else StopRequest()
+    if getattr(ALGORITHMS[algo], "decoupled", False):  # impala, appo: actor processes and one learner
+        from shoal.training.decoupled import DecoupledTrainer
+
+        trainer = DecoupledTrainer(ALGORITHMS[algo], config, progress=progress, stop=stop)
+        return trainer.train(resume=resume), str(trainer.run_dir.resolve())
     if config.backend == "local":
         trainer = Trainer(ALGORITHMS[algo], config, progress=progress, stop=stop)
         return trainer.train(resume=resume), str(trainer.run_dir.resolve())

@@ -23,8 +23,13 @@ def distributed_summary(metrics: dict[str, float]) -> str:
     workers = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in metrics.items() if k.startswith("sps_worker_"))
     if workers:
         parts.append("workers " + "/".join(f"{v:,.0f}" for _, v in workers) + " sps")
+    if "actor_sps" in metrics:
+        parts.append(f"actors {metrics['actor_sps']:,.0f} sps")
+    if "queue_fill" in metrics:
+        parts.append(f"queue {100 * metrics['queue_fill']:.0f}%")
     if "policy_lag" in metrics:
-        parts.append(f"lag {metrics['policy_lag']:.2g}")
+        lag = f"lag {metrics['policy_lag']:.2g}"
+        parts.append(lag + (f" (max {metrics['policy_lag_max']:.0f})" if "policy_lag_max" in metrics else ""))
     if "bytes_per_update" in metrics:
         parts.append(f"{metrics['bytes_per_update'] / 1e3:,.3g} kB/update")
     if metrics.get("wall_time") and "comm_seconds" in metrics:
@@ -122,7 +127,7 @@ class RunLogger:
             if now - self._last_plain >= self.plain_every_s or env_steps >= self.total:
                 self._last_plain = now
                 pct = 100 * env_steps / max(1, self.total)
-                eta = (self.total - env_steps) / sps if sps and sps > 0 else math.nan
+                eta = max(0, self.total - env_steps) / sps if sps and sps > 0 else math.nan
                 eta_s = "-" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
                 print(
                     f"shoal: step {env_steps:,}/{self.total:,} ({pct:.0f}%) | {sps:,.0f} sps | return {ret}"

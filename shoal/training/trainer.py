@@ -398,11 +398,16 @@ class Trainer:
             if self.best_eval is not None:
                 best = self.best_eval
                 summary.update(best_eval_return=best["eval_return"], best_eval_env_steps=best["env_steps"])
+        summary.update(self.summary_extra())
         if self.stop:  # no summary.json: the run is not finished (a resume finishes it)
             return {**summary, "stopped": self.stop.signal}
         if chief:
             ckpt.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+    def summary_extra(self) -> dict[str, Any]:
+        """What a subclass adds to the summary (the decoupled loop: its trajectory counts)."""
+        return {}
 
 
 class UpdateTiming:

@@ -1,0 +1,177 @@
+"""Where actors run. The learner loop talks to an actor pool through four calls:
+
+    publish(vector)  -> the version actors will act with next
+    receive(timeout) -> indices of filled trajectory slots (read them with ``ring.slot``)
+    backlog()        -> how many are sent and not received yet
+    release(slot)    -> the slot goes back to the actor that owns it
+    close()          -> every actor stopped and joined; what it produced, counted
+
+:class:`MpActors` runs them as processes on this machine, with the trajectory ring and the
+weight buffer in shared memory (:mod:`shoal.actors.shared`). A Ray pool would implement the
+same calls (its ``receive`` returning trajectories fetched from the object store into a
+local ring); replacing a lost actor is a matter for the pool alone: it knows which slots the
+lost actor owned and which of them the learner holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from shoal.actors.actor import CRC_MOD, STOP, ActorJob, actor_main, produced_at
+from shoal.actors.shared import (
+    ERROR_TAG,
+    TrajectoryLayout,
+    TrajectoryRing,
+    WeightBuffer,
+    pack_index,
+    unpack_index,
+)
+from shoal.launch.supervisor import TrainingFailed
+
+
+class ActorFailed(TrainingFailed):
+    """An actor raised or died; the message is one line (its traceback was printed above)."""
+
+
+@dataclass
+class Produced:
+    """What the actors sent, and what became of it (``consistent``: nothing lost, nothing twice)."""
+
+    sent: list[int]  # trajectories each actor sent
+    sent_crc: list[int]  # the sum of their CRC32s, per actor (mod 2**62)
+    received: list[int]  # trajectories the learner received from each actor
+    received_crc: list[int]
+
+    @property
+    def consistent(self) -> bool:
+        return self.sent == self.received and self.sent_crc == self.received_crc
+
+
+class MpActors:
+    """``num_actors`` actor processes on this machine (spawned), sharing memory with the learner.
+
+    ``boundary``: the checkpoint boundary the run (re)starts from, which seeds the actors' envs.
+    ``target`` is what each actor process runs (``actor_main``; tests pass their own).
+    """
+
+    def __init__(
+        self,
+        algo: str,
+        config: Any,
+        layout: TrajectoryLayout,
+        weight_size: int,
+        *,
+        num_actors: int,
+        slots_per_actor: int = 2,
+        boundary: int = 0,
+        target: Any = actor_main,
+    ) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.algo, self.config, self.target, self.boundary = algo, config, target, boundary
+        self.num_actors = num_actors
+        self.ring = TrajectoryRing(layout, num_actors, slots_per_actor, self.ctx)
+        self.weights = WeightBuffer(weight_size, self.ctx)
+        self._control = self.ctx.RawArray("q", 1 + 2 * num_actors)
+        self.control = np.frombuffer(self._control, dtype=np.int64)
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        self.received = [0] * num_actors
+        self.received_crc = [0] * num_actors
+        self.closed = False
+
+    # -- the learner's calls ----------------------------------------------------------------
+    def start(self) -> None:
+        for k in range(self.num_actors):
+            mine, theirs = self.ctx.Pipe(duplex=True)
+            job = ActorJob(
+                k, self.algo, self.config, self.ring, self.weights, self._control, os.getpid(), self.boundary
+            )
+            proc = self.ctx.Process(
+                target=self.target, args=(job, theirs), name=f"shoal-actor-{k}", daemon=True
+            )
+            proc.start()
+            theirs.close()  # the actor holds the only other end: its death is EOF here
+            self.procs.append(proc)
+            self.conns.append(mine)
+
+    def publish(self, vector: np.ndarray) -> int:
+        return self.weights.publish(vector)
+
+    def receive(self, timeout: float) -> list[int]:
+        """Filled slots (verified against their CRC), waiting up to ``timeout`` s for the first."""
+        out: list[int] = []
+        for conn in wait(self.conns, timeout):
+            actor = self.conns.index(conn)  # type: ignore[arg-type]
+            try:
+                while conn.poll():
+                    out.append(self._slot(actor, conn.recv_bytes()))
+            except (EOFError, OSError):
+                raise ActorFailed(self._how_it_ended(actor)) from None
+        return out
+
+    def backlog(self) -> int:
+        """Trajectories sent and not received yet: the queue's fill."""
+        return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors))) - sum(self.received)
+
+    def release(self, slot: int) -> None:
+        with contextlib.suppress(OSError):  # an actor that has stopped needs it no more
+            self.conns[self.ring.owner(slot)].send_bytes(pack_index(slot))
+
+    def close(self) -> Produced:
+        """Stop every actor, join it (killed after 10 s), and count what it produced.
+
+        Slots sent but not received by then are received here (counted, not learned from).
+        """
+        if not self.closed:
+            self.closed = True
+            self.control[STOP] = 1
+            for proc in self.procs:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+            for actor, conn in enumerate(self.conns):
+                with contextlib.suppress(EOFError, OSError, ActorFailed):
+                    while conn.poll():
+                        self._slot(actor, conn.recv_bytes())
+                conn.close()
+        sent = [int(self.control[produced_at(k)[0]]) for k in range(self.num_actors)]
+        crc = [int(self.control[produced_at(k)[1]]) for k in range(self.num_actors)]
+        return Produced(sent, crc, list(self.received), list(self.received_crc))
+
+    @property
+    def num_slots(self) -> int:
+        return self.ring.num_slots
+
+    # -- inside -----------------------------------------------------------------------------
+    def _slot(self, actor: int, message: bytes) -> int:
+        if message.startswith(ERROR_TAG) and len(message) != 4:
+            text = message[1:].decode(errors="replace")
+            first, _, rest = text.partition("\n")
+            import sys
+
+            sys.stderr.write(rest)
+            raise ActorFailed(f"actor {actor} raised {first}")
+        slot = unpack_index(message)
+        if self.ring.owner(slot) != actor:
+            raise ActorFailed(f"actor {actor} sent slot {slot}, which actor {self.ring.owner(slot)} owns")
+        crc = self.ring.verify(slot)
+        self.received[actor] += 1
+        self.received_crc[actor] = (self.received_crc[actor] + crc) % CRC_MOD
+        return slot
+
+    def _how_it_ended(self, actor: int) -> str:
+        proc = self.procs[actor]
+        proc.join(2)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            return f"actor {actor} was killed by {signal.Signals(-code).name}"
+        return f"actor {actor} exited with code {code}"

@@ -1,0 +1,248 @@
+"""IMPALA and APPO runs: the run directory, the trajectory counts, evaluation, resume, what is
+refused in one line, and shutdown (Ctrl-C, SIGKILL of the learner) with no process and no /dev/shm
+entry left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from test_shutdown import finish, session, session_ends
+
+import shoal
+from shoal.actors.actor import ActorPolicy, policy_vector
+from shoal.algos import ALGORITHMS
+from shoal.algos.base import Trajectories
+from shoal.cli import main
+from shoal.configio import ConfigError
+from shoal.run import checkpoint as ckpt
+
+pytestmark = pytest.mark.xdist_group("processes")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(num_envs=4, rollout_length=16, eval_episodes=2, seed=1)
+
+
+def shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def check_counts(summary: dict) -> None:
+    """Every trajectory sent was received once, and was learned from, dropped or left at the end."""
+    assert summary["trajectories_consistent"] is True, summary
+    assert summary["trajectories_sent"] == summary["trajectories_received"] > 0
+    used = summary["trajectories_learned"] + summary["trajectories_dropped_stale"]
+    assert used + summary["trajectories_unused_at_end"] == summary["trajectories_received"]
+
+
+@pytest.mark.slow
+def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
+    before = shm()
+    run_dir = tmp_path / "appo"
+    agent = shoal.APPO("CartPole-v1", total_steps=3072, checkpoint_every=1024, run_dir=str(run_dir), **SMALL)
+    agent.learn(progress=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    check_counts(summary)
+    assert summary["env_steps"] >= 3072 and summary["episodes"] == 2
+    assert summary["updates"] == summary["trajectories_learned"] // 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("sps", "actor_sps", "policy_lag", "policy_lag_max", "queue_fill", "trajectories_dropped"):
+        assert key in rows[-1], key
+    assert len(list((run_dir / "checkpoints").glob("ckpt-*.json"))) >= 3  # two boundaries and the end
+    assert agent.act(np.zeros(4, np.float32)) in (0, 1)
+    assert main(["eval", str(run_dir), "--episodes", "2", "--json"]) == 0
+    assert shm() <= before
+
+    # A resume continues from the last checkpoint (not exactly: the actors start afresh).
+    last = ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]
+    assert main(["train", "appo", "--resume", str(run_dir), "--total-steps", "5120", "--quiet"]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    check_counts(resumed)
+    assert resumed["updates"] == last["updates"] + resumed["trajectories_learned"] // 2
+    steps = [json.loads(line)["env_steps"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == resumed["env_steps"] >= 5120
+
+    # Not implemented yet: one line each, before anything starts.
+    for settings, words in [
+        (dict(backend="ray"), "not implemented"),
+        (dict(backend="local"), "--backend mp"),
+        (dict(nan_policy="skip"), "not implemented"),
+        (dict(num_workers=2), "--num-actors"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            shoal.APPO("CartPole-v1", **settings)
+
+
+@pytest.mark.slow
+def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
+    """Box actions, normalised observations and rewards, and --max-policy-lag 0: every
+    trajectory acted by an older policy than the learner's is dropped, and counted."""
+    run_dir = tmp_path / "impala"
+    settings = dict(SMALL, max_policy_lag=0, normalize_obs=True, normalize_reward=True, log_every=256)
+    summary = (
+        shoal.IMPALA("Pendulum-v1", total_steps=4096, run_dir=str(run_dir), **settings)
+        .learn(progress=False)
+        .summary
+    )
+    check_counts(summary)
+    assert summary["trajectories_dropped_stale"] > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("policy_lag_max", 0) == 0 for r in rows)
+    assert np.isfinite(summary["mean_return"])
+    stats = ckpt.load(ckpt.latest(run_dir / "checkpoints"))[0]["norm/used"]
+    assert stats[-3] > 1000  # the return statistics counted (their count is the third-last entry)
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen:
+    """``shoal train appo`` for a long time, in a session of its own (its pid is the session id)."""
+    argv = [
+        "train",
+        "appo",
+        "--env",
+        "CartPole-v1",
+        "--quiet",
+        "--run-dir",
+        str(run_dir),
+        "--log-every",
+        "500",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", *argv, "--total-steps", str(10**7), *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def actors(sid: int) -> dict[str, int]:
+    """The actor processes of session ``sid`` by name (the session also holds multiprocessing's
+    resource tracker)."""
+    out = {}
+    for pid in session(sid):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("shoal-actor-"):
+            out[name] = pid
+    return out
+
+
+def wait_learning(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
+    """Until the learner has logged a metrics row and both actors run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early with {proc.returncode}: {proc.communicate()[1]}")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().strip() and len(actors(proc.pid)) == 2:
+            return
+        time.sleep(0.05)
+    pytest.fail("the run logged no metrics in time")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_leaves_no_process_nor_shared_memory(tmp_path):
+    before = shm()
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_learning(proc, run_dir)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the actors get it too (and ignore it)
+    err = finish(proc)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert f"resume with: shoal train appo --resume {run_dir}" in err, err
+    assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
+    assert shm() <= before
+    assert list((run_dir / "checkpoints").glob("ckpt-*.json"))
+    assert not (run_dir / "summary.json").exists()  # stopped, not finished
+    assert main(["eval", str(run_dir), "--episodes", "1"]) == 0
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_learner_ends_its_actors(tmp_path):
+    before = shm()
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_learning(proc, run_dir)
+    os.kill(proc.pid, signal.SIGKILL)
+    finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert not session_ends(proc.pid, grace=10), "actors outlived their learner"
+    assert shm() <= before  # the shared memory was never a named file
+
+
+@pytest.mark.slow
+def test_a_killed_actor_ends_the_run_in_one_line_with_no_process_left(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir)
+    wait_learning(proc, run_dir)
+    actor = actors(proc.pid)["shoal-actor-1"]
+    os.kill(actor, signal.SIGKILL)
+    err = finish(proc)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert re.search(
+        r"^shoal: error: actor 1 was killed by SIGKILL; the run stopped, resume it from checkpoint \S+$",
+        err,
+        re.M,
+    ), err
+    assert ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]["env_steps"] > 0  # whole, resumable
+    assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
+
+
+@pytest.mark.parametrize("algo", ["impala", "appo"])
+@pytest.mark.parametrize(
+    ("obs_space", "action_space"),
+    [
+        (spaces.Box(-1, 1, (4,), np.float32), spaces.Discrete(2)),
+        (spaces.Box(-1, 1, (3,), np.float32), spaces.Box(-2, 2, (1,), np.float32)),
+        (spaces.Box(0, 255, (36, 36, 3), np.uint8), spaces.Discrete(3)),  # the CNN
+    ],
+    ids=["mlp-discrete", "mlp-box", "cnn-discrete"],
+)
+def test_learn_on_a_batch_of_trajectories_in_every_space(algo, obs_space, action_space):
+    """What the learner loop hands an algorithm, built by hand: one update changes the
+    weights, its metrics are finite, and the actors' network acts on these observations."""
+    cls = ALGORITHMS[algo]
+    config = cls.config_class(env="custom", num_envs=2, rollout_length=5, total_steps=1000)
+    learner = cls(config, obs_space, action_space, torch.device("cpu"))
+    t, m = 5, 4
+    obs = torch.as_tensor(np.stack([[obs_space.sample() for _ in range(m)] for _ in range(t + 1)]))
+    with torch.no_grad():
+        actions, logprobs = learner.net.sample(learner._obs(obs[:t].flatten(0, 1)))
+    done = torch.zeros(t, m)
+    done[2, 1] = 1.0
+    valid = torch.ones(t, m, dtype=torch.bool)
+    valid[3, 1] = False  # the autoreset step after that episode end
+    batch = Trajectories(
+        obs,
+        actions.view(t, m, *actions.shape[1:]),
+        logprobs.view(t, m) - 0.1,
+        torch.randn(t, m),
+        done,
+        torch.zeros(t, m),
+        valid,
+    )
+    before = [p.detach().clone() for p in learner.net.parameters()]
+    metrics = learner.learn(batch, env_steps=100)
+    assert all(np.isfinite(v) for k, v in metrics.items() if k != "explained_variance"), metrics
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.net.parameters()))
+    net = cls.actor_network(config, obs_space, action_space)
+    policy = ActorPolicy(net, action_space, normalize_obs=False, obs_clip=10.0)
+    policy.load(policy_vector(learner.net, learner.normalizer))
+    env_actions, _, _ = policy.act(obs[0].numpy())
+    assert all(action_space.contains(a) for a in env_actions)
