@@ -165,7 +165,12 @@ def test_no_worker_outlives_its_parent(how, daemon):
             assert all(psutil.pid_exists(p) for p in pids)
             time.sleep(0.3)
             proc.send_signal(getattr(signal, how))
-        proc.wait(timeout=20)
+        try:  # reading its output meanwhile: a child blocked on a full stderr pipe never exits
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"the parent did not exit within 20 s of {how}; its stderr ends with:\n{err[-3000:]}")
         # Workers see a dead parent within their 2 s liveness check, or are stopped at once.
         assert not wait_gone(pids, 6.0), f"workers survived the parent's {how}"
     finally:
