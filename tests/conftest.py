@@ -13,7 +13,9 @@ semaphore check waits for the neighbours' own semaphores to go.
 from __future__ import annotations
 
 import os
+import signal
 import time
+import warnings
 
 import psutil
 import pytest
@@ -59,3 +61,18 @@ def no_leftover_children():
     new = [p.pid for p in me.children(recursive=True) if p.pid not in before and _ours(p)]
     left = wait_gone(new, timeout=5.0)
     assert not left, f"test left child processes running: {left}"
+
+
+@pytest.fixture(autouse=True)
+def signal_dispositions_restored(request):
+    """Put back SIGINT/SIGTERM as they were before the test, and say which test changed them.
+
+    Ignored signals are inherited by every process started afterwards: in a full CI run,
+    something left SIGINT ignored in one xdist process, and a later test's child then slept
+    through its Ctrl-C (test_no_worker_outlives_its_parent[SIGINT-*], stderr empty)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in before.items():
+        if signal.getsignal(s) is not handler and handler is not None:
+            warnings.warn(f"{request.node.nodeid} left {s.name} as {signal.getsignal(s)}", stacklevel=1)
+            signal.signal(s, handler)

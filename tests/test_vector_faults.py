@@ -130,8 +130,9 @@ def test_close_with_a_call_pending_does_not_hang():
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import numpy as np
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's Ctrl-C, whatever pytest's is
     sys.path.insert(0, {tests!r})
     from envs import fns
     from shoal.envs import ProcessVectorEnv
