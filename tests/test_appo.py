@@ -59,6 +59,12 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
     for key in ("sps", "actor_sps", "policy_lag", "policy_lag_max", "queue_fill", "trajectories_dropped"):
         assert key in rows[-1], key
     assert len(list((run_dir / "checkpoints").glob("ckpt-*.json"))) >= 3  # two boundaries and the end
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    events.Reload()
+    lags = events.Histograms("policy_lag")  # one per metrics row
+    assert 0 < len(lags) <= len(rows) and lags[-1].histogram_value.num > 0
     assert agent.act(np.zeros(4, np.float32)) in (0, 1)
     assert main(["eval", str(run_dir), "--episodes", "2", "--json"]) == 0
     assert shm() <= before
@@ -186,9 +192,9 @@ def test_sigkill_of_the_learner_ends_its_actors(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_actor_ends_the_run_in_one_line_with_no_process_left(tmp_path):
+def test_a_killed_actor_ends_the_run_in_one_line_when_no_replacement_is_allowed(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir)
+    proc = start(run_dir, "--max-restarts", "0")
     wait_learning(proc, run_dir)
     actor = actors(proc.pid)["shoal-actor-1"]
     os.kill(actor, signal.SIGKILL)
@@ -202,6 +208,94 @@ def test_a_killed_actor_ends_the_run_in_one_line_with_no_process_left(tmp_path):
     ), err
     assert ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]["env_steps"] > 0  # whole, resumable
     assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
+
+
+def run_with_actor_faults(tmp_path: Path, faults: list[dict], *args: str) -> tuple[dict, str]:
+    """A short APPO run (60k steps) whose actors signal themselves as ``faults`` say; its
+    summary and stderr, after checking that the run left no process behind."""
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    run_dir = tmp_path / "run"
+    argv = ["train", "appo", "--env", "CartPole-v1", "--quiet", "--run-dir", str(run_dir)]
+    argv += ["--total-steps", "60000", "--eval-episodes", "2", *args]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", *argv],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "SHOAL_TEST_FAULTS": json.dumps({"dir": str(claims), "faults": faults}),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    err = finish(proc, timeout=240)
+    assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
+    assert proc.returncode == 0, err
+    assert len(list(claims.iterdir())) == len(faults)  # each fault fired, once
+    return json.loads((run_dir / "summary.json").read_text()), err
+
+
+@pytest.mark.slow
+def test_a_killed_actor_is_replaced_and_the_learner_trains_on(tmp_path):
+    summary, err = run_with_actor_faults(
+        tmp_path, [{"at_trajectories": 30, "signal": "SIGKILL", "ranks": [1]}]
+    )
+    assert summary["actors_replaced"] == 1
+    assert summary["env_steps"] >= 60000
+    check_counts(summary)  # what the lost actor announced was received exactly once
+    assert summary["trajectories_lost_with_actors"] in (0, 1)  # at most the one it was sending
+    assert re.search(
+        r"^shoal: actor 1 was killed by SIGKILL; a new actor 1 takes its place while the"
+        r" learner trains on \(replacement 1 of at most 10\)$",
+        err,
+        re.M,
+    ), err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_a_hung_actor_is_ended_by_the_hang_timeout_and_replaced(tmp_path):
+    faults = [{"at_trajectories": 30, "signal": "SIGSTOP", "ranks": [0]}]  # stopped, not dead
+    summary, err = run_with_actor_faults(tmp_path, faults, "--hang-timeout", "3")
+    assert summary["actors_replaced"] == 1
+    assert summary["env_steps"] >= 60000
+    check_counts(summary)
+    assert re.search(
+        r"^shoal: actor 0 sent nothing for 3 s \(stopped or stuck; --hang-timeout\)", err, re.M
+    ), err
+
+
+@pytest.mark.slow
+def test_lost_actors_beyond_max_restarts_stop_the_run_with_a_checkpoint(tmp_path):
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    faults = [{"at_trajectories": n, "signal": "SIGKILL", "ranks": [1]} for n in (10, 20)]
+    run_dir = tmp_path / "run"
+    argv = ["train", "appo", "--env", "CartPole-v1", "--quiet", "--run-dir", str(run_dir)]
+    argv += ["--total-steps", "200000", "--max-restarts", "1", "--checkpoint-every", "5000"]
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", *argv],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "SHOAL_TEST_FAULTS": json.dumps({"dir": str(claims), "faults": faults}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"shoal: error: actor 1 was killed by SIGKILL, after 1 replacements, the limit \(--max-restarts\);"
+        r" the run stopped, resume it from checkpoint \S+",
+        last,
+    ), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("algo", ["impala", "appo"])

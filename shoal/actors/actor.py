@@ -97,11 +97,13 @@ class ActorJob:
     control: Any  # RawArray("q"): see STOP
     parent_pid: int
     boundary: int = 0  # the checkpoint boundary the run started from (a resume: fresh episodes)
+    generation: int = 0  # how many actors this one replaces (each lost one: fresh episodes)
 
     @property
     def seed(self) -> int:
         """The actor's envs and sampling: its own stream, derived from the run seed."""
-        return self.config.seed + 1_000_003 * (self.actor + 1) + 10_007 * self.boundary
+        c = self.config
+        return c.seed + 1_000_003 * (self.actor + 1) + 10_007 * self.boundary + 7_919 * self.generation
 
 
 def actor_main(job: ActorJob, conn: Connection) -> None:
@@ -137,9 +139,11 @@ def _orphan_watch(parent_pid: int) -> None:
 def run_actor(job: ActorJob, conn: Connection) -> None:
     from shoal.algos import ALGORITHMS
     from shoal.envs import make_vec
+    from shoal.training.callbacks import FaultInjection
     from shoal.training.trainer import spaces_of
 
     c, ring, control = job.config, job.ring, np.frombuffer(job.control, dtype=np.int64)
+    faults = FaultInjection.from_environment(job.actor)  # the test suite's, at set trajectory counts
     torch.set_num_threads(1)
     torch.manual_seed(job.seed)
     obs_space, action_space = spaces_of(c.env)
@@ -180,6 +184,8 @@ def run_actor(job: ActorJob, conn: Connection) -> None:
             control[crc_sum] = (int(control[crc_sum]) + crc) % CRC_MOD
             conn.send_bytes(pack_index(slot))
             seq += 1
+            if faults is not None:
+                faults.after_trajectories(seq)
     finally:
         envs.close()
 

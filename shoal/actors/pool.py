@@ -9,16 +9,24 @@
 :class:`MpActors` runs them as processes on this machine, with the trajectory ring and the
 weight buffer in shared memory (:mod:`shoal.actors.shared`). A Ray pool would implement the
 same calls (its ``receive`` returning trajectories fetched from the object store into a
-local ring); replacing a lost actor is a matter for the pool alone: it knows which slots the
-lost actor owned and which of them the learner holds.
+local ring).
+
+Replacing a lost actor is the pool's business. An actor killed (by a signal, the OOM killer)
+or silent for ``hang_timeout`` seconds (stopped, stuck) is ended and replaced by a new one
+under the same index, with fresh episodes and a seed of its own, while the learner trains
+on; up to ``max_restarts`` times a run, then the run stops. An actor that raised (an error
+of its env or of ours) is not replaced: a new one would raise the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -34,7 +42,9 @@ from shoal.actors.shared import (
     pack_index,
     unpack_index,
 )
-from shoal.launch.supervisor import TrainingFailed
+from shoal.launch.supervisor import STARTUP_S, TrainingFailed
+
+log = logging.getLogger("shoal")
 
 
 class ActorFailed(TrainingFailed):
@@ -59,6 +69,7 @@ class MpActors:
     """``num_actors`` actor processes on this machine (spawned), sharing memory with the learner.
 
     ``boundary``: the checkpoint boundary the run (re)starts from, which seeds the actors' envs.
+    ``max_restarts``/``hang_timeout``: see the module docstring (0: never replace / never time out).
     ``target`` is what each actor process runs (``actor_main``; tests pass their own).
     """
 
@@ -72,6 +83,8 @@ class MpActors:
         num_actors: int,
         slots_per_actor: int = 2,
         boundary: int = 0,
+        max_restarts: int = 0,
+        hang_timeout: float = 0.0,
         target: Any = actor_main,
     ) -> None:
         self.ctx = mp.get_context("spawn")
@@ -81,41 +94,53 @@ class MpActors:
         self.weights = WeightBuffer(weight_size, self.ctx)
         self._control = self.ctx.RawArray("q", 1 + 2 * num_actors)
         self.control = np.frombuffer(self._control, dtype=np.int64)
-        self.procs: list[Any] = []
-        self.conns: list[Connection] = []
+        self.procs: list[Any] = [None] * num_actors
+        self.conns: list[Connection] = [None] * num_actors  # type: ignore[list-item]
         self.received = [0] * num_actors
         self.received_crc = [0] * num_actors
         self.closed = False
+        self.max_restarts, self.hang_timeout = max_restarts, hang_timeout
+        self.generation = [0] * num_actors  # replacements of each actor so far
+        self.heard = [0.0] * num_actors  # when its last trajectory (or its start) was seen
+        self.spoke = [False] * num_actors  # whether it has sent anything yet
+        self.replaced = 0
+        self.lost_in_flight = 0  # trajectories a lost actor counted as sent but never announced
+        self.retired: list[int] = []  # lost actors whose replacement starts at the next receive
+        self.fresh: list[int] = []  # actors replaced since the learner last asked (take_replaced)
 
     # -- the learner's calls ----------------------------------------------------------------
     def start(self) -> None:
         for k in range(self.num_actors):
-            mine, theirs = self.ctx.Pipe(duplex=True)
-            job = ActorJob(
-                k, self.algo, self.config, self.ring, self.weights, self._control, os.getpid(), self.boundary
-            )
-            proc = self.ctx.Process(
-                target=self.target, args=(job, theirs), name=f"shoal-actor-{k}", daemon=True
-            )
-            proc.start()
-            theirs.close()  # the actor holds the only other end: its death is EOF here
-            self.procs.append(proc)
-            self.conns.append(mine)
+            self._spawn(k)
 
     def publish(self, vector: np.ndarray) -> int:
         return self.weights.publish(vector)
 
     def receive(self, timeout: float) -> list[int]:
-        """Filled slots (verified against their CRC), waiting up to ``timeout`` s for the first."""
+        """Filled slots (verified against their CRC), waiting up to ``timeout`` s for the first.
+
+        Actors lost since the last call are replaced first: by now the learner has released
+        every slot they sent, so their replacements start with all of their slots free.
+        """
+        for actor in self.retired:
+            self._spawn(actor)
+        self.retired = []
         out: list[int] = []
-        for conn in wait(self.conns, timeout):
+        live = [conn for conn in self.conns if not conn.closed]
+        for conn in wait(live, timeout):
             actor = self.conns.index(conn)  # type: ignore[arg-type]
             try:
                 while conn.poll():
                     out.append(self._slot(actor, conn.recv_bytes()))
-            except (EOFError, OSError):
-                raise ActorFailed(self._how_it_ended(actor)) from None
+            except (EOFError, OSError):  # what it sent before it died is in ``out``
+                self._retire(actor, self._how_it_ended(actor))
+        self._end_hung()
         return out
+
+    def take_replaced(self) -> list[int]:
+        """The actors replaced since the last call (their new episodes start from scratch)."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def backlog(self) -> int:
         """Trajectories sent and not received yet: the queue's fill."""
@@ -134,6 +159,8 @@ class MpActors:
             self.closed = True
             self.control[STOP] = 1
             for proc in self.procs:
+                if proc is None:
+                    continue
                 proc.join(10)
                 if proc.is_alive():
                     proc.kill()
@@ -152,18 +179,78 @@ class MpActors:
         return self.ring.num_slots
 
     # -- inside -----------------------------------------------------------------------------
+    def _spawn(self, k: int) -> None:
+        mine, theirs = self.ctx.Pipe(duplex=True)
+        job = ActorJob(
+            k,
+            self.algo,
+            self.config,
+            self.ring,
+            self.weights,
+            self._control,
+            os.getpid(),
+            self.boundary,
+            self.generation[k],
+        )
+        proc = self.ctx.Process(target=self.target, args=(job, theirs), name=f"shoal-actor-{k}", daemon=True)
+        proc.start()
+        theirs.close()  # the actor holds the only other end: its death is EOF here
+        self.procs[k], self.conns[k] = proc, mine
+        self.heard[k], self.spoke[k] = time.monotonic(), False
+
+    def _end_hung(self) -> None:
+        """End and replace every actor that sent nothing for ``hang_timeout`` s.
+
+        An actor always has a free slot here (the learner frees each one as it reads it), so
+        silence means it is stopped or stuck, not waiting for the learner.
+        """
+        if self.hang_timeout <= 0:
+            return
+        now = time.monotonic()
+        for k, conn in enumerate(self.conns):
+            if conn.closed:
+                continue
+            allowed = self.hang_timeout if self.spoke[k] else max(self.hang_timeout, STARTUP_S)
+            if now - self.heard[k] > allowed:
+                why = "sent nothing" if self.spoke[k] else "sent nothing since it was started"
+                self._retire(k, f"actor {k} {why} for {allowed:g} s (stopped or stuck; --hang-timeout)")
+
+    def _retire(self, actor: int, why: str) -> None:
+        """Actor ``actor`` is lost: end it, settle its counts, and have it replaced (or stop)."""
+        if self.replaced >= self.max_restarts:
+            if self.max_restarts == 0:
+                raise ActorFailed(why)
+            raise ActorFailed(f"{why}, after {self.replaced} replacements, the limit (--max-restarts)")
+        proc, conn = self.procs[actor], self.conns[actor]
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        conn.close()  # the learner's releases of its last slots go nowhere: they are free anyway
+        # A trajectory counted as sent whose index never left was lost with the actor: counted
+        # apart, so that what was announced still proves exactly-once delivery.
+        sent, crc = produced_at(actor)
+        self.lost_in_flight += int(self.control[sent]) - self.received[actor]
+        self.control[sent], self.control[crc] = self.received[actor], self.received_crc[actor]
+        self.generation[actor] += 1
+        self.replaced += 1
+        self.retired.append(actor)
+        self.fresh.append(actor)
+        log.warning(
+            f"{why}; a new actor {actor} takes its place while the learner trains on"
+            f" (replacement {self.replaced} of at most {self.max_restarts})"
+        )
+
     def _slot(self, actor: int, message: bytes) -> int:
         if message.startswith(ERROR_TAG) and len(message) != 4:
             text = message[1:].decode(errors="replace")
             first, _, rest = text.partition("\n")
-            import sys
-
             sys.stderr.write(rest)
             raise ActorFailed(f"actor {actor} raised {first}")
         slot = unpack_index(message)
         if self.ring.owner(slot) != actor:
             raise ActorFailed(f"actor {actor} sent slot {slot}, which actor {self.ring.owner(slot)} owns")
         crc = self.ring.verify(slot)
+        self.heard[actor], self.spoke[actor] = time.monotonic(), True
         self.received[actor] += 1
         self.received_crc[actor] = (self.received_crc[actor] + crc) % CRC_MOD
         return slot

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from shoal.run.checkpoint import RunWriteError, write_text_atomic
 
 
@@ -134,6 +136,11 @@ class RunLogger:
                     f"{' | ' + extra if extra else ''} | eta {eta_s}",
                     flush=True,
                 )
+
+    def histogram(self, tag: str, values: list[float], env_steps: int) -> None:
+        """A TensorBoard histogram (the rows in metrics.jsonl hold their summaries)."""
+        if self.writer is not None and values:
+            self.writer.add_histogram(tag, np.asarray(values, dtype=np.float64), env_steps)
 
     def close(self) -> None:
         if self.bar is not None:

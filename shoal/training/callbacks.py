@@ -199,17 +199,20 @@ FAULTS_VARIABLE = "SHOAL_TEST_FAULTS"
 
 
 class FaultInjection(Callback):
-    """Test-suite faults at deterministic points: signal this worker after env step N.
+    """Test-suite faults at deterministic points: signal this worker after env step N, or
+    this actor after it sent its N-th trajectory.
 
     Read from the ``SHOAL_TEST_FAULTS`` environment variable (JSON), so that a test can
     reach workers started by ``shoal train`` on any backend::
 
-        {"dir": "/tmp/claims", "faults": [{"at_steps": 12000, "signal": "SIGKILL", "ranks": [1]}]}
+        {"dir": "/tmp/claims", "faults": [{"at_steps": 12000, "signal": "SIGKILL", "ranks": [1]},
+                                          {"at_trajectories": 5, "signal": "SIGSTOP", "ranks": [0]}]}
 
     Fault ``j`` fires once per run, in the first worker (of ``ranks``, default any) to finish
-    an update at or past ``at_steps`` env steps: it claims ``dir/fault-<j>`` (created
-    exclusively, holding its pid), then sends itself the signal. Replacements and rebuilt
-    groups see the claim and do not fire it again.
+    an update at or past ``at_steps`` env steps (for an actor: the first actor to send its
+    ``at_trajectories``-th trajectory): it claims ``dir/fault-<j>`` (created exclusively,
+    holding its pid), then sends itself the signal. Replacements and rebuilt groups see the
+    claim and do not fire it again.
     """
 
     def __init__(self, spec: dict[str, Any], rank: int) -> None:
@@ -223,15 +226,21 @@ class FaultInjection(Callback):
         return cls(json.loads(text), rank) if text else None
 
     def after_update(self, trainer: Trainer) -> bool:
+        self._fire("at_steps", trainer.env_steps)
+        return False
+
+    def after_trajectories(self, sent: int) -> None:
+        self._fire("at_trajectories", sent)
+
+    def _fire(self, point: str, count: int) -> None:
         for j, fault in self.faults:
-            if trainer.env_steps < fault["at_steps"] or self.rank not in fault.get("ranks", [self.rank]):
+            if point not in fault or count < fault[point] or self.rank not in fault.get("ranks", [self.rank]):
                 continue
             claim = self.dir / f"fault-{j}"
             try:
                 fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 continue
-            os.write(fd, f"{os.getpid()} {self.rank} {trainer.env_steps}\n".encode())
+            os.write(fd, f"{os.getpid()} {self.rank} {count}\n".encode())
             os.close(fd)
             os.kill(os.getpid(), signal.Signals[fault["signal"]])
-        return False

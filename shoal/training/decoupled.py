@@ -94,8 +94,8 @@ class DecoupledTrainer(Trainer):
         except CrashAfterCheckpoints:
             return {"stopped_at": self.env_steps}
         except ActorFailed as e:
-            # Replacing the actor is not implemented: the run stops. The learner is between two
-            # updates (an actor's loss shows in a receive), so its state is whole: saved.
+            # An actor raised, or more were lost than --max-restarts allows: the run stops. The
+            # learner is between two updates (an actor's loss shows in a receive): saved whole.
             saved = self.save_checkpoint()
             raise ActorFailed(f"{e}; the run stopped, resume it from checkpoint {saved}") from None
         except guards.NonFiniteError as e:
@@ -119,6 +119,8 @@ class DecoupledTrainer(Trainer):
             "trajectories_dropped_stale": self.dropped,
             "trajectories_unused_at_end": sum(p.received) - self.learned - self.dropped,
             "trajectories_consistent": p.consistent,
+            "trajectories_lost_with_actors": self.actors.lost_in_flight,
+            "actors_replaced": self.actors.replaced,
             "updates": self.algo.updates,
         }
 
@@ -138,7 +140,7 @@ class DecoupledTrainer(Trainer):
         self.pending: list[dict[str, np.ndarray]] = []  # received, not yet in a batch
         self.returns = np.zeros((c.num_actors, c.num_envs))  # discounted, for --normalize-reward
         self.learned = self.dropped = 0
-        self.lags: list[int] = []
+        self.lags: list[int] = []  # of each trajectory received since the last metrics row
         self.backlogs: list[int] = []
         self.episode_returns: list[float] = []
         self.episode_lengths: list[float] = []
@@ -165,6 +167,8 @@ class DecoupledTrainer(Trainer):
             num_actors=c.num_actors,
             slots_per_actor=c.slots_per_actor,
             boundary=self.boundary,
+            max_restarts=c.max_restarts,
+            hang_timeout=c.hang_timeout,
         )
 
     def _collect(self, count: int) -> Trajectories | None:
@@ -175,6 +179,8 @@ class DecoupledTrainer(Trainer):
         while len(self.pending) < count:
             if self.stop:
                 return None
+            for actor in self.actors.take_replaced():  # its successor's episodes start afresh
+                self.returns[actor] = 0.0
             for slot in self.actors.receive(RECEIVE_WAIT_S):
                 arrays, version = ring.slot(slot), ring.header(slot)["version"]
                 lag = self.version - version
@@ -238,11 +244,13 @@ class DecoupledTrainer(Trainer):
             "actor_sps": (sent - self.row_sent) * steps / wall,  # produced by the actors
             "queue_fill": float(np.mean(self.backlogs or [0])) / self.actors.num_slots,
             "trajectories_dropped": float(self.dropped),
+            "actors_replaced": float(self.actors.replaced),
             "policy_version": float(self.version),
             **self.update_metrics,
         }
         if self.lags:
             row.update(policy_lag=float(np.mean(self.lags)), policy_lag_max=float(max(self.lags)))
+            self.logger.histogram("policy_lag", self.lags, self.env_steps)
         if self.episode_returns:
             row.update(
                 episode_return=float(np.mean(self.episode_returns)),
