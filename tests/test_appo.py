@@ -56,7 +56,7 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
     assert summary["env_steps"] >= 3072 and summary["episodes"] == 2
     assert summary["updates"] == summary["trajectories_learned"] // 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for key in ("sps", "actor_sps", "policy_lag", "policy_lag_max", "queue_fill", "trajectories_dropped"):
+    for key in ("sps", "actor_sps", "policy_lag", "policy_lag_max", "queue_fill", "learner_busy", "trajectories_dropped"):
         assert key in rows[-1], key
     assert len(list((run_dir / "checkpoints").glob("ckpt-*.json"))) >= 3  # two boundaries and the end
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

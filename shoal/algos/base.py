@@ -145,6 +145,14 @@ class Algorithm:
             return 1
         return min(s.world_size, max(1, since // max(train_freq, self.config.num_envs)))
 
+    def gradient_steps_due(self, env_steps: int) -> int:
+        """A replay learner's gradient steps in this training phase, which starts now (its
+        config's ``gradient_steps`` per phase, its ``last_train``: when the last began)."""
+        c = self.config
+        phases = self.training_phases(env_steps - self.last_train, c.train_freq)
+        self.last_train = env_steps
+        return phases * c.gradient_steps
+
     # -- state, for checkpoints -----------------------------------------------------------
     def modules(self) -> dict[str, torch.nn.Module]:
         """Networks to save (their weights are all an agent needs to act)."""
@@ -199,7 +207,21 @@ class Algorithm:
         return self.normalizer.scale(rewards)
 
 
-class ActorCriticAlgorithm(Algorithm):
+class OneActorCritic(Algorithm):
+    """An algorithm whose one :class:`ActorCritic` (``self.net``) acts and is all it saves."""
+
+    net: ActorCritic
+
+    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        with torch.inference_mode():
+            action, _ = self.net.sample(self._obs(obs), deterministic)
+        return self._to_env(action)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"net": self.net}
+
+
+class ActorCriticAlgorithm(OneActorCritic):
     """Acting and rollout storage shared by PPO and A2C; each defines only its update.
 
     Its config needs ``num_steps``, ``hidden`` and ``log_std_init`` besides the common fields.
@@ -248,14 +270,6 @@ class ActorCriticAlgorithm(Algorithm):
         # observation the lost env returned, which is the next stored step's value.
         self.buffer.truncate(envs)
 
-    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        with torch.inference_mode():
-            action, _ = self.net.sample(self._obs(obs), deterministic)
-        return self._to_env(action)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"net": self.net}
-
 
 @dataclass
 class Trajectories:
@@ -281,7 +295,7 @@ class Trajectories:
         return torch.maximum(self.terminated, self.truncated)
 
 
-class TrajectoryAlgorithm(Algorithm):
+class TrajectoryAlgorithm(OneActorCritic):
     """An actor-critic that learns from trajectories other processes acted (IMPALA, APPO).
 
     The learner loop (:mod:`shoal.training.decoupled`) hands it :class:`Trajectories` in
@@ -341,11 +355,3 @@ class TrajectoryAlgorithm(Algorithm):
     # the step-by-step loop's interface: not this algorithm's
     def act(self, obs: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"{self.name} learns from actor processes (shoal.training.decoupled)")
-
-    def predict(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        with torch.inference_mode():
-            action, _ = self.net.sample(self._obs(obs), deterministic)
-        return self._to_env(action)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"net": self.net}

@@ -144,8 +144,7 @@ class DQN(Algorithm):
     # -- learning -------------------------------------------------------------------------
     def update(self, next_obs: np.ndarray, env_steps: int) -> dict[str, float]:
         c = self.config
-        steps = self.training_phases(env_steps - self.last_train, c.train_freq) * c.gradient_steps
-        self.last_train = env_steps
+        steps = self.gradient_steps_due(env_steps)
         lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
         batch = self.replay_batch(c.batch_size)  # with several workers: see Algorithm.replay_batch
         losses, q_means = [], []

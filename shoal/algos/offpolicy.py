@@ -147,14 +147,6 @@ class OffPolicyAlgorithm(Algorithm):
         return started and self.env_steps - self.last_train >= self.replay_interval(c.train_freq)
 
     # -- learning -------------------------------------------------------------------------
-    def gradient_steps_due(self, env_steps: int) -> int:
-        """The gradient steps of this training phase (more than ``gradient_steps`` when
-        several workers stand for one learner, see ``Algorithm.replay_interval``)."""
-        c = self.config
-        phases = self.training_phases(env_steps - self.last_train, c.train_freq)
-        self.last_train = env_steps
-        return phases * c.gradient_steps
-
     def sample(self) -> tuple[torch.Tensor, ...]:
         """A minibatch (obs, actions, rewards, next obs, discounts) as tensors on the device:
         this worker's share of ``batch_size``.

@@ -8,6 +8,8 @@ Parts (``--part``):
   steps whatever the worker count, so every run's timed part lasts about as long.
 - ``bytes``: bytes each worker sends per optimizer step on CartPole-v1 with 2 ``mp``
   workers, for every strategy, uncompressed and with ``fp16`` and ``topk`` compression.
+- ``decoupled``: IMPALA and APPO with 1 and 2 actors against the raw stepping rate of the
+  same envs, PPO ``sync`` with 2 workers and SB3's PPO (:mod:`shoal.bench.decoupled`).
 - ``solve``: whether PPO with ``sync`` and top-k 1% compression (2 ``mp`` workers x 4 envs,
   CartPole-v1, shoal's defaults otherwise) still solves CartPole, next to the same run
   uncompressed.
@@ -39,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shoal.bench import machine
+from shoal.bench import decoupled, machine
 
 HEAVY = "shoal/HeavyCartPole-v1"
 ENVS = ["CartPole-v1", HEAVY]
@@ -390,6 +392,8 @@ def tables(report: dict[str, Any]) -> str:
                 f"{_k(r['sps'])} | {r['run_seconds']:.0f} |"
             )
         out.append("")
+    if "decoupled" in report:
+        out += decoupled.table(report["decoupled"])
     return "\n".join(out)
 
 
@@ -419,6 +423,8 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "unit": "x",
             }
         )
+    if "decoupled" in report:
+        found += decoupled.claims(report["decoupled"])
     for r in report.get("solve", {}).get("runs", []):
         if r["compress"] == "topk":
             found.append(
@@ -512,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part",
         nargs="+",
-        default=["throughput", "bytes", "solve"],
-        choices=["throughput", "bytes", "solve"],
+        default=["throughput", "bytes", "solve", "decoupled"],
+        choices=["throughput", "bytes", "solve", "decoupled"],
     )
     parser.add_argument(
         "--algo", default="ppo", choices=list(ALGORITHMS), help="throughput, bytes: algorithm"
@@ -558,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--solve-compress", nargs="+", default=["topk", "none"], choices=COMPRESS, help="solve: modes"
     )
+    parser.add_argument("--decoupled-env", default=HEAVY, choices=ENVS, help="decoupled: env id")
+    parser.add_argument("--actor-envs", type=int, default=8, help="decoupled: envs per actor (and worker)")
+    parser.add_argument(
+        "--actor-steps", type=int, default=40_000, help="decoupled: env steps per actor (and PPO worker)"
+    )
+    parser.add_argument("--sb3-steps", type=int, default=20_000, help="decoupled: SB3's env steps")
+    parser.add_argument("--decoupled-repeats", type=int, default=3, help="decoupled: runs of every row")
     parser.add_argument(
         "--shared-ray",
         action="store_true",
@@ -574,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cartpole_steps, args.heavy_steps, args.bytes_steps = 6_000, 3_000, 2_000
         args.solve_steps, args.solve_compress = 20_000, ["topk"]
         args.bytes_strategies = ["sync", "a3c"]
+        args.actor_steps, args.sb3_steps, args.decoupled_repeats = 4_000, 2_048, 1
     else:
         args.bytes_strategies = ["sync", "param-avg", "param-server", "a3c"]
     args.workers = sorted(set(args.workers) | {1})
@@ -592,7 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():  # keep parts measured by earlier invocations
         report = {**json.loads(out.read_text()), **report}
     started = time.perf_counter()
-    parts = {"throughput": part_throughput, "bytes": part_bytes, "solve": part_solve}
+    parts = {
+        "throughput": part_throughput,
+        "bytes": part_bytes,
+        "solve": part_solve,
+        "decoupled": decoupled.part_decoupled,
+    }
     with tempfile.TemporaryDirectory(prefix="shoal-bench-scaling-") as tmp:
         for part in args.part:
             print(f"{part} ...", flush=True)

@@ -29,6 +29,8 @@ def distributed_summary(metrics: dict[str, float]) -> str:
         parts.append(f"actors {metrics['actor_sps']:,.0f} sps")
     if "queue_fill" in metrics:
         parts.append(f"queue {100 * metrics['queue_fill']:.0f}%")
+    if "learner_busy" in metrics:
+        parts.append(f"learner busy {100 * metrics['learner_busy']:.0f}%")
     if "policy_lag" in metrics:
         lag = f"lag {metrics['policy_lag']:.2g}"
         parts.append(lag + (f" (max {metrics['policy_lag_max']:.0f})" if "policy_lag_max" in metrics else ""))

@@ -243,6 +243,7 @@ class DecoupledTrainer(Trainer):
             "sps": (self.env_steps - self.row_steps) / wall,  # received by the learner
             "actor_sps": (sent - self.row_sent) * steps / wall,  # produced by the actors
             "queue_fill": float(np.mean(self.backlogs or [0])) / self.actors.num_slots,
+            "learner_busy": self.timing.seconds / wall,  # the share of the row's time spent learning
             "trajectories_dropped": float(self.dropped),
             "actors_replaced": float(self.actors.replaced),
             "policy_version": float(self.version),

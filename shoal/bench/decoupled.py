@@ -1,0 +1,194 @@
+"""``shoal bench scaling --part decoupled``: actors and a learner against taking turns.
+
+On one env (shoal/HeavyCartPole-v1 by default: ~200 us of CPU per step, so stepping is the
+work), side by side in one run, rotated every repeat so that a burst of machine noise hits
+all alike:
+
+- ``raw``: what ``ProcessVectorEnv`` steps with random actions, for the envs of all actors
+  (``actors x num_envs`` envs on ``actors`` env workers): the ceiling of any training loop;
+- ``appo`` and ``impala`` with 1 and 2 actors (``num_envs`` envs each, their defaults
+  otherwise): training env steps/s received by the learner, what the actors produced, the
+  share of time the learner spent learning, the policy lag and drops;
+- ``ppo sync`` with 2 ``mp`` workers (``num_envs`` each, PPO's defaults): the step-by-step
+  loop, each worker taking turns between acting and learning;
+- ``sb3 ppo``: Stable-Baselines3's PPO with the same PPO hyperparameters on all the envs in
+  one process (its ``DummyVecEnv`` default), what a user would otherwise run.
+
+Training env steps/s are taken between the first and the last metrics row of a run, so
+process start-up and the final evaluation are not counted (SB3's: its ``learn`` call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGETS = {"raw": 0.8, "ppo sync x2": 1.6, "sb3 ppo": 3.0}  # appo x2 over each, on 2 cores
+
+
+def run_decoupled(work: Path, algo: str, env: str, actors: int, steps_per_actor: int, num_envs: int) -> dict:
+    """One ``shoal train impala|appo`` run; its throughput numbers from ``metrics.jsonl``."""
+    from shoal.agent import make_config
+    from shoal.configio import validate
+    from shoal.launch import train
+
+    total = steps_per_actor * actors
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{algo}-", dir=work))
+    settings = dict(
+        num_actors=actors,
+        num_envs=num_envs,
+        total_steps=total,
+        eval_episodes=1,
+        log_every=max(1, total // 10),
+        checkpoint_every=total,
+        seed=1,
+        run_dir=str(run_dir),
+    )
+    config = make_config(algo, env, settings)
+    validate(config)
+    started = time.perf_counter()
+    summary, _ = train(algo, config, progress=False)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    first, last = rows[0], rows[-1]
+    timed = rows[1:] or rows
+    span = max(last["wall_time"] - first["wall_time"], 1e-9)
+    return {
+        "sps": (last["env_steps"] - first["env_steps"]) / span if len(rows) > 1 else last["sps"],
+        "actor_sps": statistics.fmean(r["actor_sps"] for r in timed),
+        "learner_busy": statistics.fmean(r["learner_busy"] for r in timed),
+        "queue_fill": statistics.fmean(r["queue_fill"] for r in timed),
+        "policy_lag": statistics.fmean(r.get("policy_lag", 0.0) for r in timed),
+        "policy_lag_max": max(r.get("policy_lag_max", 0.0) for r in timed),
+        "dropped": summary["trajectories_dropped_stale"],
+        "consistent": summary["trajectories_consistent"],
+        "run_seconds": seconds,
+        "settings": {k: v for k, v in settings.items() if k != "run_dir"},
+    }
+
+
+def run_sb3_ppo(env: str, num_envs: int, steps: int) -> dict:
+    """SB3's PPO with shoal's PPO defaults for ``env``, argument for argument; its steps/s."""
+    import shoal.envs  # noqa: F401  (registers shoal/HeavyCartPole-v1 for gym.make)
+    from shoal.bench.sb3 import sb3_ppo, shoal_config
+
+    config = shoal_config(env, 1, "/dev/null", num_envs=num_envs, total_steps=steps)
+    model = sb3_ppo(env, config, seed=1)
+    started = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    seconds = time.perf_counter() - started
+    model.get_env().close()
+    return {"sps": model.num_timesteps / seconds, "run_seconds": seconds, "num_steps": config.num_steps}
+
+
+def run_raw(env: str, num_envs: int, workers: int) -> dict:
+    from shoal.bench.vector_envs import measure_cell
+
+    cell = measure_cell(env, num_envs, ["shoal-process"], repeats=3, seconds=2.0, workers=workers)
+    return {"sps": cell["shoal-process"]["median"], "runs": cell["shoal-process"]["runs"]}
+
+
+def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every row of the module docstring, ``args.decoupled_repeats`` times, order rotated."""
+    from shoal.bench.scaling import run_one
+
+    env, n, steps = args.decoupled_env, args.actor_envs, args.actor_steps
+    cells: dict[str, Any] = {
+        "raw": lambda: run_raw(env, 2 * n, 2),
+        "appo x1": lambda: run_decoupled(work, "appo", env, 1, steps, n),
+        "appo x2": lambda: run_decoupled(work, "appo", env, 2, steps, n),
+        "impala x1": lambda: run_decoupled(work, "impala", env, 1, steps, n),
+        "impala x2": lambda: run_decoupled(work, "impala", env, 2, steps, n),
+        "ppo sync x2": lambda: run_one(work, "ppo", env, "mp", "sync", 2, steps, num_envs=n),
+        "sb3 ppo": lambda: run_sb3_ppo(env, 2 * n, args.sb3_steps),
+    }
+    names = [c for c in cells if not (c == "sb3 ppo" and not _have_sb3())]
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in names}
+    for r in range(args.decoupled_repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            res = cells[name]()
+            res.pop("config", None)
+            runs[name].append(res)
+            print(f"  {env} {name} (repeat {r}): {res['sps']:,.0f} env steps/s", flush=True)
+    rows = {}
+    for name, rs in runs.items():
+        row: dict[str, Any] = {"sps": statistics.median(x["sps"] for x in rs), "runs": rs}
+        for key in ("actor_sps", "learner_busy", "queue_fill", "policy_lag"):
+            if key in rs[0]:
+                row[key] = statistics.median(x[key] for x in rs)
+        if "policy_lag_max" in rs[0]:
+            row["policy_lag_max"] = max(x["policy_lag_max"] for x in rs)
+            row["dropped"] = sum(x["dropped"] for x in rs)
+            row["consistent"] = all(x["consistent"] for x in rs)
+        rows[name] = row
+    appo = runs.get("appo x2", [])
+    ratios = {}
+    for other in TARGETS:
+        if other in runs and appo:
+            paired = [a["sps"] / b["sps"] for a, b in zip(appo, runs[other])]
+            ratios[other] = {
+                "ratio": rows["appo x2"]["sps"] / rows[other]["sps"],
+                "paired": paired,
+                "target": TARGETS[other],
+            }
+    return {
+        "env": env,
+        "actor_envs": n,
+        "actor_steps": steps,
+        "sb3_steps": args.sb3_steps,
+        "repeats": args.decoupled_repeats,
+        "rows": rows,
+        "appo_x2_over": ratios,
+    }
+
+
+def _have_sb3() -> bool:
+    try:
+        import stable_baselines3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def table(part: dict[str, Any]) -> list[str]:
+    env = part["env"].split("/")[-1]
+    out = [
+        f"Decoupled actors vs taking turns, {env}, {part['actor_envs']} envs per actor or worker"
+        f" (median of {part['repeats']} runs)",
+        "",
+        "| row | env steps/s | actors' steps/s | learner busy | queue fill | lag mean / max | dropped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in part["rows"].items():
+        lag = f"{row['policy_lag']:.1f} / {row['policy_lag_max']:.0f}" if "policy_lag_max" in row else "-"
+        out.append(
+            f"| {name} | {row['sps']:,.0f} | "
+            + (f"{row['actor_sps']:,.0f}" if "actor_sps" in row else "-")
+            + " | "
+            + (f"{100 * row['learner_busy']:.0f}%" if "learner_busy" in row else "-")
+            + " | "
+            + (f"{100 * row['queue_fill']:.0f}%" if "queue_fill" in row else "-")
+            + f" | {lag} | {row.get('dropped', '-')} |"
+        )
+    out.append("")
+    return out
+
+
+def claims(part: dict[str, Any]) -> list[dict[str, Any]]:
+    env = part["env"].split("/")[-1]
+    return [
+        {
+            "what": f"{env}: appo, 2 actors, env steps/s over {other}"
+            f" ({', '.join(f'{p:.2f}' for p in r['paired'])} paired)",
+            "value": r["ratio"],
+            "target": r["target"],
+            "unit": "x",
+        }
+        for other, r in part["appo_x2_over"].items()
+    ]
