@@ -3,14 +3,16 @@
     publish(vector)  -> the version actors will act with next
     receive(timeout) -> indices of filled trajectory slots (read them with ``ring.slot``)
     backlog()        -> how many are sent and not received yet
+    sent()           -> how many the actors sent so far (their throughput)
     release(slot)    -> the slot goes back to the actor that owns it
     close()          -> every actor stopped and joined; what it produced, counted
 
 :class:`MpActors` runs them as processes on this machine, with the trajectory ring and the
-weight buffer in shared memory (:mod:`shoal.actors.shared`). A Ray pool would implement the
-same calls (its ``receive`` returning trajectories fetched from the object store into a
-local ring); replacing a lost actor is a matter for the pool alone: it knows which slots the
-lost actor owned and which of them the learner holds.
+weight buffer in shared memory (:mod:`shoal.actors.shared`).
+:class:`~shoal.actors.ray_pool.RayActors` runs them as Ray actors on any node of a cluster:
+its ``receive`` copies trajectories fetched from the object store into a local ring.
+Replacing a lost actor is a matter for the pool alone: it knows which slots the lost actor
+owned and which of them the learner holds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,6 +57,24 @@ class Produced:
         return self.sent == self.received and self.sent_crc == self.received_crc
 
 
+class ActorPool(Protocol):
+    """What the learner loop calls; see the module docstring."""
+
+    ring: TrajectoryRing
+    nodes: dict[str, str] | None  # actor -> the Ray node it runs on (None: this machine)
+
+    def start(self) -> None: ...
+    def publish(self, vector: np.ndarray) -> int: ...
+    def receive(self, timeout: float) -> list[int]: ...
+    def backlog(self) -> int: ...
+    def sent(self) -> int: ...
+    def release(self, slot: int) -> None: ...
+    def close(self) -> Produced: ...
+
+    @property
+    def num_slots(self) -> int: ...
+
+
 class MpActors:
     """``num_actors`` actor processes on this machine (spawned), sharing memory with the learner.
 
@@ -86,6 +106,7 @@ class MpActors:
         self.received = [0] * num_actors
         self.received_crc = [0] * num_actors
         self.closed = False
+        self.nodes: dict[str, str] | None = None
 
     # -- the learner's calls ----------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +141,9 @@ class MpActors:
     def backlog(self) -> int:
         """Trajectories sent and not received yet: the queue's fill."""
         return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors))) - sum(self.received)
+
+    def sent(self) -> int:
+        return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors)))
 
     def release(self, slot: int) -> None:
         with contextlib.suppress(OSError):  # an actor that has stopped needs it no more

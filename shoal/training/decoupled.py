@@ -34,7 +34,7 @@ import yaml
 
 from shoal import guards
 from shoal.actors.actor import policy_vector
-from shoal.actors.pool import ActorFailed, MpActors, Produced
+from shoal.actors.pool import ActorFailed, ActorPool, MpActors, Produced
 from shoal.actors.shared import TrajectoryLayout
 from shoal.algos.base import Trajectories
 from shoal.run import checkpoint as ckpt
@@ -53,7 +53,7 @@ RECEIVE_WAIT_S = 0.1  # longest wait for a trajectory before the loop looks at a
 
 
 class DecoupledTrainer(Trainer):
-    """One learner fed by ``num_actors`` actor processes; see the module docstring."""
+    """One learner fed by ``num_actors`` actors (processes, or Ray actors); see the module docstring."""
 
     def train(
         self,
@@ -120,6 +120,7 @@ class DecoupledTrainer(Trainer):
             "trajectories_unused_at_end": sum(p.received) - self.learned - self.dropped,
             "trajectories_consistent": p.consistent,
             "updates": self.algo.updates,
+            **({"actor_nodes": self.actors.nodes} if self.actors.nodes else {}),
         }
 
     # -- inside -----------------------------------------------------------------------------
@@ -145,7 +146,8 @@ class DecoupledTrainer(Trainer):
         self.row_time, self.row_steps, self.row_sent = time.perf_counter(), self.env_steps, 0
         self.last_row = self.env_steps
 
-    def _actor_pool(self) -> MpActors:
+    def _actor_pool(self) -> ActorPool:
+        """Actor processes on this machine (``--backend mp``) or Ray actors (``--backend ray``)."""
         c, algo = self.config, self.algo
         discrete = algo.net.discrete
         layout = TrajectoryLayout(
@@ -156,6 +158,17 @@ class DecoupledTrainer(Trainer):
             action_shape=() if discrete else tuple(algo.action_space.shape),
             action_dtype=np.dtype(np.int64 if discrete else np.float32).str,
         )
+        if c.backend == "ray":
+            from shoal.actors.ray_pool import RayActors
+
+            return RayActors(
+                self.algo_class.name,
+                c,
+                layout,
+                num_actors=c.num_actors,
+                slots_per_actor=c.slots_per_actor,
+                boundary=self.boundary,
+            )
         size = len(policy_vector(algo.net, algo.normalizer))
         return MpActors(
             self.algo_class.name,
@@ -231,7 +244,7 @@ class DecoupledTrainer(Trainer):
         now = time.perf_counter()
         wall = max(now - self.row_time, 1e-9)
         steps = c.rollout_length * c.num_envs
-        sent = int(sum(self.actors.control[1::2]))
+        sent = self.actors.sent()
         row: dict[str, float] = {
             "wall_time": self.timing.since_start(),
             "sps": (self.env_steps - self.row_steps) / wall,  # received by the learner
