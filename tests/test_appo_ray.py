@@ -1,14 +1,16 @@
 """APPO with its actors as Ray actors (``--backend ray``): spread over the nodes of a cluster,
 every trajectory received once, learning; a lost actor stops the run in one line with a
-checkpoint, and the Ray it started is gone with it."""
+checkpoint, as Ctrl-C does, and the Ray the run started is gone with it."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ def test_two_node_cluster_spreads_the_actors_and_appo_learns(tmp_path):
     """Two Ray nodes on loopback with one CPU each: one actor on each, nothing lost, learning."""
     from ray.cluster_utils import Cluster
 
+    ours = signal.getsignal(signal.SIGTERM)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
@@ -58,6 +61,7 @@ def test_two_node_cluster_spreads_the_actors_and_appo_learns(tmp_path):
         assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
     finally:
         cluster.shutdown()
+        signal.signal(signal.SIGTERM, ours)  # the cluster's head installs its own
     summary = json.loads((run_dir / "summary.json").read_text())
     check_counts(summary)
     assert set(summary["actor_nodes"].values()) == node_ids, summary  # one actor on each node
@@ -86,4 +90,24 @@ def test_a_lost_ray_actor_ends_the_run_in_one_line_with_a_checkpoint_and_no_ray_
     ), errors
     _, meta = ckpt.load(ckpt.latest(run_dir / "checkpoints"))  # whole, resumable
     assert meta["env_steps"] >= 5 * 32 * 8  # at least actor 1's five trajectories (preset: 32 x 8 envs)
+    assert not session_ends(proc.pid, grace=15), "processes of the run (Ray's among them) outlived it"
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_saves_a_checkpoint_and_leaves_no_ray_process(tmp_path):
+    """As a terminal's Ctrl-C: the whole process group gets SIGINT, Ray's processes too."""
+    run_dir = tmp_path / "run"
+    proc = train_appo(run_dir, "--total-steps", str(10**7), "--log-every", "500")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the run logged no metrics: {finish(proc)[-3000:]}")
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = finish(proc)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err
+    assert f"resume with: shoal train appo --resume {run_dir}" in err, err
+    assert ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]["env_steps"] > 0
     assert not session_ends(proc.pid, grace=15), "processes of the run (Ray's among them) outlived it"

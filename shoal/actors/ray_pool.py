@@ -212,15 +212,16 @@ class RayActors:
         try:
             deadline = time.monotonic() + CLOSE_S
             counts = {k: a.produced.remote() for k, a in enumerate(self.actors)}  # after every next
-            sent, crc = [c[0] for c in self.carried], [c[1] for c in self.carried]
             for k, ref in counts.items():
                 for pending in list(self.queues[k]):
                     with contextlib.suppress(Exception):
                         got = ray.get(pending, timeout=max(0.0, deadline - time.monotonic()))
+                        self.carried[k] = (got["sent"], got["crc_sum"])
                         self._count(k, got["header"]["crc"], got["data"])
                 self.queues[k].clear()
                 with contextlib.suppress(Exception):
-                    sent[k], crc[k] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    self.carried[k] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            sent, crc = [c[0] for c in self.carried], [c[1] for c in self.carried]
             self.produced = Produced(sent, crc, list(self.received), list(self.received_crc))
         finally:
             if self.produced is None:  # Ray itself failed: nothing can be counted

@@ -1,6 +1,6 @@
 """The learner loop of decoupled actors (IMPALA, APPO): trajectories in, weights out.
 
-    actors (processes)                         learner (this loop)
+    actors (processes or Ray actors)           learner (this loop)
     env -> policy copy -> trajectory slot  ==>  copy out, free the slot, drop if too stale
                  ^                              batch of B -> algorithm.learn -> publish
                  +------- weight buffer (versioned) <-----------------------+
@@ -16,8 +16,9 @@ checkpoint's weights, optimizer, statistics and counts, but the actors start fre
 (seeded by the checkpoint boundary) and their timing decides which policy version acts
 where, as it does in any run.
 
-The actors run in an actor pool (:mod:`shoal.actors.pool`); the loop only publishes weights,
-receives slot indices, reads and releases slots, and closes the pool.
+The actors run in an actor pool chosen by ``--backend``: processes on this machine
+(:mod:`shoal.actors.pool`) or Ray actors on any node (:mod:`shoal.actors.ray_pool`); the loop
+only publishes weights, receives slot indices, reads and releases slots, and closes the pool.
 """
 
 from __future__ import annotations
