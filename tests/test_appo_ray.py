@@ -4,6 +4,7 @@ checkpoint, as Ctrl-C does, and the Ray the run started is gone with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -111,3 +112,91 @@ def test_ctrl_c_saves_a_checkpoint_and_leaves_no_ray_process(tmp_path):
     assert f"resume with: shoal train appo --resume {run_dir}" in err, err
     assert ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]["env_steps"] > 0
     assert not session_ends(proc.pid, grace=15), "processes of the run (Ray's among them) outlived it"
+
+
+def _pool_config(**overrides):
+    from shoal.agent import make_config
+
+    values = dict(num_envs=4, rollout_length=16, num_actors=2, slots_per_actor=2, seed=3, backend="ray")
+    return make_config("appo", "CartPole-v1", {**values, **overrides}, presets=False)
+
+
+@pytest.mark.timeout(300)
+def test_ray_pool_every_trajectory_once_in_order_with_backpressure_and_one_line_failures():
+    """The pool alone, on one local Ray: a slow learner that publishes as it reads gets every
+    trajectory once, each actor's in order, with versions that were published and never go
+    back; no actor runs more than ``slots_per_actor`` trajectories ahead of the learner.
+    Then an actor that raises, and one that cannot start, each fail the learner in one line."""
+    import ray
+    import torch
+
+    from shoal.actors.actor import policy_vector
+    from shoal.actors.pool import ActorFailed
+    from shoal.actors.ray_pool import RayActors
+    from shoal.actors.shared import TrajectoryLayout
+    from shoal.algos import ALGORITHMS
+    from shoal.launch.ray_backend import ray_start
+    from shoal.training.trainer import spaces_of
+
+    config = _pool_config()
+    obs_space, action_space = spaces_of(config.env)
+    algo = ALGORITHMS["appo"](config, obs_space, action_space, torch.device("cpu"))
+    layout = TrajectoryLayout(16, 4, (4,), "<f4", (), "<i8")
+    ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert ray_start(config, workers=2)  # one Ray for the three pools: none of them stops it
+    try:
+        pool = RayActors("appo", config, layout, num_actors=2, slots_per_actor=2)
+        published = [pool.publish(policy_vector(algo.net, algo.normalizer))]
+        pool.start()
+        seqs: dict[int, list[int]] = {0: [], 1: []}
+        versions: dict[int, list[int]] = {0: [], 1: []}
+        try:
+            assert set(pool.nodes) == {"0", "1"}
+            deadline = time.monotonic() + 120
+            while min(len(s) for s in seqs.values()) < 25:
+                assert time.monotonic() < deadline, f"only {seqs} arrived"
+                for slot in pool.receive(0.1):
+                    header, arrays = pool.ring.header(slot), pool.ring.slot(slot)
+                    assert header["actor"] == pool.ring.owner(slot)
+                    seqs[header["actor"]].append(header["seq"])
+                    versions[header["actor"]].append(header["version"])
+                    assert arrays["valid"].any() and np.isfinite(arrays["logprobs"]).all()
+                    time.sleep(0.05)  # a slow learner: the actors wait for it
+                    pool.release(slot)
+                    published.append(pool.publish(policy_vector(algo.net, algo.normalizer)))
+            assert pool.backlog() <= pool.num_slots
+        finally:
+            produced = pool.close()
+        assert produced.consistent, produced
+        assert published == list(range(1, len(published) + 1))
+        for actor, got in seqs.items():
+            assert got == list(range(len(got))), f"actor {actor}: out of order, lost or twice: {got}"
+            assert versions[actor] == sorted(versions[actor]) and set(versions[actor]) <= set(published)
+            assert versions[actor][-1] > 1, "the actor never took newer weights"
+            # what close() still received: at most the requests in flight (slots_per_actor)
+            assert len(got) <= produced.sent[actor] <= len(got) + 2, (produced, len(got))
+
+        size = len(policy_vector(algo.net, algo.normalizer))
+        pool = RayActors("appo", config, layout, num_actors=2, slots_per_actor=1)
+        pool.publish(np.zeros(size - 1, np.float32))  # too short for the network: its load raises
+        pool.start()
+        try:
+            with pytest.raises(ActorFailed, match=r"^actor [01] raised RuntimeError: [^\n]+$"):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    pool.receive(0.1)
+        finally:
+            pool.close()
+
+        pool = RayActors("appo", dataclasses.replace(config, env="NoSuchEnv-v0"), layout, num_actors=1)
+        pool.publish(np.zeros(size, np.float32))
+        try:
+            with pytest.raises(ActorFailed, match=r"^actor 0 failed to start: [^\n]*NoSuchEnv"):
+                pool.start()
+        finally:
+            pool.close()
+        assert ray.is_initialized()  # the pools did not start it, so they left it running
+    finally:
+        ray.shutdown()
+        for s, handler in ours.items():
+            signal.signal(s, handler)

@@ -143,14 +143,15 @@ class RayActors:
         for k in range(self.num_actors):
             after = exit_at[1] if exit_at and exit_at[0] == k else -1
             self.actors.append(remote.remote(self.algo, self.config, k, self.boundary, self.layout, after))
+        places = [a.where.remote() for a in self.actors]
         try:
-            places = ray.get([a.where.remote() for a in self.actors], timeout=PLACE_S)
+            ray.wait(places, num_returns=len(places), timeout=PLACE_S)
+            self.nodes = {str(k): self._get(k, ref, timeout=0) for k, ref in enumerate(places)}
         except GetTimeoutError:
             raise ConfigError(
                 f"Ray could not place {self.num_actors} actors in {PLACE_S:.0f} s;"
                 " `ray status` shows free resources"
             ) from None
-        self.nodes = {str(k): node for k, node in enumerate(places)}
         for k in range(self.num_actors):
             for _ in range(self.slots_per_actor):
                 self._ask(k)
@@ -246,14 +247,22 @@ class RayActors:
         assert self.weights is not None, "publish before start"
         self.queues[actor].append(self.actors[actor].next.remote([self.weights]))
 
-    def _get(self, actor: int, ref: Any) -> dict[str, Any]:
+    def _get(self, actor: int, ref: Any, timeout: float | None = None) -> Any:
+        """The call's result; an actor that raised or is lost: :class:`ActorFailed`, one line
+        (Ray's account of it, with any traceback, written to stderr above it)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
-            return ray.get(ref)
-        except RayActorError:
-            raise ActorFailed(f"actor {actor} died (its Ray actor was lost)") from None
+            return ray.get(ref, timeout=timeout)
+        except RayActorError as error:
+            if not error.actor_init_failed:
+                raise ActorFailed(f"actor {actor} died (its Ray actor was lost)") from None
+            sys.stderr.write(f"{error}\n")
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise ActorFailed(
+                f"actor {actor} failed to start: {lines[-1] if lines else 'no reason given'}"
+            ) from None
         except RayTaskError as error:
             cause = error.cause if error.cause is not None else error
             sys.stderr.write(f"{error}\n")
