@@ -427,7 +427,11 @@ class DecoupledConfig(TrainConfig):
         choices=BACKENDS,
     )
     num_actors: int = opt(
-        2, "actor processes, each with num_envs envs and a CPU policy copy", group=DISTRIBUTION, ge=1, le=256
+        2,
+        "actors (processes or Ray actors), each with num_envs envs and a CPU policy copy",
+        group=DISTRIBUTION,
+        ge=1,
+        le=256,
     )
     rollout_length: int = opt(64, "env steps per trajectory an actor sends (per env)", ge=1)
     batch_trajectories: int = opt(
