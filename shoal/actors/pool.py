@@ -143,6 +143,7 @@ class MpActors:
         return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors))) - sum(self.received)
 
     def sent(self) -> int:
+        """Trajectories the actors sent so far, as they count them (``actor_sps``)."""
         return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors)))
 
     def release(self, slot: int) -> None:
