@@ -422,12 +422,16 @@ class DecoupledConfig(TrainConfig):
 
     backend: str = opt(
         "mp",
-        "where the actors run: mp (processes on this machine; ray is not implemented yet)",
+        "where the actors run: mp (processes on this machine) | ray (Ray actors on any node of a cluster)",
         group=DISTRIBUTION,
         choices=BACKENDS,
     )
     num_actors: int = opt(
-        2, "actor processes, each with num_envs envs and a CPU policy copy", group=DISTRIBUTION, ge=1, le=256
+        2,
+        "actors (processes or Ray actors), each with num_envs envs and a CPU policy copy",
+        group=DISTRIBUTION,
+        ge=1,
+        le=256,
     )
     rollout_length: int = opt(64, "env steps per trajectory an actor sends (per env)", ge=1)
     batch_trajectories: int = opt(
@@ -444,24 +448,30 @@ class DecoupledConfig(TrainConfig):
     )
     slots_per_actor: int = opt(
         2,
-        "shared-memory trajectory slots per actor (2: it acts into one while the learner reads the other)",
+        "trajectory slots per actor: how far it may act ahead of the learner"
+        " (2: it acts into one while the learner reads the other)",
         group=DISTRIBUTION,
         ge=1,
         le=64,
+    )
+    ray_cpus_per_worker: float = opt(
+        1.0,
+        "backend ray: CPUs each actor reserves",
+        group=DISTRIBUTION,
+        ge=0,
+        only_with=(lambda c: c.backend == "ray", "--backend ray"),
     )
 
     def validate(self, *, explicit: Iterable[str] = ()) -> None:
         super().validate(explicit=explicit)
         c = self
-        if c.backend == "ray":
-            raise ConfigError(
-                "--backend ray is not implemented for decoupled actors (impala, appo) yet;"
-                " use --backend mp (actors as processes on this machine)"
-            )
         if c.backend == "local":
             raise ConfigError(
                 "impala and appo run actor processes beside the learner: use --backend mp (their default)"
+                " or --backend ray"
             )
+        if c.ray_gpus_per_worker:
+            raise ConfigError("impala and appo actors act on CPU: drop --ray-gpus-per-worker")
         if c.num_workers != 1 or c.strategy != "sync" or c.compress != "none":
             raise ConfigError(
                 "impala and appo have one learner and --num-actors actors: drop --num-workers,"

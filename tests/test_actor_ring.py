@@ -39,6 +39,28 @@ def test_slots_do_not_overlap_and_seal_detects_a_change():
         ring.verify(2)
 
 
+def test_a_slot_sealed_in_one_ring_is_stored_and_verified_in_another():
+    """How the Ray pool ships a trajectory: an actor's one-slot ring, its bytes and header
+    stored into the learner's ring, whose CRC check then covers the journey."""
+    ctx = mp.get_context("spawn")
+    actor_ring = TrajectoryRing(CARTPOLE, num_actors=1, slots_per_actor=1, ctx=ctx)
+    learner_ring = TrajectoryRing(CARTPOLE, num_actors=2, slots_per_actor=2, ctx=ctx)
+    rng = np.random.default_rng(4)
+    for view in actor_ring.slot(0).values():
+        view[...] = rng.normal(size=view.shape).astype(view.dtype)
+    crc = actor_ring.seal(0, version=3, actor=1, seq=9)
+    shipped = actor_ring.raw(0).copy()
+    learner_ring.store(3, shipped, version=3, actor=1, seq=9, crc=crc)
+    assert learner_ring.header(3) == {"version": 3, "actor": 1, "seq": 9, "crc": crc}
+    assert learner_ring.verify(3) == crc
+    for name, view in actor_ring.slot(0).items():
+        np.testing.assert_array_equal(learner_ring.slot(3)[name], view)
+    shipped[17] ^= 1  # one bit changed on the way
+    learner_ring.store(2, shipped, version=3, actor=1, seq=9, crc=crc)
+    with pytest.raises(RuntimeError, match="CRC mismatch"):
+        learner_ring.verify(2)
+
+
 def test_weight_buffer_versions_and_guards():
     buffer = WeightBuffer(5, mp.get_context("spawn"))
     out = np.zeros(5, np.float32)

@@ -56,7 +56,15 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
     assert summary["env_steps"] >= 3072 and summary["episodes"] == 2
     assert summary["updates"] == summary["trajectories_learned"] // 2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for key in ("sps", "actor_sps", "policy_lag", "policy_lag_max", "queue_fill", "learner_busy", "trajectories_dropped"):
+    for key in (
+        "sps",
+        "actor_sps",
+        "policy_lag",
+        "policy_lag_max",
+        "queue_fill",
+        "learner_busy",
+        "trajectories_dropped",
+    ):
         assert key in rows[-1], key
     assert len(list((run_dir / "checkpoints").glob("ckpt-*.json"))) >= 3  # two boundaries and the end
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -78,9 +86,9 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
     steps = [json.loads(line)["env_steps"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == resumed["env_steps"] >= 5120
 
-    # Not implemented yet: one line each, before anything starts.
+    # Refused (not implemented, or meaningless here): one line each, before anything starts.
     for settings, words in [
-        (dict(backend="ray"), "not implemented"),
+        (dict(backend="ray", ray_gpus_per_worker=1.0), "act on CPU"),
         (dict(backend="local"), "--backend mp"),
         (dict(nan_policy="skip"), "not implemented"),
         (dict(num_workers=2), "--num-actors"),

@@ -101,9 +101,12 @@ class ActorJob:
 
     @property
     def seed(self) -> int:
-        """The actor's envs and sampling: its own stream, derived from the run seed."""
-        c = self.config
-        return c.seed + 1_000_003 * (self.actor + 1) + 10_007 * self.boundary + 7_919 * self.generation
+        return actor_seed(self.config, self.actor, self.boundary, self.generation)
+
+
+def actor_seed(config: Any, actor: int, boundary: int, generation: int = 0) -> int:
+    """The actor's envs and sampling: its own stream, derived from the run seed (either pool)."""
+    return config.seed + 1_000_003 * (actor + 1) + 10_007 * boundary + 7_919 * generation
 
 
 def actor_main(job: ActorJob, conn: Connection) -> None:
@@ -136,33 +139,45 @@ def _orphan_watch(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
-def run_actor(job: ActorJob, conn: Connection) -> None:
+def actor_policy(algo: str, c: Any, seed: int) -> ActorPolicy:
+    """The policy copy an actor acts with (weights not loaded yet), its torch seeded."""
     from shoal.algos import ALGORITHMS
-    from shoal.envs import make_vec
-    from shoal.training.callbacks import FaultInjection
     from shoal.training.trainer import spaces_of
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    obs_space, action_space = spaces_of(c.env)
+    net = ALGORITHMS[algo].actor_network(c, obs_space, action_space)
+    return ActorPolicy(net, action_space, bool(c.normalize_obs), c.obs_clip)
+
+
+def actor_envs(c: Any, seed: int) -> Any:
+    """An actor's vector env (in-process by default: the actor is a process of its own)."""
+    from shoal.envs import make_vec
+
+    return make_vec(
+        c.env,
+        c.num_envs,
+        seed=seed,
+        vectorization="sync" if c.vectorization == "auto" else c.vectorization,
+        num_workers=c.env_workers or 1,
+        on_error=c.on_env_error,
+        step_timeout=c.step_timeout or None,
+    )
+
+
+def run_actor(job: ActorJob, conn: Connection) -> None:
+    from shoal.training.callbacks import FaultInjection
 
     c, ring, control = job.config, job.ring, np.frombuffer(job.control, dtype=np.int64)
     faults = FaultInjection.from_environment(job.actor)  # the test suite's, at set trajectory counts
-    torch.set_num_threads(1)
-    torch.manual_seed(job.seed)
-    obs_space, action_space = spaces_of(c.env)
-    net = ALGORITHMS[job.algo].actor_network(c, obs_space, action_space)
-    policy = ActorPolicy(net, action_space, bool(c.normalize_obs), c.obs_clip)
+    policy = actor_policy(job.algo, c, job.seed)
     vector = np.zeros(job.weights.size, np.float32)
     version = _wait_for_weights(job, vector, control)
     if version is None:
         return
     policy.load(vector)
-    envs = make_vec(
-        c.env,
-        c.num_envs,
-        seed=job.seed,
-        vectorization="sync" if c.vectorization == "auto" else c.vectorization,  # an actor is a process
-        num_workers=c.env_workers or 1,
-        on_error=c.on_env_error,
-        step_timeout=c.step_timeout or None,
-    )
+    envs = actor_envs(c, job.seed)
     try:
         free = ring.owned(job.actor)
         obs, _ = envs.reset(seed=job.seed)

@@ -3,19 +3,20 @@
     publish(vector)  -> the version actors will act with next
     receive(timeout) -> indices of filled trajectory slots (read them with ``ring.slot``)
     backlog()        -> how many are sent and not received yet
+    sent()           -> how many the actors sent so far (their throughput)
     release(slot)    -> the slot goes back to the actor that owns it
     close()          -> every actor stopped and joined; what it produced, counted
 
 :class:`MpActors` runs them as processes on this machine, with the trajectory ring and the
-weight buffer in shared memory (:mod:`shoal.actors.shared`). A Ray pool would implement the
-same calls (its ``receive`` returning trajectories fetched from the object store into a
-local ring).
+weight buffer in shared memory (:mod:`shoal.actors.shared`).
+:class:`~shoal.actors.ray_pool.RayActors` runs them as Ray actors on any node of a cluster:
+its ``receive`` copies trajectories fetched from the object store into a local ring.
 
-Replacing a lost actor is the pool's business. An actor killed (by a signal, the OOM killer)
-or silent for ``hang_timeout`` seconds (stopped, stuck) is ended and replaced by a new one
-under the same index, with fresh episodes and a seed of its own, while the learner trains
-on; up to ``max_restarts`` times a run, then the run stops. An actor that raised (an error
-of its env or of ours) is not replaced: a new one would raise the same.
+Replacing a lost actor is the pool's business. An mp actor killed (by a signal, the OOM
+killer) or silent for ``hang_timeout`` seconds (stopped, stuck) is ended and replaced by a
+new one under the same index, with fresh episodes and a seed of its own, while the learner
+trains on; up to ``max_restarts`` times a run, then the run stops. An actor that raised (an
+error of its env or of ours) is not replaced: a new one would raise the same.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -63,6 +64,27 @@ class Produced:
     @property
     def consistent(self) -> bool:
         return self.sent == self.received and self.sent_crc == self.received_crc
+
+
+class ActorPool(Protocol):
+    """What the learner loop calls; see the module docstring."""
+
+    ring: TrajectoryRing
+    nodes: dict[str, str] | None  # actor -> the Ray node it runs on (None: this machine)
+    replaced: int  # lost actors replaced so far
+    lost_in_flight: int  # trajectories lost actors counted as sent that never arrived
+
+    def start(self) -> None: ...
+    def publish(self, vector: np.ndarray) -> int: ...
+    def receive(self, timeout: float) -> list[int]: ...
+    def backlog(self) -> int: ...
+    def sent(self) -> int: ...
+    def take_replaced(self) -> list[int]: ...
+    def release(self, slot: int) -> None: ...
+    def close(self) -> Produced: ...
+
+    @property
+    def num_slots(self) -> int: ...
 
 
 class MpActors:
@@ -107,6 +129,7 @@ class MpActors:
         self.lost_in_flight = 0  # trajectories a lost actor counted as sent but never announced
         self.retired: list[int] = []  # lost actors whose replacement starts at the next receive
         self.fresh: list[int] = []  # actors replaced since the learner last asked (take_replaced)
+        self.nodes: dict[str, str] | None = None
 
     # -- the learner's calls ----------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +168,10 @@ class MpActors:
     def backlog(self) -> int:
         """Trajectories sent and not received yet: the queue's fill."""
         return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors))) - sum(self.received)
+
+    def sent(self) -> int:
+        """Trajectories the actors sent so far, as they count them (``actor_sps``)."""
+        return int(sum(self.control[produced_at(k)[0]] for k in range(self.num_actors)))
 
     def release(self, slot: int) -> None:
         with contextlib.suppress(OSError):  # an actor that has stopped needs it no more

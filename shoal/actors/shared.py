@@ -133,6 +133,18 @@ class TrajectoryRing:
         h[index * len(HEADER) : (index + 1) * len(HEADER)] = (version, actor, seq, crc)
         return crc
 
+    def raw(self, index: int) -> np.ndarray:
+        """Slot ``index``'s bytes (what its CRC covers), as a view: a whole trajectory to ship."""
+        return self._bytes(index)
+
+    def store(self, index: int, data: np.ndarray, *, version: int, actor: int, seq: int, crc: int) -> None:
+        """Write a trajectory sealed elsewhere (its bytes and header, the sender's CRC kept):
+        how a pool whose actors have no shared memory with the learner fills its local ring;
+        :meth:`verify` then checks the bytes against the CRC the actor computed."""
+        np.copyto(self._bytes(index), np.frombuffer(data, dtype=np.uint8))
+        h = np.frombuffer(self._header, dtype=np.int64)
+        h[index * len(HEADER) : (index + 1) * len(HEADER)] = (version, actor, seq, crc)
+
     def verify(self, index: int) -> int:
         """The slot's CRC32, recomputed; raises if it is not the one its writer sealed."""
         crc = zlib.crc32(self._bytes(index))

@@ -63,8 +63,11 @@ class RayServer(_RayRank):
     """The parameter server."""
 
 
-def ray_start(config: TrainConfig) -> bool:
-    """Connect to the given cluster, or start a local Ray bound to 127.0.0.1; True if started."""
+def ray_start(config: TrainConfig, workers: int | None = None) -> bool:
+    """Connect to the given cluster, or start a local Ray bound to 127.0.0.1; True if started.
+
+    ``workers``: how many actors of ``ray_cpus_per_worker`` CPUs a local Ray must fit
+    (default ``num_workers``; decoupled runs pass ``num_actors``)."""
     if not config.ray_address:  # Ray reads it once, on import: a local Ray binds 127.0.0.1 only
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -74,7 +77,7 @@ def ray_start(config: TrainConfig) -> bool:
     if config.ray_address:
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
         return False
-    needed = config.num_workers * config.ray_cpus_per_worker
+    needed = (config.num_workers if workers is None else workers) * config.ray_cpus_per_worker
     ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(
         # "local": a Ray of our own. Without an address, ray.init() joins the newest Ray

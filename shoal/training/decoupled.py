@@ -1,6 +1,6 @@
 """The learner loop of decoupled actors (IMPALA, APPO): trajectories in, weights out.
 
-    actors (processes)                         learner (this loop)
+    actors (processes or Ray actors)           learner (this loop)
     env -> policy copy -> trajectory slot  ==>  copy out, free the slot, drop if too stale
                  ^                              batch of B -> algorithm.learn -> publish
                  +------- weight buffer (versioned) <-----------------------+
@@ -16,8 +16,9 @@ checkpoint's weights, optimizer, statistics and counts, but the actors start fre
 (seeded by the checkpoint boundary) and their timing decides which policy version acts
 where, as it does in any run.
 
-The actors run in an actor pool (:mod:`shoal.actors.pool`); the loop only publishes weights,
-receives slot indices, reads and releases slots, and closes the pool.
+The actors run in an actor pool chosen by ``--backend``: processes on this machine
+(:mod:`shoal.actors.pool`) or Ray actors on any node (:mod:`shoal.actors.ray_pool`); the loop
+only publishes weights, receives slot indices, reads and releases slots, and closes the pool.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import yaml
 
 from shoal import guards
 from shoal.actors.actor import policy_vector
-from shoal.actors.pool import ActorFailed, MpActors, Produced
+from shoal.actors.pool import ActorFailed, ActorPool, MpActors, Produced
 from shoal.actors.shared import TrajectoryLayout
 from shoal.algos.base import Trajectories
 from shoal.run import checkpoint as ckpt
@@ -53,7 +54,7 @@ RECEIVE_WAIT_S = 0.1  # longest wait for a trajectory before the loop looks at a
 
 
 class DecoupledTrainer(Trainer):
-    """One learner fed by ``num_actors`` actor processes; see the module docstring."""
+    """One learner fed by ``num_actors`` actors (processes, or Ray actors); see the module docstring."""
 
     def train(
         self,
@@ -122,6 +123,7 @@ class DecoupledTrainer(Trainer):
             "trajectories_lost_with_actors": self.actors.lost_in_flight,
             "actors_replaced": self.actors.replaced,
             "updates": self.algo.updates,
+            **({"actor_nodes": self.actors.nodes} if self.actors.nodes else {}),
         }
 
     # -- inside -----------------------------------------------------------------------------
@@ -147,7 +149,8 @@ class DecoupledTrainer(Trainer):
         self.row_time, self.row_steps, self.row_sent = time.perf_counter(), self.env_steps, 0
         self.last_row = self.env_steps
 
-    def _actor_pool(self) -> MpActors:
+    def _actor_pool(self) -> ActorPool:
+        """Actor processes on this machine (``--backend mp``) or Ray actors (``--backend ray``)."""
         c, algo = self.config, self.algo
         discrete = algo.net.discrete
         layout = TrajectoryLayout(
@@ -158,6 +161,19 @@ class DecoupledTrainer(Trainer):
             action_shape=() if discrete else tuple(algo.action_space.shape),
             action_dtype=np.dtype(np.int64 if discrete else np.float32).str,
         )
+        if c.backend == "ray":
+            from shoal.actors.ray_pool import RayActors
+
+            return RayActors(
+                self.algo_class.name,
+                c,
+                layout,
+                num_actors=c.num_actors,
+                slots_per_actor=c.slots_per_actor,
+                boundary=self.boundary,
+                max_restarts=c.max_restarts,
+                hang_timeout=c.hang_timeout,
+            )
         size = len(policy_vector(algo.net, algo.normalizer))
         return MpActors(
             self.algo_class.name,
@@ -237,7 +253,7 @@ class DecoupledTrainer(Trainer):
         now = time.perf_counter()
         wall = max(now - self.row_time, 1e-9)
         steps = c.rollout_length * c.num_envs
-        sent = int(sum(self.actors.control[1::2]))
+        sent = self.actors.sent()
         row: dict[str, float] = {
             "wall_time": self.timing.since_start(),
             "sps": (self.env_steps - self.row_steps) / wall,  # received by the learner
