@@ -13,10 +13,10 @@ from shoal.buffers import gae
 T, N = 20, 5
 
 
-def naive_vtrace(log_mu, log_pi, r, v, boot, term, done, gamma, rho_bar, c_bar, pg_rho_bar):
+def naive_vtrace(log_mu, log_pi, r, v, boot, term, done, gamma, rho_bar, c_bar, pg_rho_bar, lam=1.0):
     """The paper's sum form, one (step, env) at a time, the sum cut at the episode's end.
 
-    v_s = V(x_s) + sum_{t=s}^{e} gamma^(t-s) (prod_{i=s}^{t-1} c_i) delta_t, where ``e`` is the
+    v_s = V(x_s) + sum_{t=s}^{e} gamma^(t-s) (prod_{i=s}^{t-1} lam c_i) delta_t, where ``e`` is the
     first ``done`` step at or after ``s`` (or the last step of the rollout), and
     delta_t = rho_t (r_t + gamma V(x_{t+1}) - V(x_t)) with V(x_{t+1}) the value of the
     observation step t returned: 0 after a termination, ``v[t + 1]`` (``boot`` after the last
@@ -45,7 +45,7 @@ def naive_vtrace(log_mu, log_pi, r, v, boot, term, done, gamma, rho_bar, c_bar, 
             for t in range(s, end + 1):
                 trace = 1.0
                 for i in range(s, t):
-                    trace *= min(c_bar, ratio(i, n))
+                    trace *= lam * min(c_bar, ratio(i, n))
                 delta = min(rho_bar, ratio(t, n)) * (r[t][n] + gamma * value_after(t, n) - v[t][n])
                 total += gamma ** (t - s) * trace * delta
             vs[s][n] = total
@@ -84,9 +84,16 @@ def gae1(x: dict, gamma: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(
-    ("rho_bar", "c_bar", "pg_rho_bar"), [(1.0, 1.0, None), (1.5, 0.8, 0.6), (0.7, 1.2, 2.0)]
+    ("rho_bar", "c_bar", "pg_rho_bar", "lam"),
+    [
+        (1.0, 1.0, None, 1.0),
+        (1.5, 0.8, 0.6, 1.0),
+        (0.7, 1.2, 2.0, 1.0),
+        (1.0, 1.0, None, 0.9),
+        (1.5, 0.8, 0.6, 0.5),
+    ],
 )
-def test_matches_the_naive_sum_form(seed, rho_bar, c_bar, pg_rho_bar):
+def test_matches_the_naive_sum_form(seed, rho_bar, c_bar, pg_rho_bar, lam):
     x = rollout(seed)
     done, term = x["done"].bool(), x["terminated"].bool()
     ratio = (x["target_logprobs"] - x["behaviour_logprobs"]).exp()
@@ -95,7 +102,7 @@ def test_matches_the_naive_sum_form(seed, rho_bar, c_bar, pg_rho_bar):
         assert (ratio > bar).sum() >= 5 and (ratio < bar).sum() >= 5
     assert term.sum() >= 3 and (done & ~term).sum() >= 3
     gamma = 0.95
-    vs, pg_adv = vtrace(**x, gamma=gamma, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar)
+    vs, pg_adv = vtrace(**x, gamma=gamma, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar, lam=lam)
     ref_vs, ref_pg = naive_vtrace(
         *(x[k] for k in ("behaviour_logprobs", "target_logprobs", "rewards", "values")),
         x["bootstrap_value"],
@@ -105,6 +112,7 @@ def test_matches_the_naive_sum_form(seed, rho_bar, c_bar, pg_rho_bar):
         rho_bar,
         c_bar,
         rho_bar if pg_rho_bar is None else pg_rho_bar,
+        lam,
     )
     assert vs.dtype == pg_adv.dtype == torch.float64 and vs.shape == pg_adv.shape == (T, N)
     torch.testing.assert_close(vs, ref_vs, rtol=0, atol=1e-6)
@@ -128,6 +136,17 @@ def test_on_policy_is_gae_lambda_one(seed, rho_bar, c_bar):
     next_vs = torch.where(done.bool(), after, torch.cat([vs[1:], x["bootstrap_value"][None]]))
     torch.testing.assert_close(pg_adv, r + gamma * (1 - term) * next_vs - v, rtol=0, atol=1e-10)
     torch.testing.assert_close(pg_adv, adv, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("lam", [0.95, 0.5, 0.0])
+def test_on_policy_with_lambda_is_gae_lambda(lam):
+    x = rollout(2)
+    x["target_logprobs"] = x["behaviour_logprobs"].clone()
+    gamma = 0.9
+    vs, _ = vtrace(**x, gamma=gamma, lam=lam)
+    adv = gae(x["rewards"], x["values"], x["bootstrap_value"], x["terminated"], x["done"], gamma, lam=lam)
+    torch.testing.assert_close(vs, adv + x["values"], rtol=0, atol=1e-10)
+    assert lam == 1.0 or not torch.allclose(adv, gae1(x, gamma))  # lambda changed something
 
 
 def test_large_ratios_are_clipped():

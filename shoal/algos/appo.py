@@ -36,6 +36,9 @@ class APPOConfig(DecoupledConfig):
     gamma: float = opt(0.99, "discount factor", gt=0, le=1)
     rho_bar: float = opt(1.0, "V-trace: clip of the importance ratios of the TD errors (rho-bar)", gt=0)
     c_bar: float = opt(1.0, "V-trace: clip of the trace-cutting ratios (c-bar)", gt=0)
+    vtrace_lambda: float = opt(
+        1.0, "V-trace: lambda of the trace, c_s = lambda * min(c_bar, pi/mu) (1: the paper's)", ge=0, le=1
+    )
     update_epochs: int = opt(4, "passes over each batch", ge=1)
     num_minibatches: int = opt(4, "minibatches per epoch", ge=1)
     norm_adv: bool = opt(True, "normalise advantages within each minibatch")
@@ -78,7 +81,7 @@ class APPO(TrajectoryAlgorithm):
     def learn(self, batch: Trajectories, env_steps: int) -> dict[str, float]:
         c, net = self.config, self.net
         lr = self.learner.schedule(1.0 - env_steps / c.total_steps)
-        old_values, vs, advantages = self.vtrace_targets(batch, c.rho_bar, c.c_bar)
+        old_values, vs, advantages = self.vtrace_targets(batch, c.rho_bar, c.c_bar, lam=c.vtrace_lambda)
 
         keep = batch.valid.flatten()
         t = batch.rewards.shape[0]

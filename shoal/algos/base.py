@@ -326,7 +326,12 @@ class TrajectoryAlgorithm(OneActorCritic):
         raise NotImplementedError
 
     def vtrace_targets(
-        self, batch: Trajectories, rho_bar: float, c_bar: float, pg_rho_bar: float | None = None
+        self,
+        batch: Trajectories,
+        rho_bar: float,
+        c_bar: float,
+        pg_rho_bar: float | None = None,
+        lam: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values V(x_t), V-trace targets v_s, policy-gradient advantages), all (T, M) and without
         gradient, under the learner's current policy (the target policy pi)."""
@@ -349,6 +354,7 @@ class TrajectoryAlgorithm(OneActorCritic):
             rho_bar=rho_bar,
             c_bar=c_bar,
             pg_rho_bar=pg_rho_bar,
+            lam=lam,
         )
         return values[:t], target.vs, target.pg_advantages
 

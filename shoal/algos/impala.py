@@ -29,6 +29,9 @@ class IMPALAConfig(DecoupledConfig):
     gamma: float = opt(0.99, "discount factor", gt=0, le=1)
     rho_bar: float = opt(1.0, "V-trace: clip of the importance ratios of the TD errors (rho-bar)", gt=0)
     c_bar: float = opt(1.0, "V-trace: clip of the trace-cutting ratios (c-bar)", gt=0)
+    vtrace_lambda: float = opt(
+        1.0, "V-trace: lambda of the trace, c_s = lambda * min(c_bar, pi/mu) (1: the paper's)", ge=0, le=1
+    )
     pg_rho_bar: float | None = opt(
         None, "clip of the importance ratios of the policy-gradient advantages (None: rho_bar)", gt=0
     )
@@ -70,7 +73,9 @@ class IMPALA(TrajectoryAlgorithm):
         count = 0
         for _ in range(c.update_epochs):
             # V-trace from the current weights each epoch: after a step, pi has moved.
-            old_values, vs, advantages = self.vtrace_targets(batch, c.rho_bar, c.c_bar, c.pg_rho_bar)
+            old_values, vs, advantages = self.vtrace_targets(
+                batch, c.rho_bar, c.c_bar, c.pg_rho_bar, c.vtrace_lambda
+            )
             keep = batch.valid.flatten()
             t = batch.rewards.shape[0]
             obs = self._obs(batch.obs[:t].flatten(0, 1)[keep])

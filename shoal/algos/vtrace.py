@@ -7,7 +7,7 @@ V-trace reweights each TD error by a truncated importance ratio, so the targets 
 the value of pi (of a policy between mu and pi when the clips bind), and the variance stays
 bounded however stale the actor's policy is.
 
-With ``rho_t = min(rho_bar, pi(a_t|x_t) / mu(a_t|x_t))`` and ``c_t = min(c_bar, pi/mu)``::
+With ``rho_t = min(rho_bar, pi(a_t|x_t) / mu(a_t|x_t))`` and ``c_t = lam * min(c_bar, pi/mu)``::
 
     delta_t = rho_t * (r_t + gamma * V(x_{t+1}) - V(x_t))
     v_s     = V(x_s) + sum_{t=s}^{s+n-1} gamma^(t-s) * (prod_{i=s}^{t-1} c_i) * delta_t
@@ -15,7 +15,9 @@ With ``rho_t = min(rho_bar, pi(a_t|x_t) / mu(a_t|x_t))`` and ``c_t = min(c_bar, 
     pg_adv_s = min(pg_rho_bar, pi/mu) * (r_s + gamma * v_{s+1} - V(x_s))
 
 ``rho_bar`` sets which policy's value the targets converge to; ``c_bar`` only how far the
-trace reaches (how fast they converge). Episode ends follow :func:`shoal.buffers.gae`:
+trace reaches (how fast they converge). ``lam`` (the paper's remark after eq. 1, as in
+Retrace(lambda); 1 by default) shortens the trace further: on-policy, ``v_s - V(x_s)`` is
+then GAE(lambda)'s advantage, with its lower variance. Episode ends follow :func:`shoal.buffers.gae`:
 ``values[t + 1]`` (``bootstrap_value`` at the end) is the value of the observation step
 ``t`` returned, replaced by zero after a termination and kept after a truncation; the sum
 stops at every ``done`` (terminated or truncated), so nothing crosses an episode end. In
@@ -49,6 +51,7 @@ def vtrace(
     rho_bar: float = 1.0,
     c_bar: float = 1.0,
     pg_rho_bar: float | None = None,
+    lam: float = 1.0,
 ) -> VTraceReturns:
     """V-trace targets and policy-gradient advantages over a time-major (T, N) rollout.
 
@@ -88,7 +91,7 @@ def vtrace(
     with np.errstate(over="ignore"):  # a huge ratio is clipped anyway
         ratio = np.exp(log_pi - log_mu)
     rho = np.minimum(rho_bar, ratio)
-    c = np.minimum(c_bar, ratio)
+    c = lam * np.minimum(c_bar, ratio)
     pg_rho = np.minimum(pg_rho_bar, ratio)
 
     following = np.concatenate([v[1:], last[None]], axis=0)  # value of the obs step t returned
