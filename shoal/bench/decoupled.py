@@ -16,12 +16,19 @@ all alike:
 
 Training env steps/s are taken between the first and the last metrics row of a run, so
 process start-up and the final evaluation are not counted (SB3's: its ``learn`` call).
+
+Then, on CartPole-v1, the wall time until the greedy return (10 episodes, evaluated every
+``--solve-every`` env steps with the clock paused) first reaches 475: ``appo`` with its
+defaults (2 actors, its CartPole preset) against SB3's PPO with RL-Zoo's CartPole
+hyperparameters, ``--solve-seeds`` seeds each, medians. APPO's actors keep acting while
+the learner evaluates (at most their slots' worth of trajectories), SB3 stands still.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -29,6 +36,20 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = {"raw": 0.8, "ppo sync x2": 1.6, "sb3 ppo": 3.0}  # appo x2 over each, on 2 cores
+SOLVE_TARGET = 0.25  # appo's median time to 475 over SB3's (RL-Zoo hyperparameters)
+
+# RL-Baselines3-Zoo's hyperparams/ppo.yml, CartPole-v1 entry (100k steps).
+RL_ZOO_CARTPOLE: dict[str, Any] = dict(
+    n_envs=8,
+    n_steps=32,
+    batch_size=256,
+    gae_lambda=0.8,
+    gamma=0.98,
+    n_epochs=20,
+    ent_coef=0.0,
+    learning_rate=1e-3,  # lin_1e-3: linear decay to 0
+    clip_range=0.2,  # lin_0.2
+)
 
 
 def run_decoupled(work: Path, algo: str, env: str, actors: int, steps_per_actor: int, num_envs: int) -> dict:
@@ -137,7 +158,9 @@ def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "paired": paired,
                 "target": TARGETS[other],
             }
+    solve = part_solve_time(args, work) if args.solve_seeds_decoupled else {}
     return {
+        "solve": solve,
         "env": env,
         "actor_envs": n,
         "actor_steps": steps,
@@ -146,6 +169,71 @@ def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "rows": rows,
         "appo_x2_over": ratios,
     }
+
+
+def part_solve_time(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Wall time to a greedy 475 on CartPole-v1: appo's defaults vs SB3's PPO (RL-Zoo)."""
+    from shoal.agent import make_config
+    from shoal.algos import APPO
+    from shoal.bench.sb3 import THRESHOLD, run_sb3, run_shoal
+    from shoal.training.decoupled import DecoupledTrainer
+
+    env, budget = "CartPole-v1", args.solve_budget
+    runs: dict[str, list[dict[str, Any]]] = {"appo": [], "sb3 ppo rl-zoo": []}
+    for seed in args.solve_seeds_decoupled:
+        for side in list(runs) if seed % 2 else list(runs)[::-1]:  # alternate which goes first
+            if side == "appo":
+                run_dir = Path(tempfile.mkdtemp(prefix="appo-solve-", dir=work))
+                config = make_config("appo", env, dict(seed=seed, total_steps=budget, run_dir=str(run_dir)))
+                trainer = DecoupledTrainer(APPO, config, progress=False)
+                res = run_shoal(env, seed, budget, run_dir, args.solve_every, THRESHOLD, trainer=trainer)
+            else:
+                if not _have_sb3():
+                    continue
+                model = _sb3_rl_zoo_cartpole(seed)
+                res = run_sb3(env, seed, budget, args.solve_every, THRESHOLD, model=model)
+            res.pop("curve", None)
+            runs[side].append({"seed": seed, **res})
+            at = res["solved_at"]
+            when = f"475 at {at[0]:,} steps, {at[1]:.1f} s" if at else "not solved"
+            print(f"  {env} {side} seed {seed}: {when}", flush=True)
+    out: dict[str, Any] = {"env": env, "budget": budget, "every": args.solve_every, "runs": runs}
+    times = {}
+    for side, rs in runs.items():
+        # an unsolved run counts as never solving: the median is then at least the budget's time
+        solved = sorted(r["solved_at"][1] if r["solved_at"] else math.inf for r in rs)
+        times[side] = statistics.median(solved) if solved else None
+    out["median_seconds"] = times
+    mine, theirs = times.get("appo"), times.get("sb3 ppo rl-zoo")
+    if mine is not None and theirs and not math.isinf(theirs):  # (inf: appo never solved: inf)
+        out["ratio"] = mine / theirs
+    return out
+
+
+def _sb3_rl_zoo_cartpole(seed: int) -> Any:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    z = RL_ZOO_CARTPOLE
+
+    def linear(start: float) -> Any:
+        return lambda progress: progress * start
+
+    envs = make_vec_env("CartPole-v1", n_envs=z["n_envs"], seed=seed)
+    return PPO(
+        "MlpPolicy",
+        envs,
+        n_steps=z["n_steps"],
+        batch_size=z["batch_size"],
+        gae_lambda=z["gae_lambda"],
+        gamma=z["gamma"],
+        n_epochs=z["n_epochs"],
+        ent_coef=z["ent_coef"],
+        learning_rate=linear(z["learning_rate"]),
+        clip_range=linear(z["clip_range"]),
+        seed=seed,
+        device="cpu",
+    )
 
 
 def _have_sb3() -> bool:
@@ -177,6 +265,32 @@ def table(part: dict[str, Any]) -> list[str]:
             + f" | {lag} | {row.get('dropped', '-')} |"
         )
     out.append("")
+    if part.get("solve"):
+        out += solve_table(part["solve"])
+    return out
+
+
+def solve_table(part: dict[str, Any]) -> list[str]:
+    out = [
+        f"Wall time to a greedy return >= 475 on {part['env']} (evaluated every {part['every']:,} steps,"
+        " clock paused)",
+        "",
+        "| side | seeds | solved | median s | per seed (s, steps) |",
+        "|---|---|---|---|---|",
+    ]
+    for side, rs in part["runs"].items():
+        if not rs:
+            continue
+        cells = ", ".join(
+            f"{r['solved_at'][1]:.1f} s @ {r['solved_at'][0] // 1000}k" if r["solved_at"] else "not solved"
+            for r in rs
+        )
+        med = part["median_seconds"][side]
+        out.append(
+            f"| {side} | {len(rs)} | {sum(bool(r['solved_at']) for r in rs)} | "
+            f"{'never' if med is None or math.isinf(med) else f'{med:.1f}'} | {cells} |"
+        )
+    out.append("")
     return out
 
 
@@ -190,5 +304,17 @@ def claims(part: dict[str, Any]) -> list[dict[str, Any]]:
             "target": r["target"],
             "unit": "x",
         }
-        for other, r in part["appo_x2_over"].items()
-    ]
+        for other, r in part.get("appo_x2_over", {}).items()
+    ] + (
+        [
+            {
+                "what": "CartPole-v1: appo's median wall time to 475 over SB3 PPO's (RL-Zoo)",
+                "value": part["solve"]["ratio"],
+                "target": SOLVE_TARGET,
+                "unit": "x",
+                "lower": True,
+            }
+        ]
+        if "ratio" in part.get("solve", {})
+        else []
+    )

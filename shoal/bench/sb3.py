@@ -122,11 +122,14 @@ def run_shoal(
     eval_every: int = 0,
     stop_at: float | None = None,
     eval_episodes: int = 10,
+    trainer: Trainer | None = None,
 ) -> dict[str, Any]:
-    """Train shoal's PPO; optionally evaluate every ``eval_every`` steps (clock paused)."""
-    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run, from an earlier run
-    config = shoal_config(env_id, seed, str(out), total_steps=steps, eval_episodes=eval_episodes)
-    trainer = Trainer(PPO, config, progress=False)
+    """Train shoal's PPO (or ``trainer``, set up for ``env_id`` and ``seed``); optionally
+    evaluate every ``eval_every`` steps (clock paused)."""
+    if trainer is None:
+        shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch run, from an earlier run
+        config = shoal_config(env_id, seed, str(out), total_steps=steps, eval_episodes=eval_episodes)
+        trainer = Trainer(PPO, config, progress=False)
     clock, curve, state = _Clock(), [], {"next": eval_every, "solved_at": None}
 
     def check(t: Trainer) -> bool:
@@ -161,11 +164,14 @@ def run_sb3(
     eval_every: int = 0,
     stop_at: float | None = None,
     eval_episodes: int = 10,
+    model: Any = None,
 ) -> dict[str, Any]:
+    """SB3's PPO with shoal's hyperparameters (or ``model``), as :func:`run_shoal`."""
     from stable_baselines3.common.callbacks import BaseCallback
 
-    config = shoal_config(env_id, seed, "/dev/null", total_steps=steps)
-    model = sb3_ppo(env_id, config, seed)
+    if model is None:
+        config = shoal_config(env_id, seed, "/dev/null", total_steps=steps)
+        model = sb3_ppo(env_id, config, seed)
     clock, curve, state = _Clock(), [], {"next": eval_every, "solved_at": None}
 
     class Check(BaseCallback):

@@ -442,9 +442,12 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
 def claim_lines(found: list[dict[str, Any]]) -> list[str]:
     lines = []
     for c in found:
-        verdict = "ok" if c["value"] >= c["target"] else "BELOW TARGET"
+        lower = c.get("lower", False)
+        met = c["value"] <= c["target"] if lower else c["value"] >= c["target"]
+        verdict = "ok" if met else ("ABOVE TARGET" if lower else "BELOW TARGET")
         value = f"{c['value']:.2f}x" if c["unit"] == "x" else f"{c['value']:.1f}"
-        lines.append(f"- {c['what']}: **{value}** (target >= {c['target']:g}{c['unit']}, {verdict})")
+        sign = "<=" if lower else ">="
+        lines.append(f"- {c['what']}: **{value}** (target {sign} {c['target']:g}{c['unit']}, {verdict})")
     return lines
 
 
@@ -572,6 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sb3-steps", type=int, default=20_000, help="decoupled: SB3's env steps")
     parser.add_argument("--decoupled-repeats", type=int, default=3, help="decoupled: runs of every row")
     parser.add_argument(
+        "--solve-seeds-decoupled",
+        dest="solve_seeds_decoupled",
+        nargs="*",
+        type=int,
+        default=[1, 2, 3, 4, 5],
+        help="decoupled: seeds of the CartPole time-to-475 runs (none: skip them)",
+    )
+    parser.add_argument("--solve-every", type=int, default=5_000, help="decoupled: env steps between evals")
+    parser.add_argument("--solve-budget", type=int, default=100_000, help="decoupled: most env steps per run")
+    parser.add_argument(
         "--shared-ray",
         action="store_true",
         help="one local Ray for all ray rows (~5 s less per run)",
@@ -588,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         args.solve_steps, args.solve_compress = 20_000, ["topk"]
         args.bytes_strategies = ["sync", "a3c"]
         args.actor_steps, args.sb3_steps, args.decoupled_repeats = 4_000, 2_048, 1
+        args.solve_seeds_decoupled, args.solve_budget = [1], 10_000
     else:
         args.bytes_strategies = ["sync", "param-avg", "param-server", "a3c"]
     args.workers = sorted(set(args.workers) | {1})
