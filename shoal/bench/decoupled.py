@@ -38,8 +38,10 @@ from typing import Any
 TARGETS = {"raw": 0.8, "ppo sync x2": 1.6, "sb3 ppo": 3.0}  # appo x2 over each, on 2 cores
 SOLVE_TARGET = 0.25  # appo's median time to 475 over SB3's (RL-Zoo hyperparameters)
 
-# RL-Baselines3-Zoo's hyperparams/ppo.yml, CartPole-v1 entry (100k steps).
+# RL-Baselines3-Zoo's hyperparams/ppo.yml, CartPole-v1 entry (100k steps; "lin_" values decay
+# linearly to 0), with SB3's defaults for what it leaves out.
 RL_ZOO_CARTPOLE: dict[str, Any] = dict(
+    normalize=False,
     n_envs=8,
     n_steps=32,
     batch_size=256,
@@ -47,8 +49,14 @@ RL_ZOO_CARTPOLE: dict[str, Any] = dict(
     gamma=0.98,
     n_epochs=20,
     ent_coef=0.0,
-    learning_rate=1e-3,  # lin_1e-3: linear decay to 0
-    clip_range=0.2,  # lin_0.2
+    learning_rate=lambda progress: progress * 1e-3,  # lin_1e-3 (progress runs from 1 to 0)
+    clip_range=lambda progress: progress * 0.2,  # lin_0.2
+    max_grad_norm=0.5,
+    vf_coef=0.5,
+    log_std_init=0.0,
+    ortho_init=True,
+    activation_fn="Tanh",
+    net_arch={"pi": [64, 64], "vf": [64, 64]},
 )
 
 
@@ -211,29 +219,9 @@ def part_solve_time(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _sb3_rl_zoo_cartpole(seed: int) -> Any:
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.env_util import make_vec_env
+    from shoal.bench.zoo import sb3_ppo_rl_zoo
 
-    z = RL_ZOO_CARTPOLE
-
-    def linear(start: float) -> Any:
-        return lambda progress: progress * start
-
-    envs = make_vec_env("CartPole-v1", n_envs=z["n_envs"], seed=seed)
-    return PPO(
-        "MlpPolicy",
-        envs,
-        n_steps=z["n_steps"],
-        batch_size=z["batch_size"],
-        gae_lambda=z["gae_lambda"],
-        gamma=z["gamma"],
-        n_epochs=z["n_epochs"],
-        ent_coef=z["ent_coef"],
-        learning_rate=linear(z["learning_rate"]),
-        clip_range=linear(z["clip_range"]),
-        seed=seed,
-        device="cpu",
-    )
+    return sb3_ppo_rl_zoo("CartPole-v1", seed, RL_ZOO_CARTPOLE)[0]
 
 
 def _have_sb3() -> bool:
