@@ -168,6 +168,50 @@ def wait_learning(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -
     pytest.fail("the run logged no metrics in time")
 
 
+FORKED_ACTORS = """
+import os, sys
+import shoal
+
+class Proxy:  # as a progress bar's stderr proxy: its lock may be held by a thread fork leaves behind
+    def __init__(self, real, log):
+        self.real, self.log, self.owner = real, log, os.getpid()
+    def write(self, text):
+        return self.real.write(text) if os.getpid() == self.owner else self._used()
+    def flush(self):
+        return self.real.flush() if os.getpid() == self.owner else self._used()
+    def _used(self):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+print("written before training", end="")  # sits in stdout's buffer (a pipe) when actors start
+sys.stderr = Proxy(sys.stderr, sys.argv[2])
+shoal.APPO("CartPole-v1", total_steps=1024, run_dir=sys.argv[1], num_envs=4, rollout_length=16,
+           eval_episodes=1, seed=1).learn(progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_forked_actors_neither_repeat_buffered_output_nor_write_through_a_replaced_stderr(tmp_path):
+    """Actors are forked (Linux). They must not write the learner's buffered stdout again
+    when they exit (multiprocessing flushes it before forking), nor touch its replaced
+    sys.stderr: a rich progress bar's proxy, whose lock a thread that fork did not copy may
+    hold, so that an actor flushing it at exit would hang until killed."""
+    log = tmp_path / "proxy-used-by"
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED_ACTORS, str(tmp_path / "run"), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("written before training") == 1, done.stdout
+    assert not log.exists(), f"actors wrote through the learner's stderr proxy: {log.read_text()}"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    check_counts(summary)
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_leaves_no_process_nor_shared_memory(tmp_path):
     before = shm()

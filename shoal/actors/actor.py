@@ -113,6 +113,9 @@ def actor_main(job: ActorJob, conn: Connection) -> None:
     """An actor process: ignores SIGINT/SIGTERM (the learner stops it), leaves if the learner dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Forked from a learner showing a progress bar, sys.stdout/stderr are the bar's proxies,
+    # whose lock its refresh thread (not forked) may hold: write to the real streams.
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     with contextlib.suppress(Exception):
         import ctypes
 

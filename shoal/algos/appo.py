@@ -132,14 +132,15 @@ class APPO(TrajectoryAlgorithm):
         }
 
 
-# Tuned per env (chosen before the learning checks ran; see docs/distributed.md).
+# Tuned per env; CartPole-v1: the fastest to a greedy 475 of the candidates whose final policy
+# held >= 475 on 10 seeds (docs/distributed.md).
 PRESETS: dict[str, dict] = {
     "CartPole-v1": dict(
         num_envs=8,
         rollout_length=32,
         batch_trajectories=2,
-        update_epochs=10,
-        num_minibatches=4,
+        update_epochs=6,
+        num_minibatches=2,
         learning_rate=1e-3,
         gamma=0.98,
         total_steps=100_000,
