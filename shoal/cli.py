@@ -298,7 +298,7 @@ def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
 def _eval(args: argparse.Namespace) -> int:
     from shoal.agent import load, result_line
     from shoal.configio import ConfigError
-    from shoal.training.trainer import evaluate
+    from shoal.training.trainer import env_of, evaluate
 
     if not 1 <= args.episodes <= MAX_EVAL_EPISODES:
         raise ConfigError(
@@ -308,7 +308,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run_dir} is not a directory")
     agent = load(args.run_dir, device=args.device, best=args.best)
     seed = agent.config.seed if args.seed is None else args.seed
-    result = evaluate(agent.algorithm, agent.config.env, args.episodes, seed)
+    result = evaluate(agent.algorithm, env_of(agent.config, training=False), args.episodes, seed)
     if args.json:
         run_dir = str(Path(args.run_dir).absolute())
         print(json.dumps({"run_dir": run_dir, "env": agent.config.env, "algo": agent.algo_name, **result}))

@@ -37,6 +37,7 @@ from shoal.config import (
     names_list,
     show,
 )
+from shoal.envs.atari import ensure_registered, env_source
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -273,6 +274,7 @@ def _registered_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
 
 def env_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
     """(observation, action) spaces of a registered env id (one env made, once), else None."""
+    ensure_registered(env)
     if ":" in env or env not in gym.registry:
         return None
     return _registered_spaces(env)
@@ -378,6 +380,9 @@ def check_env_id(env: str) -> None:
             f"env {show(env)} names a module to import; import it yourself (it registers its envs)"
             " and pass the bare env id"
         )
+    ensure_registered(env)
+    if env not in gym.registry and env.startswith("ALE/"):
+        raise ConfigError(f"env {show(env)} is an Atari game: install ale-py with pip install 'shoal[atari]'")
     if env not in gym.registry:
         near = difflib.get_close_matches(env, list(gym.registry), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -416,7 +421,8 @@ def memory_needed(
 def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env] | None = None) -> None:
     """Algorithm/env compatibility and memory, from the env's spaces (one env is made and closed)."""
     try:  # a missing optional dependency (box2d, mujoco) or a broken constructor
-        probe = env_fn() if env_fn is not None else gym.make(config.env)
+        source = env_fn or env_source(config.env, config.atari_wrappers)  # the spaces the learner sees
+        probe = source() if callable(source) else gym.make(source)
     except Exception as e:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ConfigError(f"cannot make env {config.env}: {type(e).__name__}: {first}") from None
