@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import numbers
 import os
@@ -89,7 +90,7 @@ def add_config_flags(
     """
     hints = _field_types(cls)
     env = env or cls.env
-    preset = (presets or {}).get(env, {})
+    preset = preset_for(presets or {}, env)
     found = env_spaces(env) or _EXAMPLE_SPACES[0]  # (an env that cannot be made here: as if Discrete)
     here = cls.space_defaults(*found)
     label = _actions(found[1])
@@ -280,6 +281,17 @@ def env_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
     return _registered_spaces(env)
 
 
+def preset_for(presets: dict[str, dict[str, Any]], env: str) -> dict[str, Any]:
+    """The preset for ``env``: its exact id's, else the first family pattern matching it
+    (``"ALE/*"``: every Atari game; shell-style, as :func:`fnmatch.fnmatchcase` reads it)."""
+    if env in presets:
+        return presets[env]
+    for key, values in presets.items():
+        if any(c in key for c in "*?[") and fnmatch.fnmatchcase(env, key):
+            return values
+    return {}
+
+
 def layered(
     cls: type[TrainConfig],
     presets: dict[str, dict[str, Any]],
@@ -299,7 +311,7 @@ def layered(
     by_space = cls.space_defaults(*found) if found is not None else {}
     values = dict(by_space)
     if use_presets:
-        values.update(presets.get(env, {}))
+        values.update(preset_for(presets, env))
     values.update({k: v for k, v in user.items() if not (v is None and k in by_space)})
     values["env"] = env
     return values
