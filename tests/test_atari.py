@@ -216,7 +216,7 @@ def test_dqn_replay_costs_what_the_docs_say():
 
 
 @pytest.mark.slow
-def test_short_ppo_run_on_pong_writes_its_run_dir(tmp_path):
+def test_short_ppo_run_on_pong_writes_its_run_dir(tmp_path, capsys):
     from shoal.agent import Agent
 
     run = tmp_path / "run"
@@ -239,3 +239,11 @@ def test_short_ppo_run_on_pong_writes_its_run_dir(tmp_path):
     assert summary["mean_return"] < 0  # and it loses: a game, not a first point
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["env_steps"] >= 1024
+    assert agent.trainer.episodes.games  # the loop logs the envs' whole games, not the learner's lives
+    # shoal eval plays the same whole games (same seeds, greedy): the same score
+    from shoal.cli import main
+
+    assert main(["eval", str(run), "--episodes", "1", "--json"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean_return"] == summary["mean_return"]
+    )
