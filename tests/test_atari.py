@@ -177,6 +177,14 @@ def test_config_presets_and_the_switch():
     assert (dqn.buffer_size, dqn.learning_starts, dqn.batch_size) == (100_000, 100_000, 32)
     a2c = make_config("a2c", "PongNoFrameskip-v4", {})
     assert (a2c.num_envs, a2c.vf_coef, a2c.ent_coef) == (16, 0.25, 0.01)
+    v4 = env_of(a2c)()
+    assert v4.observation_space.shape == (4, 84, 84)
+    assert v4.unwrapped.ale.getFloat("repeat_action_probability") == 0.0  # v4: the id's own settings
+    v4.close()
+    v5 = env_of(config)()
+    assert v5.unwrapped.ale.getFloat("repeat_action_probability") == pytest.approx(0.25)  # sticky actions
+    assert v5.unwrapped._frameskip == 1 and v5.action_space.n == 6  # skip in the wrapper; minimal set
+    v5.close()
     assert make_config("dqn", "CartPole-v1", {}).buffer_size == 100_000  # its own preset
     assert make_config("ppo", "CartPole-v1", {}).clip_coef == 0.2
     raw = make_config("ppo", "ALE/Pong-v5", {"atari_wrappers": False})
