@@ -170,6 +170,7 @@ def actor_envs(c: Any, seed: int) -> Any:
 
 def run_actor(job: ActorJob, conn: Connection) -> None:
     from shoal.training.callbacks import FaultInjection
+    from shoal.training.trainer import env_of
 
     c, ring, control = job.config, job.ring, np.frombuffer(job.control, dtype=np.int64)
     faults = FaultInjection.from_environment(job.actor)  # the test suite's, at set trajectory counts
@@ -183,8 +184,6 @@ def run_actor(job: ActorJob, conn: Connection) -> None:
     try:
         free = ring.owned(job.actor)
         obs, _ = envs.reset(seed=job.seed)
-        from shoal.training.trainer import env_of
-
         carry = _Episodes(c.num_envs, games=reports_games(env_of(c)))
         sent, crc_sum = produced_at(job.actor)
         seq = 0

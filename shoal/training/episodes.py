@@ -41,7 +41,9 @@ class Episodes:
         self.ret += np.where(valid, rewards, 0.0)
         self.length += valid
         if self.games:
-            ended = np.zeros_like(valid) if games is None else games[0] & valid
+            if games is None:
+                return
+            ended = games[0] & valid
             if ended.any():
                 self.returns.extend(games[1][ended].tolist())
                 self.lengths.extend(games[2][ended].tolist())
@@ -50,8 +52,9 @@ class Episodes:
             if ended.any():
                 self.returns.extend(self.ret[ended].tolist())
                 self.lengths.extend(self.length[ended].tolist())
-        self.ret[ended] = 0.0
-        self.length[ended] = 0
+        if ended.any():
+            self.ret[ended] = 0.0
+            self.length[ended] = 0
 
     def cut(self, envs: np.ndarray | None = None) -> None:
         """The episodes of ``envs`` (a bool mask; None: all) end early and are not logged."""
