@@ -37,19 +37,23 @@ def reference(env_id: str) -> gym.Env:
 
 
 class RawRewards(gym.Wrapper):
-    """Sums the emulator's own rewards, frame by frame, since the last reset (a spy under every wrapper)."""
+    """Sums the emulator's own rewards, frame by frame, since the last reset (a spy under every
+    wrapper); ``finished`` keeps the sums of the games played before."""
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
-        self.total = 0.0
+        self.total, self.frames, self.finished = 0.0, 0, []
 
     def reset(self, **kwargs):
-        self.total = 0.0
+        if self.frames:
+            self.finished.append(self.total)
+        self.total, self.frames = 0.0, 0
         return self.env.reset(**kwargs)
 
     def step(self, action):
         out = self.env.step(action)
         self.total += float(out[1])
+        self.frames += 1
         return out
 
 
@@ -255,3 +259,30 @@ def test_short_ppo_run_on_pong_writes_its_run_dir(tmp_path, capsys):
     assert (
         json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean_return"] == summary["mean_return"]
     )
+
+
+def test_impala_and_appo_actors_send_whole_game_scores():
+    from shoal.actors.actor import _Episodes, _fill
+    from shoal.actors.shared import TrajectoryLayout
+
+    vec = make_vec(AtariFactory("ALE/MsPacman-v5"), 1, seed=11, vectorization="sync")
+    spy = spy_on_emulator(vec.envs[0])
+    layout = TrajectoryLayout(700, 1, (4, 84, 84), "uint8", (), "int64")
+    slot = {name: np.zeros(shape, dtype) for name, (shape, dtype) in layout.fields().items()}
+    rng = np.random.default_rng(2)
+
+    class RandomPolicy:
+        def act(self, obs):
+            a = rng.integers(9, size=1)
+            return a, a, np.zeros(1, np.float32)
+
+    obs, _ = vec.reset(seed=11)
+    _fill(slot, vec, RandomPolicy(), obs, _Episodes(1, games=True), "raise")
+    vec.close()
+    assert slot["obs"].dtype == np.uint8
+    lives_ended = int((slot["terminated"] | slot["truncated"]).sum())
+    scores = slot["episode_return"][~np.isnan(slot["episode_return"])]
+    assert lives_ended >= 3 and len(scores) == 1  # three lives for the learner, one game logged
+    assert scores[0] == spy.finished[0]  # the emulator's raw points of that game
+    game_end = np.flatnonzero(~np.isnan(slot["episode_return"]))[0]
+    assert scores[0] > slot["rewards"][: game_end + 1].sum() > 0  # more than the clipped rewards
