@@ -236,6 +236,7 @@ def read_checkpoint(
     env_id = values.pop("env")
     for name in ("normalize_obs", "normalize_reward"):  # saved before normalisation existed: none
         values.setdefault(name, False)
+    values.setdefault("atari_wrappers", False)  # saved before it existed: trained on raw frames
     if env is not None and env != env_id:
         raise ConfigError(f"{where} was trained on {show(env_id)}, not {show(env)}")
     try:

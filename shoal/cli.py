@@ -94,7 +94,7 @@ def _env_in(argv: list[str]) -> str | None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``shoal`` parser; with ``argv``, train's help shows the defaults for its ``--env``."""
-    from shoal.configio import add_config_flags
+    from shoal.configio import add_config_flags, preset_for
 
     parser = _Parser(prog="shoal", description="Parallel and distributed RL.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{train,eval,plot,bench}")
@@ -106,7 +106,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, algo in ALGORITHMS.items():
         run_env = env or algo.config_class.env
         shipped = ", ".join(algo.presets) or "none"
-        preset = f"its {run_env} preset" if run_env in algo.presets else f"no preset for {run_env}"
+        preset = f"its {run_env} preset" if preset_for(algo.presets, run_env) else f"no preset for {run_env}"
         p = algos.add_parser(
             name,
             help=(algo.__module__ and sys.modules[algo.__module__].__doc__ or "").split("\n")[0],
@@ -298,7 +298,7 @@ def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
 def _eval(args: argparse.Namespace) -> int:
     from shoal.agent import load, result_line
     from shoal.configio import ConfigError
-    from shoal.training.trainer import evaluate
+    from shoal.training.trainer import env_of, evaluate
 
     if not 1 <= args.episodes <= MAX_EVAL_EPISODES:
         raise ConfigError(
@@ -308,7 +308,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.run_dir} is not a directory")
     agent = load(args.run_dir, device=args.device, best=args.best)
     seed = agent.config.seed if args.seed is None else args.seed
-    result = evaluate(agent.algorithm, agent.config.env, args.episodes, seed)
+    result = evaluate(agent.algorithm, env_of(agent.config, training=False), args.episodes, seed)
     if args.json:
         run_dir = str(Path(args.run_dir).absolute())
         print(json.dumps({"run_dir": run_dir, "env": agent.config.env, "algo": agent.algo_name, **result}))

@@ -167,6 +167,14 @@ class TrainConfig:
         ge=1,
         only_with=(lambda c: c.vectorization != "sync", "--vectorization process (or auto)"),
     )
+    atari_wrappers: bool = opt(
+        True,
+        "ALE/... and *NoFrameskip-v4 ids: the standard Atari preprocessing (30 no-ops, skip 4, 84x84"
+        " gray, 4 stacked frames, life loss ends training episodes, FIRE on reset, sign of rewards;"
+        " docs/atari.md); logged returns are whole-game scores",
+        group=ENVS,
+        frozen=True,
+    )
     device: str = opt("auto", "learner device: auto|cpu|cuda|cuda:N")
     run_dir: str | None = opt(
         None, "where to write the run (default: runs/<env>-<algo>-<seed>-<time>)", group=RUN_FILES

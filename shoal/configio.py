@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import numbers
 import os
@@ -37,6 +38,7 @@ from shoal.config import (
     names_list,
     show,
 )
+from shoal.envs.atari import ensure_registered, env_source
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,7 +90,7 @@ def add_config_flags(
     """
     hints = _field_types(cls)
     env = env or cls.env
-    preset = (presets or {}).get(env, {})
+    preset = preset_for(presets or {}, env)
     found = env_spaces(env) or _EXAMPLE_SPACES[0]  # (an env that cannot be made here: as if Discrete)
     here = cls.space_defaults(*found)
     label = _actions(found[1])
@@ -273,9 +275,21 @@ def _registered_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
 
 def env_spaces(env: str) -> tuple[spaces.Space, spaces.Space] | None:
     """(observation, action) spaces of a registered env id (one env made, once), else None."""
+    ensure_registered(env)
     if ":" in env or env not in gym.registry:
         return None
     return _registered_spaces(env)
+
+
+def preset_for(presets: dict[str, dict[str, Any]], env: str) -> dict[str, Any]:
+    """The preset for ``env``: its exact id's, else the first family pattern matching it
+    (``"ALE/*"``: every Atari game; shell-style, as :func:`fnmatch.fnmatchcase` reads it)."""
+    if env in presets:
+        return presets[env]
+    for key, values in presets.items():
+        if any(c in key for c in "*?[") and fnmatch.fnmatchcase(env, key):
+            return values
+    return {}
 
 
 def layered(
@@ -297,7 +311,7 @@ def layered(
     by_space = cls.space_defaults(*found) if found is not None else {}
     values = dict(by_space)
     if use_presets:
-        values.update(presets.get(env, {}))
+        values.update(preset_for(presets, env))
     values.update({k: v for k, v in user.items() if not (v is None and k in by_space)})
     values["env"] = env
     return values
@@ -378,6 +392,9 @@ def check_env_id(env: str) -> None:
             f"env {show(env)} names a module to import; import it yourself (it registers its envs)"
             " and pass the bare env id"
         )
+    ensure_registered(env)
+    if env not in gym.registry and env.startswith("ALE/"):
+        raise ConfigError(f"env {show(env)} is an Atari game: install ale-py with pip install 'shoal[atari]'")
     if env not in gym.registry:
         near = difflib.get_close_matches(env, list(gym.registry), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -416,7 +433,8 @@ def memory_needed(
 def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env] | None = None) -> None:
     """Algorithm/env compatibility and memory, from the env's spaces (one env is made and closed)."""
     try:  # a missing optional dependency (box2d, mujoco) or a broken constructor
-        probe = env_fn() if env_fn is not None else gym.make(config.env)
+        source = env_fn or env_source(config.env, config.atari_wrappers)  # the spaces the learner sees
+        probe = source() if callable(source) else gym.make(source)
     except Exception as e:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ConfigError(f"cannot make env {config.env}: {type(e).__name__}: {first}") from None

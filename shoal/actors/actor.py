@@ -25,6 +25,7 @@ import torch
 from gymnasium import spaces
 
 from shoal.actors.shared import ERROR_TAG, TrajectoryRing, WeightBuffer, pack_index, unpack_index
+from shoal.envs.atari import game_scores, reports_games
 from shoal.normalize import EPS, Normalizer
 
 # control: shared int64 numbers the learner and actors read without locks.
@@ -145,11 +146,11 @@ def _orphan_watch(parent_pid: int) -> None:
 def actor_policy(algo: str, c: Any, seed: int) -> ActorPolicy:
     """The policy copy an actor acts with (weights not loaded yet), its torch seeded."""
     from shoal.algos import ALGORITHMS
-    from shoal.training.trainer import spaces_of
+    from shoal.training.trainer import env_of, spaces_of
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    obs_space, action_space = spaces_of(c.env)
+    obs_space, action_space = spaces_of(env_of(c))
     net = ALGORITHMS[algo].actor_network(c, obs_space, action_space)
     return ActorPolicy(net, action_space, bool(c.normalize_obs), c.obs_clip)
 
@@ -157,9 +158,10 @@ def actor_policy(algo: str, c: Any, seed: int) -> ActorPolicy:
 def actor_envs(c: Any, seed: int) -> Any:
     """An actor's vector env (in-process by default: the actor is a process of its own)."""
     from shoal.envs import make_vec
+    from shoal.training.trainer import env_of
 
     return make_vec(
-        c.env,
+        env_of(c),
         c.num_envs,
         seed=seed,
         vectorization="sync" if c.vectorization == "auto" else c.vectorization,
@@ -171,6 +173,7 @@ def actor_envs(c: Any, seed: int) -> Any:
 
 def run_actor(job: ActorJob, conn: Connection) -> None:
     from shoal.training.callbacks import FaultInjection
+    from shoal.training.trainer import env_of
 
     c, ring, control = job.config, job.ring, np.frombuffer(job.control, dtype=np.int64)
     faults = FaultInjection.from_environment(job.actor)  # the test suite's, at set trajectory counts
@@ -184,7 +187,7 @@ def run_actor(job: ActorJob, conn: Connection) -> None:
     try:
         free = ring.owned(job.actor)
         obs, _ = envs.reset(seed=job.seed)
-        carry = _Episodes(c.num_envs)
+        carry = _Episodes(c.num_envs, games=reports_games(env_of(c)))
         sent, crc_sum = produced_at(job.actor)
         seq = 0
         while not control[STOP]:
@@ -232,7 +235,8 @@ def _free_slot(conn: Connection, free: list[int], control: np.ndarray) -> int | 
 class _Episodes:
     """Each env's return and length so far, and whether its next step is an autoreset."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, games: bool = False) -> None:
+        self.games = games  # Atari: log whole games' raw scores, not the learner's lives
         self.ret = np.zeros(n, np.float64)
         self.length = np.zeros(n, np.int64)
         self.autoreset = np.zeros(n, bool)
@@ -253,7 +257,7 @@ def _fill(
         env_actions, actions, logprobs = policy.act(obs)
         slot["actions"][t] = actions
         slot["logprobs"][t] = logprobs
-        obs, rewards, terminated, truncated, _ = envs.step(env_actions)
+        obs, rewards, terminated, truncated, infos = envs.step(env_actions)
         if not (np.isfinite(rewards).all() and (obs.dtype.kind != "f" or np.isfinite(obs).all())):
             from shoal.guards import NonFiniteError
 
@@ -268,6 +272,11 @@ def _fill(
         slot["valid"][t] = valid
         slot["episode_return"][t] = np.where(ended, ep.ret, np.nan)
         slot["episode_length"][t] = np.where(ended, ep.length, 0)
+        if ep.games:  # Atari: whole games' raw scores, not the clipped lives the learner sees
+            games = game_scores(infos)
+            over = np.zeros_like(valid) if games is None else games[0] & valid
+            slot["episode_return"][t] = np.where(over, games[1], np.nan) if over.any() else np.nan
+            slot["episode_length"][t] = np.where(over, games[2], 0) if over.any() else 0
         ep.ret[ended] = 0.0
         ep.length[ended] = 0
         ep.autoreset = terminated | truncated

@@ -111,5 +111,10 @@ PRESETS: dict[str, dict] = {
         normalize_obs=False,  # tuned and measured without normalisation
         normalize_reward=False,
     ),
+    # Every Atari game: RL-Zoo's a2c.yml "atari" entry, the rest SB3's A2C defaults (which are
+    # shoal's: 5 steps, lr 7e-4, RMSprop alpha 0.99 eps 1e-5, lambda 1, grad norm 0.5). The
+    # zoo's RMSpropTFLike puts eps inside the square root; torch's RMSprop, here, outside.
+    "ALE/*": dict(num_envs=16, ent_coef=0.01, vf_coef=0.25, total_steps=10_000_000),
 }
+PRESETS["*NoFrameskip-v4"] = PRESETS["ALE/*"]  # the v4 ids shoal preprocesses too
 A2C.presets = PRESETS

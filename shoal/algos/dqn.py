@@ -241,5 +241,22 @@ PRESETS: dict[str, dict] = {
         hidden=(256, 256),
         total_steps=100_000,
     ),
+    # Every Atari game: RL-Zoo's dqn.yml "atari" entry (its master; older revisions kept 10k
+    # or 1M transitions). 100k transitions of 4x84x84 uint8 frames take 5.6 GB (docs/atari.md).
+    "ALE/*": dict(
+        num_envs=1,
+        buffer_size=100_000,
+        learning_rate=1e-4,
+        batch_size=32,
+        learning_starts=100_000,
+        target_update_interval=1_000,
+        train_freq=4,
+        gradient_steps=1,
+        exploration_fraction=0.1,
+        exploration_final_eps=0.01,
+        gamma=0.99,
+        total_steps=10_000_000,
+    ),
 }
+PRESETS["*NoFrameskip-v4"] = PRESETS["ALE/*"]  # the v4 ids shoal preprocesses too
 DQN.presets = PRESETS

@@ -218,5 +218,24 @@ PRESETS: dict[str, dict] = {
         normalize_obs=False,
         normalize_reward=False,
     ),
+    # Every Atari game (with shoal's Atari preprocessing, docs/atari.md): CleanRL's ppo_atari.py.
+    "ALE/*": dict(
+        num_envs=8,
+        num_steps=128,
+        learning_rate=2.5e-4,
+        anneal_lr=True,
+        update_epochs=4,
+        num_minibatches=4,
+        clip_coef=0.1,
+        clip_vloss=True,
+        norm_adv=True,
+        ent_coef=0.01,
+        vf_coef=0.5,
+        gamma=0.99,
+        gae_lambda=0.95,
+        max_grad_norm=0.5,
+        total_steps=10_000_000,
+    ),
 }
+PRESETS["*NoFrameskip-v4"] = PRESETS["ALE/*"]  # the v4 ids shoal preprocesses too
 PPO.presets = PRESETS

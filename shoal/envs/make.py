@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import SyncVectorEnv, VectorEnv
 
+from shoal.envs.atari import ensure_registered
 from shoal.envs.process_vector_env import ProcessVectorEnv
 
 log = logging.getLogger("shoal")  # the CLI shows it (unless --quiet); a library installs no handler
@@ -139,6 +140,7 @@ class _EnvFactory:
 
     def __call__(self) -> gym.Env:
         if isinstance(self.env, str):
+            ensure_registered(self.env)  # (a spawned env worker starts with gymnasium's registry)
             env = gym.make(self.env, **self.env_kwargs)
         else:
             env = self.env(**self.env_kwargs)
@@ -226,6 +228,7 @@ def make_vec(
         num_workers = min(num_envs, os.cpu_count() or 1)
     elif not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer or 'auto', got {num_workers!r}")
+    ensure_registered(env)
     if isinstance(env, str) and env not in gym.registry:
         import difflib
 

@@ -123,12 +123,12 @@ def run_server(
     from shoal.distributed.server import ParameterServer
     from shoal.distributed.wire import peer_timeout_of
     from shoal.run import checkpoint as ckpt
-    from shoal.training.trainer import spaces_of
+    from shoal.training.trainer import env_of, spaces_of
 
     store = open_store(rendezvous, host=True)
     torch.set_num_threads(1)
     torch.manual_seed(config.seed)
-    obs_space, action_space = spaces_of(config.env)
+    obs_space, action_space = spaces_of(env_of(config))
     algorithm = ALGORITHMS[algo](config, obs_space, action_space, torch.device("cpu"))
     if resume:
         arrays, meta = ckpt.load(resume)

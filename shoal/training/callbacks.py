@@ -111,9 +111,10 @@ class PeriodicEvaluation(Callback):
 
     def __init__(self, trainer: Trainer) -> None:
         from shoal.config import MAX_EVAL_EPISODES
-        from shoal.training.trainer import evaluate
+        from shoal.training.trainer import env_of, evaluate
 
         self.evaluate, self.seed = evaluate, trainer.config.seed + MAX_EVAL_EPISODES
+        self.env_of = env_of
         every = trainer.config.eval_every
         self.due = (trainer.env_steps // every + 1) * every  # the first multiple not evaluated yet
         trainer.best_eval = read_best(trainer.run_dir)
@@ -131,7 +132,11 @@ class PeriodicEvaluation(Callback):
         self.due = (trainer.env_steps // c.eval_every + 1) * c.eval_every
         start = time.perf_counter()
         result = self.evaluate(
-            trainer.algo, trainer.env_fn or c.env, c.periodic_eval_episodes, self.seed, trainer.stop
+            trainer.algo,
+            self.env_of(c, trainer.env_fn, training=False),
+            c.periodic_eval_episodes,
+            self.seed,
+            trainer.stop,
         )
         if trainer.stop:  # cut short: neither a score nor a best
             return

@@ -16,21 +16,43 @@ class Episodes:
     whose return it would understate, but counted, so a reader can tell how many there were.
     """
 
-    def __init__(self, num_envs: int) -> None:
+    def __init__(self, num_envs: int, games: bool = False) -> None:
+        self.games = games  # the envs report whole games (Atari): log those, not their episodes
         self.ret = np.zeros(num_envs)
         self.length = np.zeros(num_envs, dtype=np.int64)
         self.returns: list[float] = []
         self.lengths: list[int] = []
         self.cut_count = 0
 
-    def step(self, rewards: np.ndarray, valid: np.ndarray, done: np.ndarray) -> None:
-        """Add a step's rewards (``valid`` envs only); log the episodes that ``done`` ends."""
+    def step(
+        self,
+        rewards: np.ndarray,
+        valid: np.ndarray,
+        done: np.ndarray,
+        games: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """Add a step's rewards (``valid`` envs only); log the episodes that ``done`` ends.
+
+        ``games``: (ended, raw scores, lengths) of the whole games the envs reported this step
+        (:func:`shoal.envs.atari.game_scores`; None: none ended). With ``self.games`` those
+        are logged instead of episodes: an Atari learner's rewards are clipped and its episodes
+        are single lives, which is not the score anyone compares.
+        """
         self.ret += np.where(valid, rewards, 0.0)
         self.length += valid
-        ended = done & valid
+        if self.games:
+            if games is None:
+                return
+            ended = games[0] & valid
+            if ended.any():
+                self.returns.extend(games[1][ended].tolist())
+                self.lengths.extend(games[2][ended].tolist())
+        else:
+            ended = done & valid
+            if ended.any():
+                self.returns.extend(self.ret[ended].tolist())
+                self.lengths.extend(self.length[ended].tolist())
         if ended.any():
-            self.returns.extend(self.ret[ended].tolist())
-            self.lengths.extend(self.length[ended].tolist())
             self.ret[ended] = 0.0
             self.length[ended] = 0
 

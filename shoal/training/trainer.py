@@ -38,6 +38,7 @@ from shoal.algos.base import Algorithm
 from shoal.config import ConfigError, TrainConfig
 from shoal.distributed.strategy import LocalStrategy, Strategy
 from shoal.envs import make_vec
+from shoal.envs.atari import env_source, game_scores, reports_games
 from shoal.envs.make import TRAINING_PROCESS_OVERHEAD_S
 from shoal.run import checkpoint as ckpt
 from shoal.run.logger import RunLogger
@@ -112,6 +113,14 @@ def learner_threads(config: TrainConfig) -> int:
     return max(1, cores // config.num_workers)
 
 
+def env_of(
+    config: TrainConfig, env_fn: Callable[..., gym.Env] | None = None, *, training: bool = True
+) -> str | Callable[..., gym.Env]:
+    """What envs are made from: the user's function, else the config's id with its Atari
+    preprocessing when that applies (``training=False``: whole games, unclipped rewards)."""
+    return env_fn or env_source(config.env, config.atari_wrappers, training=training)
+
+
 def spaces_of(env: str | Callable[..., gym.Env]) -> tuple[gym.Space, gym.Space]:
     probe = gym.make(env) if isinstance(env, str) else env()
     try:
@@ -142,7 +151,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         torch.set_num_threads(learner_threads(config))
         torch.manual_seed(config.seed)  # the same initial weights on every worker and the server
-        obs_space, action_space = spaces_of(env_fn or config.env)
+        obs_space, action_space = spaces_of(env_of(config, env_fn))
         self.algo = algo_class(config, obs_space, action_space, self.device, self.strategy)
         self.strategy.watch(self.algo.modules(), config.nan_policy)  # no NaN gradient is ever applied
         if self.strategy.rank > 0:
@@ -259,7 +268,7 @@ class Trainer:
                 next_obs, rewards, valid = self._screen(next_obs, rewards, ended, infos)
                 algo.observe(self.obs, rewards, ended, valid)  # normalisation statistics (raw values)
                 algo.record(rewards, terminated, truncated, next_obs, valid, self.env_steps)
-                self.episodes.step(rewards, valid, ended)
+                self.episodes.step(rewards, valid, ended, game_scores(infos))
                 self.autoreset = ended
                 self.obs = next_obs
                 if algo.ready():
@@ -315,7 +324,7 @@ class Trainer:
             )
         self.seed = self.strategy.worker_seed(c.seed)
         self.envs = make_vec(
-            self.env_fn or c.env,
+            env_of(c, self.env_fn),
             c.num_envs,
             seed=self.seed,
             vectorization=c.vectorization,
@@ -327,7 +336,7 @@ class Trainer:
         self._warn_if_boundaries_cut_episodes()
         self.faults = EnvFaults(c.max_restarts)
         self.screen = guards.EnvGuard(c.num_envs, c.nan_policy)  # NaN/inf from the envs: raise or quarantine
-        self.episodes = Episodes(c.num_envs)
+        self.episodes = Episodes(c.num_envs, games=reports_games(env_of(c, self.env_fn)))
         self.update_metrics: dict[str, float] = {}
         self.best_eval: dict[str, Any] | None = None  # the best periodic evaluation (--eval-every)
         chief = self.strategy.is_chief
@@ -394,7 +403,8 @@ class Trainer:
             # transitions, as at a boundary, so that the checkpoint can be resumed.
             self.algo.on_new_episodes()
             self.save_checkpoint()
-            summary.update(evaluate(self.algo, self.env_fn or c.env, c.eval_episodes, c.seed, self.stop))
+            play = env_of(c, self.env_fn, training=False)
+            summary.update(evaluate(self.algo, play, c.eval_episodes, c.seed, self.stop))
             if self.best_eval is not None:
                 best = self.best_eval
                 summary.update(best_eval_return=best["eval_return"], best_eval_env_steps=best["env_steps"])
@@ -445,7 +455,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Greedy (deterministic) returns of ``episodes`` episodes on a fresh, separately seeded env.
 
-    A ``stop`` request ends it early (with the episodes completed so far)."""
+    ``env``: an id or a function; for Atari, ``env_of(config, training=False)``, whose episodes
+    are whole games with raw rewards. A ``stop`` request ends it early (with the episodes
+    completed so far)."""
     one = gym.make(env) if isinstance(env, str) else env()
     results = []
     try:
