@@ -5,6 +5,12 @@ loop. Within one (env, num_envs) cell all implementations are kept open and time
 round-robin, one window each per repeat, in an order rotated every repeat, so a burst of
 machine noise hits them alike; the table reports medians over the repeats. Processes of the other libraries
 are created with ``fork``; shoal's with the platform default.
+
+``independent`` is no vector env: ``--workers`` processes each step their share of the envs
+for a whole window without ever waiting for one another, which is what the machine's cores
+allow any vector env of that many workers (its synchronous ``step`` waits for the slowest
+worker at every step). ``shoal-process / independent`` is then the share of that ceiling a
+vector env keeps.
 """
 
 from __future__ import annotations
@@ -25,8 +31,67 @@ import numpy as np
 from shoal.bench import machine
 from shoal.envs import ProcessVectorEnv, make_vec  # also registers shoal/HeavyCartPole-v1
 
-IMPLEMENTATIONS = ["gym-sync", "gym-async", "sb3-subproc", "envpool", "shoal-process", "shoal-auto"]
+IMPLEMENTATIONS = [
+    "gym-sync",
+    "gym-async",
+    "sb3-subproc",
+    "envpool",
+    "shoal-process",
+    "shoal-auto",
+    "independent",
+]
 ENVS = ["CartPole-v1", "shoal/HeavyCartPole-v1"]
+
+
+def _step_alone(env_id: str, num_envs: int, conn: Any) -> None:
+    """An ``independent`` process: on ``(seed, steps)``, step its envs that often, then answer."""
+    env = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * num_envs)
+    env.reset(seed=0)
+    while (job := conn.recv()) is not None:
+        seed, steps = job
+        actions = np.random.default_rng(seed).integers(0, 2, (steps, num_envs))
+        conn.send(None)  # the actions are drawn: the clock may start
+        conn.recv()
+        for a in actions:
+            env.step(a)
+        conn.send(None)
+    env.close()
+
+
+class _Independent:
+    """``workers`` processes stepping their envs side by side, never waiting for each other."""
+
+    def __init__(self, env_id: str, num_envs: int, workers: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        self.shares = [len(part) for part in np.array_split(np.arange(num_envs), workers) if len(part)]
+        self.conns, self.procs = [], []
+        for share in self.shares:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_step_alone, args=(env_id, share, theirs), daemon=True)
+            proc.start()
+            self.conns.append(mine)
+            self.procs.append(proc)
+
+    def run(self, actions: np.ndarray) -> float:
+        steps = len(actions)
+        for k, conn in enumerate(self.conns):
+            conn.send((k, steps))
+        for conn in self.conns:
+            conn.recv()
+        start = time.perf_counter()
+        for conn in self.conns:
+            conn.send(None)
+        for conn in self.conns:
+            conn.recv()
+        return steps * sum(self.shares) / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(10)
 
 
 class _Stepper:
@@ -50,6 +115,9 @@ class _Stepper:
         elif name == "shoal-process":
             self.env = ProcessVectorEnv([make_one] * num_envs, num_workers=workers)
             self.detail = f"{self.env.num_workers} workers"
+        elif name == "independent":
+            self.env = _Independent(env_id, num_envs, workers)
+            self.detail = f"{len(self.env.shares)} processes"
         elif name == "shoal-auto":
             self.env = make_vec(env_id, num_envs, seed=0, num_workers=workers)
             picked = "process" if isinstance(self.env, ProcessVectorEnv) else "sync"
@@ -59,11 +127,13 @@ class _Stepper:
         if name == "sb3-subproc":
             self.env.seed(0)
             self.env.reset()
-        else:
+        elif name != "independent":
             self.env.reset(seed=0)
 
     def run(self, actions: np.ndarray) -> float:
         """Step through ``actions`` (steps x envs); return env steps per second."""
+        if isinstance(self.env, _Independent):
+            return self.env.run(actions)
         step = self.env.step
         start = time.perf_counter()
         for a in actions:
@@ -178,6 +248,23 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, float | None, float]]:
     ]
 
 
+KEY = "shoal-process"
+
+
+def ceilings(results: dict[str, Any]) -> list[tuple[str, float]]:
+    """What the cores allow (independent / gym-sync) and the share of it shoal keeps, per cell."""
+    out = []
+    for env, cells in results.items():
+        for n, cell in cells.items():
+            alone, sync, ours = (cell.get(k, {}).get("median") for k in ("independent", "gym-sync", KEY))
+            name = f"{env.split('/')[-1]} x{n}"
+            if alone and sync:
+                out.append((f"independent / gym-sync, {name} (the ceiling)", alone / sync))
+            if alone and ours:
+                out.append((f"shoal-process / independent, {name}", ours / alone))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shoal bench envs", description=__doc__.split("\n")[0])
     parser.add_argument("--envs", nargs="+", default=ENVS, help="env ids")
@@ -207,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             verdict = "ok" if value >= target else "BELOW TARGET"
             lines.append(f"- {what}: **{value:.2f}x** (target >= {target}x, {verdict})")
+    for what, value in ceilings(results):
+        lines.append(f"- {what}: {value:.2f}x")
     text = "\n".join(lines)
     print("\n" + text)
     out = Path(args.out)
@@ -219,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items()},
         "results": results,
         "ratios": [{"what": w, "ratio": v, "target": t} for w, v, t in claims],
+        "ceilings": [{"what": w, "ratio": v} for w, v in ceilings(results)],
         "seconds": time.perf_counter() - started,
     }
     out.write_text(json.dumps(report, indent=2))
