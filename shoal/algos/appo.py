@@ -141,7 +141,7 @@ PRESETS: dict[str, dict] = {
         batch_trajectories=2,
         update_epochs=6,
         num_minibatches=2,
-        learning_rate=1e-3,
+        learning_rate=2e-3,
         gamma=0.98,
         total_steps=100_000,
     ),
