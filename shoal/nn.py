@@ -112,10 +112,13 @@ class TwinMLP(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """Separate actor and critic bodies; categorical or diagonal-Gaussian policy.
+    """Categorical or diagonal-Gaussian policy and a state value.
 
-    Vector observations use a :class:`TwinMLP`; frames use two Nature-CNN encoders. The
-    Gaussian has a state-independent log-std (a learned vector), as in PPO's paper.
+    Vector observations use a :class:`TwinMLP`: separate actor and critic bodies, as SB3's
+    MlpPolicy. Frames use one Nature-CNN that both heads share, as the Atari setups of PPO's
+    paper, CleanRL and SB3's CnnPolicy do: the convolutions are nearly all of the compute, and
+    a second one would double it. The Gaussian has a state-independent log-std (a learned
+    vector), as in PPO's paper.
     """
 
     def __init__(
@@ -135,9 +138,9 @@ class ActorCritic(nn.Module):
         else:
             raise ValueError(f"actor-critic supports Discrete and Box actions, not {action_space}")
         if is_image(obs_space):
-            self.actor_body, self.critic_body = NatureCNN(obs_space), NatureCNN(obs_space)
+            self.body = NatureCNN(obs_space)
             self.twin = None
-            features = self.actor_body.out_features
+            features = self.body.out_features
         else:
             self.twin = TwinMLP(int(np.prod(obs_space.shape)) if obs_space.shape else 1, hidden, activation)
             features = self.twin.out_features
@@ -149,7 +152,7 @@ class ActorCritic(nn.Module):
         if self.twin is not None:
             h_actor, h_critic = self.twin(obs.reshape(obs.shape[0], -1).float())
         else:
-            h_actor, h_critic = self.actor_body(obs), self.critic_body(obs)
+            h_actor = h_critic = self.body(obs)
         return self.actor_head(h_actor), self.critic_head(h_critic).squeeze(-1)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
