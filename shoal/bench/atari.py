@@ -565,7 +565,7 @@ def curve_lines(curve: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shoal bench atari", description=__doc__.split("\n")[0])
     parser.add_argument("--part", nargs="+", default=["envs", "train"], choices=["envs", "train", "curve"])
-    parser.add_argument("--envs", nargs="+", default=ENVS, help="ALE ids (EnvPool's: without 'ALE/')")
+    parser.add_argument("--envs", nargs="+", default=ENVS, help="ALE ids (EnvPool's are the same without 'ALE/')")
     parser.add_argument("--num-envs", nargs="+", type=int, default=[8, 16], help="envs: vector sizes")
     parser.add_argument("--impls", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
     parser.add_argument("--repeats", type=int, default=5, help="envs: timed windows per implementation")
