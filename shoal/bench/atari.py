@@ -565,7 +565,9 @@ def curve_lines(curve: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shoal bench atari", description=__doc__.split("\n")[0])
     parser.add_argument("--part", nargs="+", default=["envs", "train"], choices=["envs", "train", "curve"])
-    parser.add_argument("--envs", nargs="+", default=ENVS, help="ALE ids (EnvPool's are the same without 'ALE/')")
+    parser.add_argument(
+        "--envs", nargs="+", default=ENVS, help="ALE ids (EnvPool's are the same without 'ALE/')"
+    )
     parser.add_argument("--num-envs", nargs="+", type=int, default=[8, 16], help="envs: vector sizes")
     parser.add_argument("--impls", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
     parser.add_argument("--repeats", type=int, default=5, help="envs: timed windows per implementation")
@@ -574,11 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=os.cpu_count() or 1, help="env workers (EnvPool threads)"
     )
     # Sizing: one update is 8 x 128 = 1024 env steps, then 4 epochs x 4 minibatches of 256
-    # frames stacks. A smoke measurement (nice'd, on a busy 2-core machine) took ~1.3 s per
-    # minibatch for shoal's two CNNs, ~0.75 s for SB3's shared one, and ~26 ms per forward of
-    # 8 observations: ~25 s per shoal update there. On a quiet machine (~2x faster) that is
-    # ~10 s per shoal update and ~6 s per SB3 one, so 16 updates (15 timed) take ~2.5 min for
-    # shoal and ~1.5 min for SB3.
+    # frame stacks. Smoke measurements (nice'd, on a busy 2-core machine, 2 torch threads):
+    # ~0.7 s per minibatch for shoal's two CNNs (and SB3's with separate CNNs), ~0.35 s for
+    # SB3's shared one, ~26 ms per forward of 8 observations for shoal's: ~15 s per shoal
+    # update there (rollout ~4 s, learning ~11 s), ~8 s per SB3 one. A quiet machine should
+    # be at least ~1.5x faster: ~10 s per shoal update, so 16 updates (15 timed) take ~2.5 min
+    # for shoal and sb3-separate and ~1.5 min for sb3.
     parser.add_argument("--train-steps", type=int, default=16_384, help="train: env steps per run")
     parser.add_argument(
         "--num-steps", type=int, default=None, help="train, curve: rollout length (default: the preset's 128)"
