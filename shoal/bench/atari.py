@@ -24,12 +24,12 @@ FIRE on reset, reward sign) on the v5 emulator (sticky actions 0.25). Parts (``-
   and anything after the loop are not counted), as ``shoal bench scaling`` does from
   metrics rows. Where the two differ:
 
-  * networks: SB3's ``CnnPolicy`` shares one Nature-CNN between policy and value; shoal's
-    ``ActorCritic`` has two Nature-CNNs (one each, as CleanRL's separate-networks variant),
-    about twice the convolution work per forward and backward pass. The ``sb3-separate`` row
-    runs SB3 with ``share_features_extractor=False`` (two CNNs, as shoal's), so the
-    network's share of the gap shows; ``update share`` is the part of the loop spent in
-    updates;
+  * networks: SB3's ``CnnPolicy`` (as CleanRL's ppo_atari) shares one Nature-CNN between
+    policy and value; shoal's ``ActorCritic`` has two Nature-CNNs, one each: about twice the
+    work per forward and backward pass (smoke: ~1.9x per minibatch), so shoal starts the
+    race against ``sb3`` with a heavier network. The ``sb3-separate`` row runs SB3 with
+    ``share_features_extractor=False`` (two CNNs, as shoal's), which compares the libraries
+    on the same network; ``update share`` is the part of the loop spent in updates;
   * value loss: shoal's preset clips it as CleanRL does, SB3 has no such clipping
     (``clip_range_vf`` clips differently): shoal runs with ``clip_vloss`` off here;
   * envs: SB3 steps its envs in one process (``DummyVecEnv``, ``make_atari_env``'s default;
