@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("ale_py")
 pytest.importorskip("cv2")
 
-from shoal.bench.atari import ALE_INFO, AtariFactory, QuietAtariFactory, _rates, main  # noqa: E402
+from shoal.bench.atari import ALE_INFO, AtariFactory, QuietAtariFactory, _binned, _rates, main  # noqa: E402
 
 
 def test_quiet_factory_drops_ale_per_step_info():
@@ -49,6 +49,11 @@ def test_rates_skip_the_first_update():
     assert rates["fps"] == pytest.approx(4 * 200 / 4.0) and rates["update_share"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 2 updates"):
         _rates(marks[:1])
+
+
+def test_sb3_game_scores_are_averaged_per_bin_of_env_steps():
+    games = [(10, 1.0), (30, 3.0), (250, 5.0)]
+    assert _binned(games, 100) == [(100, 2.0), (300, 5.0)]
 
 
 @pytest.mark.slow

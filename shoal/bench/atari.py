@@ -38,7 +38,8 @@ FIRE on reset, reward sign) on the v5 emulator (sticky actions 0.25). Parts (``-
     INTER_AREA as gymnasium's).
 
 - ``curve``: a Breakout learning curve, shoal against SB3, one seed each, same settings as
-  ``train``, ``--curve-frames`` frames; game scores (raw, whole games) against frames; a PNG.
+  ``train``, ``--curve-frames`` frames; game scores (raw, whole games) against env steps
+  (x4 for frames); a PNG.
 """
 
 from __future__ import annotations
@@ -386,9 +387,7 @@ def run_shoal_ppo(
     }
     if curve:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        res["curve"] = [
-            (r["env_steps"] * FRAME_SKIP, r["episode_return"]) for r in rows if "episode_return" in r
-        ]
+        res["curve"] = [(r["env_steps"], r["episode_return"]) for r in rows if "episode_return" in r]
     return res
 
 
@@ -452,22 +451,22 @@ def run_sb3_ppo(
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
                 if "episode" in info:
-                    games.append((self.num_timesteps * FRAME_SKIP, float(info["episode"]["r"])))
+                    games.append((self.num_timesteps, float(info["episode"]["r"])))
             return True
 
     model.learn(total_timesteps=steps, callback=Scores() if curve else None)
     model.get_env().close()
     res = {**_rates(marks), "run_seconds": time.perf_counter() - started, "vector_env": vec}
     if curve:
-        res["curve"] = _binned(games, FRAME_SKIP * max(1, steps // 20))
+        res["curve"] = _binned(games, max(1, steps // 20))
     return res
 
 
 def _binned(games: list[tuple[float, float]], width: float) -> list[tuple[float, float]]:
-    """Mean game score per ``width`` frames (at the bin's end), as shoal's metrics rows."""
+    """Mean game score per ``width`` env steps (at the bin's end), as shoal's metrics rows."""
     bins: dict[int, list[float]] = {}
-    for frames, score in games:
-        bins.setdefault(int(frames // width), []).append(score)
+    for steps, score in games:
+        bins.setdefault(int(steps // width), []).append(score)
     return [((k + 1) * width, float(np.mean(v))) for k, v in sorted(bins.items())]
 
 
@@ -546,7 +545,8 @@ def part_curve(args: argparse.Namespace, work: Path, png: Path) -> dict[str, Any
     b = run_sb3_ppo(env_id, 1, steps, args.torch_threads, True, args.sb3_vec, args.num_steps, curve=True)
     print(f"  curve sb3: {b['fps']:,.0f} frames/s", flush=True)
     res = {"env": env_id, "frames": args.curve_frames, "shoal": s, "sb3": b}
-    plot_curves({f"PPO on {env_id}, 1 seed": {"shoal": [s["curve"]], "sb3": [b["curve"]]}}, png, "game score")
+    title = f"PPO on {env_id}, {args.curve_frames:,} frames"
+    plot_curves({title: {"shoal": [s["curve"]], "sb3": [b["curve"]]}}, png, "game score (mean per log row)")
     return res
 
 
