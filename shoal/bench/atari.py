@@ -192,8 +192,10 @@ class _Stepper:
         self.env.close()
 
 
-def available(name: str) -> str | None:
-    """Why ``name`` cannot run here, or None."""
+def available(name: str, env_id: str | None = None) -> str | None:
+    """Why ``name`` cannot run (``env_id``) here, or None."""
+    if name == "envpool" and env_id is not None and not env_id.startswith("ALE/"):
+        return "EnvPool's ids are the v5 ones"
     needs = {"envpool": "envpool", "sb3-subproc": "stable_baselines3"}
     if name in needs:
         try:
@@ -223,7 +225,7 @@ def measure_cell(
     steppers: dict[str, _Stepper] = {}
     try:
         for name in impls:
-            why = available(name)
+            why = available(name, env_id)
             if why:
                 results[name] = {"skipped": why}
                 continue
@@ -253,7 +255,7 @@ def measure_cell(
     finally:
         for s in steppers.values():
             s.close()
-    return results
+    return {name: results[name] for name in impls}  # the order asked for, skipped rows too
 
 
 def _fmt(cell: dict[str, Any]) -> str:
