@@ -164,10 +164,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     bench.add_argument(
         "which",
-        choices=["envs", "sb3", "scaling", "zoo"],
+        choices=["envs", "sb3", "scaling", "zoo", "atari"],
         help="envs: vector-env steps/s vs other libraries; sb3: PPO vs Stable-Baselines3; "
         "scaling: distributed strategies with 1 and 2 workers, bytes per update with compression; "
-        "zoo: shoal vs Stable-Baselines3 on MuJoCo and Box2D (PPO, SAC, TD3) and 1 vs 2 workers",
+        "zoo: shoal vs Stable-Baselines3 on MuJoCo and Box2D (PPO, SAC, TD3) and 1 vs 2 workers; "
+        "atari: Atari frames/s of vector envs and of PPO training, shoal vs gymnasium, SB3, EnvPool",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see --help)")
     bench.set_defaults(run=_bench)
@@ -338,6 +339,10 @@ def _bench(args: argparse.Namespace) -> int:
         from shoal.bench import zoo
 
         return zoo.main(args.args)
+    if args.which == "atari":
+        from shoal.bench import atari
+
+        return atari.main(args.args)
     from shoal.bench import vector_envs
 
     return vector_envs.main(args.args)
