@@ -24,12 +24,10 @@ FIRE on reset, reward sign) on the v5 emulator (sticky actions 0.25). Parts (``-
   and anything after the loop are not counted), as ``shoal bench scaling`` does from
   metrics rows. Where the two differ:
 
-  * networks: SB3's ``CnnPolicy`` (as CleanRL's ppo_atari) shares one Nature-CNN between
-    policy and value; shoal's ``ActorCritic`` has two Nature-CNNs, one each: about twice the
-    work per forward and backward pass (smoke: ~1.9x per minibatch), so shoal starts the
-    race against ``sb3`` with a heavier network. The ``sb3-separate`` row runs SB3 with
-    ``share_features_extractor=False`` (two CNNs, as shoal's), which compares the libraries
-    on the same network; ``update share`` is the part of the loop spent in updates;
+  * networks: the same, one Nature-CNN shared by policy and value (SB3's ``CnnPolicy``,
+    CleanRL's ppo_atari, shoal's ``ActorCritic`` for frames). ``sb3-separate`` (not run by
+    default) is SB3 with ``share_features_extractor=False``, two CNNs; ``update share`` is the
+    part of the loop spent in updates;
   * value loss: shoal's preset clips it as CleanRL does, SB3 has no such clipping
     (``clip_range_vf`` clips differently): shoal runs with ``clip_vloss`` off here;
   * envs: SB3 steps its envs in one process (``DummyVecEnv``, ``make_atari_env``'s default;
@@ -72,6 +70,7 @@ IMPLEMENTATIONS = [
 ]
 ENVS = ["ALE/Breakout-v5", "ALE/Pong-v5"]
 TRAIN_ROWS = ["shoal", "sb3", "sb3-separate"]
+DEFAULT_TRAIN_ROWS = ["shoal", "sb3"]
 ALE_INFO = ("lives", "episode_frame_number", "frame_number")
 TRAIN_TARGET = 2.0  # shoal's training frames/s over SB3's (shared CNN, its default)
 
@@ -579,17 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Sizing: one update is 8 x 128 = 1024 env steps, then 4 epochs x 4 minibatches of 256
     # frame stacks. Smoke measurements (nice'd, on a busy 2-core machine, 2 torch threads):
-    # ~0.7 s per minibatch for shoal's two CNNs (and SB3's with separate CNNs), ~0.35 s for
-    # SB3's shared one, ~26 ms per forward of 8 observations for shoal's: ~15 s per shoal
-    # update there (rollout ~4 s, learning ~11 s), ~8 s per SB3 one. A quiet machine should
-    # be at least ~1.5x faster: ~10 s per shoal update, so 16 updates (15 timed) take ~2.5 min
-    # for shoal and sb3-separate and ~1.5 min for sb3.
+    # ~0.35 s per minibatch for one shared CNN (~0.7 s for two): ~8 s per update there. A
+    # quiet machine should be at least ~1.5x faster, so 16 updates (15 timed) take ~1.5 min
+    # per run.
     parser.add_argument("--train-steps", type=int, default=16_384, help="train: env steps per run")
     parser.add_argument(
         "--num-steps", type=int, default=None, help="train, curve: rollout length (default: the preset's 128)"
     )
     parser.add_argument("--train-repeats", type=int, default=1, help="train: runs per row and env")
-    parser.add_argument("--train-rows", nargs="+", default=TRAIN_ROWS, choices=TRAIN_ROWS)
+    parser.add_argument("--train-rows", nargs="+", default=DEFAULT_TRAIN_ROWS, choices=TRAIN_ROWS)
     parser.add_argument("--sb3-vec", default="dummy", choices=["dummy", "subproc"], help="SB3's vector env")
     parser.add_argument(
         "--torch-threads", type=int, default=os.cpu_count() or 1, help="train: both libraries"
