@@ -55,7 +55,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from shoal.bench import machine, plot_curves
+from shoal.bench import machine, plot_curves, vector_envs
 from shoal.envs import ProcessVectorEnv, make_vec
 from shoal.envs.atari import FRAME_SKIP, AtariFactory, make_atari, register_ale
 
@@ -218,43 +218,19 @@ def measure_cell(
     env_id: str, num_envs: int, impls: list[str], repeats: int, seconds: float, workers: int
 ) -> dict[str, dict[str, Any]]:
     """All implementations on one (env, num_envs) cell, round-robin; frames/s per repeat."""
-    rng = np.random.default_rng(0)
-    n_actions = action_count(env_id)
-    results: dict[str, dict[str, Any]] = {}
-    steppers: dict[str, _Stepper] = {}
-    try:
-        for name in impls:
-            why = available(name, env_id)
-            if why:
-                results[name] = {"skipped": why}
-                continue
-            steppers[name] = _Stepper(name, env_id, num_envs, workers)
-        # Size the windows from a warm-up so that each takes about `seconds`.
-        lengths = {}
-        for name, s in steppers.items():
-            fps = s.run(rng.integers(0, n_actions, (10, num_envs)))
-            lengths[name] = max(5, int(fps / FRAME_SKIP * seconds / num_envs))
-        runs: dict[str, list[float]] = {name: [] for name in steppers}
-        order = list(steppers)
-        for r in range(repeats):
-            # Rotate the order each repeat and pause between windows, so that whatever one
-            # implementation leaves behind (threads winding down, cold caches) hits all alike.
-            for name in order[r % len(order) :] + order[: r % len(order)]:
-                actions = rng.integers(0, n_actions, (lengths[name], num_envs))
-                time.sleep(0.1)
-                runs[name].append(steppers[name].run(actions))
-        for name, fps in runs.items():
-            results[name] = {
-                "median": statistics.median(fps),
-                "min": min(fps),
-                "max": max(fps),
-                "runs": fps,
-                "detail": steppers[name].detail,
-            }
-    finally:
-        for s in steppers.values():
-            s.close()
-    return {name: results[name] for name in impls}  # the order asked for, skipped rows too
+    return vector_envs.measure_cell(
+        env_id,
+        num_envs,
+        impls,
+        repeats,
+        seconds,
+        workers,
+        stepper=_Stepper,
+        why_not=available,
+        num_actions=action_count(env_id),
+        per_step=FRAME_SKIP,
+        warmup=10,
+    )
 
 
 def _fmt(cell: dict[str, Any]) -> str:
@@ -407,29 +383,16 @@ def run_sb3_ppo(
     from stable_baselines3 import PPO as SB3PPO
     from stable_baselines3.common.callbacks import BaseCallback
 
+    from shoal.bench.sb3 import sb3_ppo_kwargs
+
     started = time.perf_counter()
     config = train_config(env_id, seed, "/dev/null", steps, threads, num_steps)
-
-    def linear(start: float) -> Any:
-        return lambda progress: progress * start  # progress goes from 1 to 0
 
     torch.set_num_threads(threads)
     model = SB3PPO(
         "CnnPolicy",
         sb3_atari_envs(env_id, config.num_envs, seed, vec),
-        n_steps=config.num_steps,
-        batch_size=config.num_steps * config.num_envs // config.num_minibatches,
-        n_epochs=config.update_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        learning_rate=linear(config.learning_rate) if config.anneal_lr else config.learning_rate,
-        clip_range=linear(config.clip_coef) if config.anneal_clip else config.clip_coef,
-        clip_range_vf=None,
-        normalize_advantage=config.norm_adv,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        max_grad_norm=config.max_grad_norm,
-        target_kl=config.target_kl,
+        **sb3_ppo_kwargs(config),
         policy_kwargs={"share_features_extractor": shared},
         seed=seed,
         device="cpu",

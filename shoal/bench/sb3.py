@@ -39,19 +39,13 @@ from shoal.training.trainer import EVAL_SEED_OFFSET, Trainer, evaluate
 THRESHOLD = 475.0
 
 
-def sb3_ppo(env_id: str, config: Any, seed: int, verbose: int = 0) -> Any:
-    """SB3's PPO with shoal's hyperparameters, argument for argument."""
-    from stable_baselines3 import PPO as SB3PPO
-    from stable_baselines3.common.env_util import make_vec_env
-
-    envs = make_vec_env(env_id, n_envs=config.num_envs, seed=seed)
+def sb3_ppo_kwargs(config: Any) -> dict[str, Any]:
+    """SB3 PPO's arguments for shoal's PPO hyperparameters, one to one (the policy aside)."""
 
     def linear(start: float) -> Any:
         return lambda progress: progress * start  # progress goes from 1 to 0
 
-    return SB3PPO(
-        "MlpPolicy",
-        envs,
+    return dict(
         n_steps=config.num_steps,
         batch_size=config.num_steps * config.num_envs // config.num_minibatches,
         n_epochs=config.update_epochs,
@@ -65,6 +59,19 @@ def sb3_ppo(env_id: str, config: Any, seed: int, verbose: int = 0) -> Any:
         vf_coef=config.vf_coef,
         max_grad_norm=config.max_grad_norm,
         target_kl=config.target_kl,
+    )
+
+
+def sb3_ppo(env_id: str, config: Any, seed: int, verbose: int = 0) -> Any:
+    """SB3's PPO with shoal's hyperparameters, argument for argument."""
+    from stable_baselines3 import PPO as SB3PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    envs = make_vec_env(env_id, n_envs=config.num_envs, seed=seed)
+    return SB3PPO(
+        "MlpPolicy",
+        envs,
+        **sb3_ppo_kwargs(config),
         policy_kwargs={
             "net_arch": {"pi": list(config.hidden), "vf": list(config.hidden)},
             "log_std_init": config.log_std_init,

@@ -162,44 +162,64 @@ def available(name: str, env_id: str) -> str | None:
 
 
 def measure_cell(
-    env_id: str, num_envs: int, impls: list[str], repeats: int, seconds: float, workers: int
+    env_id: str,
+    num_envs: int,
+    impls: list[str],
+    repeats: int,
+    seconds: float,
+    workers: int,
+    *,
+    stepper: Callable[[str, str, int, int], Any] | None = None,
+    why_not: Callable[[str, str], str | None] | None = None,
+    num_actions: int = 2,
+    per_step: int = 1,
+    warmup: int = 20,
 ) -> dict[str, dict[str, Any]]:
-    """All implementations on one (env, num_envs) cell, round-robin; steps/s per repeat."""
+    """All implementations on one (env, num_envs) cell, round-robin; rates per repeat.
+
+    ``stepper(name, env_id, num_envs, workers)`` opens one (its ``run(actions)`` returns a
+    rate of ``per_step`` units per env step: 1 here, 4 frames for Atari), ``why_not`` says
+    why one cannot run; actions are drawn from ``range(num_actions)``. Rows come back in
+    ``impls`` order, skipped ones too.
+    """
+    stepper = stepper or _Stepper
+    why_not = why_not or available
     rng = np.random.default_rng(0)
     results: dict[str, dict[str, Any]] = {}
-    steppers: dict[str, _Stepper] = {}
+    steppers: dict[str, Any] = {}
     try:
         for name in impls:
-            why = available(name, env_id)
+            why = why_not(name, env_id)
             if why:
                 results[name] = {"skipped": why}
                 continue
-            steppers[name] = _Stepper(name, env_id, num_envs, workers)
+            steppers[name] = stepper(name, env_id, num_envs, workers)
         # Size the windows from a warm-up so that each takes about `seconds`.
         lengths = {}
         for name, s in steppers.items():
-            sps = s.run(rng.integers(0, 2, (20, num_envs)))
-            lengths[name] = max(5, int(sps * seconds / num_envs))
+            rate = s.run(rng.integers(0, num_actions, (warmup, num_envs)))
+            lengths[name] = max(5, int(rate / per_step * seconds / num_envs))
         runs: dict[str, list[float]] = {name: [] for name in steppers}
         order = list(steppers)
         for r in range(repeats):
             # Rotate the order each repeat and pause between windows, so that whatever one
             # implementation leaves behind (threads winding down, cold caches) hits all alike.
             for name in order[r % len(order) :] + order[: r % len(order)]:
+                actions = rng.integers(0, num_actions, (lengths[name], num_envs))
                 time.sleep(0.1)
-                runs[name].append(steppers[name].run(rng.integers(0, 2, (lengths[name], num_envs))))
-        for name, sps in runs.items():
+                runs[name].append(steppers[name].run(actions))
+        for name, rates in runs.items():
             results[name] = {
-                "median": statistics.median(sps),
-                "min": min(sps),
-                "max": max(sps),
-                "runs": sps,
+                "median": statistics.median(rates),
+                "min": min(rates),
+                "max": max(rates),
+                "runs": rates,
                 "detail": steppers[name].detail,
             }
     finally:
         for s in steppers.values():
             s.close()
-    return results
+    return {name: results[name] for name in impls}
 
 
 def _fmt(cell: dict[str, Any]) -> str:
