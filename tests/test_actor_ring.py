@@ -194,3 +194,29 @@ def test_an_actor_that_raises_fails_the_learner_in_one_line():
                 pool.receive(0.1)
     finally:
         pool.close()
+
+
+def test_a_pool_whose_second_actor_cannot_start_closes_the_first_and_raises_the_cause(monkeypatch):
+    """An OSError starting actor 1 (no memory, a process limit) is what the caller sees;
+    closing the pool then ends actor 0 and skips the actor that never started."""
+    config = _config()
+    obs_space, action_space = spaces_of(config.env)
+    size = sum(
+        p.numel() for p in ALGORITHMS["appo"].actor_network(config, obs_space, action_space).parameters()
+    )
+    pool = MpActors("appo", config, CARTPOLE, size, num_actors=2, slots_per_actor=1)
+    pool.publish(np.zeros(size, np.float32))
+    real = type(pool.ctx.Process(target=print)).start
+    started: list[object] = []
+
+    def start(proc: object) -> None:
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        started.append(proc)
+        real(proc)
+
+    monkeypatch.setattr(type(pool.ctx.Process(target=print)), "start", start)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        pool.start()
+    pool.close()
+    assert not started[0].is_alive()

@@ -203,6 +203,8 @@ class MpActors:
                     proc.kill()
                     proc.join()
             for actor, conn in enumerate(self.conns):
+                if conn is None:  # never started: starting it (or an earlier one) failed
+                    continue
                 with contextlib.suppress(EOFError, OSError, ActorFailed):
                     while conn.poll():
                         self._slot(actor, conn.recv_bytes())
