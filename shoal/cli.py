@@ -270,13 +270,16 @@ def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
     """SIGINT and SIGTERM ask the training loop to stop (it checkpoints and closes its envs).
 
     A second signal raises :class:`Interrupted` wherever the loop is, e.g. mid-save, which
-    is safe: checkpoint files are written to a temporary name and renamed. Outside the main
-    thread no handler can be installed, and nothing changes.
+    is safe: checkpoint files are written to a temporary name and renamed. Where it lands in
+    a finalizer (a ``__del__``, a weakref callback), Python only reports it as "Exception
+    ignored" and runs on: the report is silenced, and the stop raises it once the loop has
+    returned. Outside the main thread no handler can be installed, and nothing changes.
     """
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
     me = os.getpid()
+    swallowed: list[int] = []  # second signals that a finalizer swallowed
 
     def handle(signum: int, frame: Any) -> None:
         if os.getpid() != me:  # a forked child (an env worker) that has not set its own handlers yet
@@ -287,13 +290,25 @@ def _graceful_stop(stop: StopRequest) -> Iterator[StopRequest]:
             raise Interrupted(signum)
         stop.request(signal.Signals(signum).name)
 
+    report_unraisable = sys.unraisablehook
+
+    def unraisable(event: Any) -> None:
+        if isinstance(event.exc_value, Interrupted):  # raised again below
+            swallowed.append(event.exc_value.signum)
+        else:
+            report_unraisable(event)
+
     stop.clear()
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = unraisable
     try:
         yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = report_unraisable
+    if swallowed:  # the loop ran on to its end
+        raise Interrupted(swallowed[0])
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -284,3 +284,27 @@ def test_stop_checkpoint_mid_rollout_resumes_and_so_does_a_finished_run(tmp_path
         resumed.train(resume=ckpt.latest(tmp_path / "checkpoints"))
         assert resumed.env_steps >= total
         assert (tmp_path / "summary.json").exists()
+
+
+class _SignalsInFinalizer:
+    """Sends this process a SIGINT from ``__del__``: the handler runs inside the finalizer."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # a few bytecodes for the handler to run here, in the finalizer
+            pass
+
+
+def test_a_second_signal_that_lands_in_a_finalizer_still_interrupts_quietly(capsys):
+    """Python swallows an exception raised in a finalizer ("Exception ignored in ..."): a
+    second Ctrl-C landing there must still end the run as a second Ctrl-C, with no traceback."""
+    with pytest.raises(Interrupted), _graceful_stop(StopRequest()) as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a stop request
+        for _ in range(1000):
+            pass
+        assert stop.signal == "SIGINT"
+        finalizer = _SignalsInFinalizer()
+        del finalizer  # the second, raised in __del__ and swallowed there
+        assert stop  # the loop runs on to its end
+    err = capsys.readouterr().err
+    assert "Exception ignored" not in err and "Traceback" not in err, err
