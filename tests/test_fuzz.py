@@ -314,9 +314,12 @@ def cheap(config: Any) -> bool:
 def test_random_flags_and_config_files_give_a_clean_run_or_one_line(tmp_path, capsys, nothing_trains):
     rng = random.Random(SEED)
     clean: list[list[str]] = []
-    refused = 0
-    for k in range(250):
-        argv = cli_case(rng, tmp_path, k)
+    refused = cases = 0
+    # 250 cases, and more (up to 600) until 3 clean cheap ones came: which cases are drawn
+    # shifts with every setting added, and cheap ones (ppo or a2c, CartPole, local) are rare.
+    while cases < 250 or (len(clean) < 3 and cases < 600):
+        argv = cli_case(rng, tmp_path, cases)
+        cases += 1
         before = len(nothing_trains)
         code = run_cli(argv)
         err = capsys.readouterr().err
@@ -333,7 +336,7 @@ def test_random_flags_and_config_files_give_a_clean_run_or_one_line(tmp_path, ca
             validate(config)  # what reached training is valid
             if cheap(config):
                 clean.append(argv)
-    assert 30 < refused < 240 and len(clean) >= 3, (refused, len(clean))  # the fuzz covers both sides
+    assert 0.12 < refused / cases < 0.96 and len(clean) >= 3, (refused, cases, len(clean))  # both sides
 
     # A few clean cases, trained for real (briefly).
     threads = torch.get_num_threads()

@@ -162,3 +162,31 @@ def test_a_stopped_parameter_server_is_found_within_hang_timeout_and_the_group_r
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["group_rebuilds"] == 1 and summary["env_steps"] >= 24000
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
+
+
+RAY_MASKS = """
+import json, os, signal
+import psutil, ray
+from shoal.agent import make_config
+from shoal.launch.ray_backend import ray_start
+
+def blocked(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigBlk:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+assert ray_start(make_config("ppo", "CartPole-v1", dict(backend="ray", num_workers=2, strategy="sync")))
+ours = {p.name(): blocked(p.pid) for p in psutil.Process().children() if p.name() in ("raylet", "gcs_server")}
+print(json.dumps({"driver": blocked(os.getpid()), "ray": ours}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_local_rays_own_processes_ignore_a_sigterm_to_the_group_and_the_driver_does_not():
+    """A group SIGTERM once ended the raylet (in our process group) while the ranks saved."""
+    done = subprocess.run([sys.executable, "-c", RAY_MASKS], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-2000:]
+    masks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert masks == {"driver": False, "ray": {"raylet": True, "gcs_server": True}}, masks

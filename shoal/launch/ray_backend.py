@@ -79,6 +79,25 @@ def ray_start(config: TrainConfig, workers: int | None = None) -> bool:
         return False
     needed = (config.num_workers if workers is None else workers) * config.ray_cpus_per_worker
     ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ray's own processes (gcs_server, raylet, ...) stay in our process group and block only
+    # SIGINT: a SIGTERM to the group (Slurm, systemd, `timeout`) ended the raylet, and with it
+    # the ranks, while they were saving (seen in CI under load). Started with SIGTERM blocked
+    # (the mask survives exec), they leave when we end them, after the ranks have returned.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        _start_local_ray(ray, needed)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    # Ray's core installs a SIGTERM handler that aborts the driver: a scheduler's stop must
+    # reach ours, which has every rank save and return.
+    if threading.current_thread() is threading.main_thread():
+        for s, handler in ours.items():
+            if callable(handler):
+                signal.signal(s, handler)
+    return True
+
+
+def _start_local_ray(ray: Any, needed: float) -> None:
     ray.init(
         # "local": a Ray of our own. Without an address, ray.init() joins the newest Ray
         # started on this machine (another job's: seen in CI, a second run failed to start).
@@ -87,13 +106,6 @@ def ray_start(config: TrainConfig, workers: int | None = None) -> bool:
         include_dashboard=False,
         logging_level=logging.WARNING,
     )
-    # Ray's core installs a SIGTERM handler that aborts the driver: a scheduler's stop must
-    # reach ours, which has every rank save and return.
-    if threading.current_thread() is threading.main_thread():
-        for s, handler in ours.items():
-            if callable(handler):
-                signal.signal(s, handler)
-    return True
 
 
 class RayBackend:
