@@ -9,12 +9,14 @@ from shoal.bench.vector_envs import _Stepper, ceilings, measure_cell
 
 
 def test_independent_processes_step_every_env_and_leave_no_process():
+    before = {child.pid for child in psutil.Process().children()}  # (e.g. a resource tracker)
     stepper = _Stepper("independent", "CartPole-v1", 5, 2)
-    children = psutil.Process().children()
-    assert stepper.env.shares == [3, 2] and len(children) == 2
-    sps = stepper.run(np.zeros((50, 5), np.int64))
-    assert sps > 0
-    stepper.close()
+    try:
+        children = [child for child in psutil.Process().children() if child.pid not in before]
+        assert stepper.env.shares == [3, 2] and len(children) == 2
+        assert stepper.run(np.zeros((50, 5), np.int64)) > 0
+    finally:
+        stepper.close()
     assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
 
 
