@@ -284,7 +284,7 @@ def sb3_ppo_rl_zoo(env_id: str, seed: int, zoo: dict[str, Any]) -> tuple[Any, An
 
 
 def part_ppo(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     episodes = (args.curve_episodes, args.eval_episodes)
     results: dict[str, Any] = {}
 
@@ -432,7 +432,7 @@ def sb3_off_policy_sps(algo: str, env_id: str, seed: int, steps: int, threads: i
 
 
 def part_offpolicy(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    steps, seeds = args.offpolicy_steps, list(range(1, args.seeds + 1))
+    steps, seeds = args.offpolicy_steps, list(range(args.first_seed, args.first_seed + args.seeds))
     episodes = (args.curve_episodes, args.eval_episodes)
     every = max(steps // args.curve_points, 1)
     env_id = "Hopper-v5"
@@ -510,6 +510,20 @@ def part_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 # -- report --------------------------------------------------------------------------------
+def merge_row(before: dict[str, Any] | None, measured: dict[str, Any]) -> dict[str, Any]:
+    """``measured`` with the runs of ``before`` (the same row, an earlier invocation) whose
+    seeds it did not run; a different budget makes ``before`` stale, so it is dropped."""
+    if not before or before.get("budget") != measured.get("budget"):
+        return measured
+    sides = {}
+    for side in {**before["sides"], **measured["sides"]}:
+        runs = measured["sides"].get(side, [])
+        seen = {r["seed"] for r in runs}
+        kept = [r for r in before["sides"].get(side, []) if r["seed"] not in seen]
+        sides[side] = sorted(kept + runs, key=lambda r: r["seed"])
+    return {**before, **measured, "sides": sides}
+
+
 def _stats(runs: list[dict[str, Any]]) -> tuple[float, float, int]:
     finals = [r["final"] for r in runs if r.get("final") is not None]
     if not finals:
@@ -567,6 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     names = ["ppo", "offpolicy", "distributed"]
     parser.add_argument("--part", nargs="+", default=["all"], choices=[*names, "all"])
     parser.add_argument("--seeds", type=int, default=2, help="ppo, offpolicy: seeds per row (1..N)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="ppo, offpolicy: the first of the --seeds seeds; a row's runs of other seeds measured"
+        " before (same budget) are kept, so a row can be completed seed by seed",
+    )
     parser.add_argument("--ppo-steps", type=int, default=300_000, help="ppo: env steps per run")
     parser.add_argument(
         "--rl-zoo-steps", type=int, default=300_000, help="ppo: env steps of the RL-Zoo runs (RL-Zoo: 1M)"
@@ -618,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def keeper(name: str) -> Callable[[str, dict[str, Any]], None]:
         def keep(row: str, measured: dict[str, Any]) -> None:  # a part takes hours: keep each row
-            report.setdefault(name, {}).setdefault("rows", {})[row] = measured
+            rows = report.setdefault(name, {}).setdefault("rows", {})
+            rows[row] = merge_row(rows.get(row), measured)
             out.write_text(json.dumps(report, indent=1, default=str))
 
         return keep
@@ -629,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         args.keep = keeper(name)
         result = run[name](args, work)
         before = report.get(name, {})
-        result["rows"] = {**before.get("rows", {}), **result["rows"]}  # rows measured apart stay
+        earlier = before.get("rows", {})  # rows and seeds measured apart stay
+        result["rows"] = {**earlier, **{r: merge_row(earlier.get(r), m) for r, m in result["rows"].items()}}
         if "speed" in before and result.get("speed", {}).keys() <= {"env", "timed_steps"}:
             result["speed"] = before["speed"]
         settings = {k: v for k, v in vars(args).items() if k != "keep"}

@@ -1,0 +1,31 @@
+"""``shoal bench zoo`` rows completed over several invocations (its parts take hours)."""
+
+from __future__ import annotations
+
+from shoal.bench.zoo import merge_row
+
+
+def _row(budget: int, **sides: list[tuple[int, float]]) -> dict:
+    return {
+        "env": "E",
+        "budget": budget,
+        "sides": {k: [{"seed": s, "final": f} for s, f in v] for k, v in sides.items()},
+    }
+
+
+def test_a_later_seed_joins_the_runs_measured_before():
+    before = _row(300, shoal=[(1, 10.0)], sb3=[(1, 5.0)])
+    merged = merge_row(before, _row(300, shoal=[(2, 20.0)], sb3=[(2, 6.0)]))
+    assert merged["sides"] == _row(300, shoal=[(1, 10.0), (2, 20.0)], sb3=[(1, 5.0), (2, 6.0)])["sides"]
+
+
+def test_a_rerun_seed_replaces_its_earlier_run_and_keeps_the_row_settings():
+    before = {**_row(300, shoal=[(1, 10.0), (2, 20.0)]), "not_mapped": {"x": "y"}}
+    merged = merge_row(before, _row(300, shoal=[(2, 30.0)]))
+    assert merged["sides"]["shoal"] == [{"seed": 1, "final": 10.0}, {"seed": 2, "final": 30.0}]
+    assert merged["not_mapped"] == {"x": "y"}
+
+
+def test_runs_of_another_budget_are_dropped():
+    merged = merge_row(_row(100, shoal=[(1, 10.0)]), _row(300, shoal=[(2, 20.0)]))
+    assert merged["sides"]["shoal"] == [{"seed": 2, "final": 20.0}]
