@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import psutil
 
-from shoal.bench.vector_envs import _Stepper, ceilings, measure_cell
+from shoal.bench.vector_envs import ceilings, measure_cell, open_stepper
 
 
 def test_independent_processes_step_every_env_and_leave_no_process():
     before = {child.pid for child in psutil.Process().children()}  # (e.g. a resource tracker)
-    stepper = _Stepper("independent", "CartPole-v1", 5, 2)
+    stepper = open_stepper("independent", "CartPole-v1", 5, 2)
     try:
         children = [child for child in psutil.Process().children() if child.pid not in before]
-        assert stepper.env.shares == [3, 2] and len(children) == 2
+        assert stepper.shares == [3, 2] and len(children) == 2
         assert stepper.run(np.zeros((50, 5), np.int64)) > 0
     finally:
         stepper.close()

@@ -56,6 +56,7 @@ import gymnasium as gym
 import numpy as np
 
 from shoal.bench import machine, plot_curves, vector_envs
+from shoal.bench.vector_envs import Stepper
 from shoal.envs import ProcessVectorEnv, make_vec
 from shoal.envs.atari import FRAME_SKIP, AtariFactory, make_atari, register_ale
 
@@ -144,51 +145,38 @@ def sb3_atari_envs(env_id: str, num_envs: int, seed: int, vec: str = "dummy") ->
 # -- envs ------------------------------------------------------------------------------------
 
 
-class _Stepper:
-    """One open vector env of preprocessed Atari envs behind a uniform ``step(actions)``."""
+def open_stepper(name: str, env_id: str, num_envs: int, workers: int) -> Stepper:
+    """The implementation ``name`` with ``num_envs`` preprocessed copies of ``env_id``, reset
+    with seed 0; its rates are frames per second."""
+    factory, detail = AtariFactory(env_id), ""
+    if name == "gym-sync":
+        env = gym.vector.SyncVectorEnv([factory] * num_envs)
+    elif name == "gym-async":
+        env = gym.vector.AsyncVectorEnv([factory] * num_envs, shared_memory=True, context="fork")
+    elif name == "sb3-subproc":
+        env = sb3_atari_envs(env_id, num_envs, 0, "subproc")
+        detail = "make_atari_env + VecFrameStack(4)"
+    elif name == "envpool":
+        import envpool
 
-    def __init__(self, name: str, env_id: str, num_envs: int, workers: int) -> None:
-        self.name, self.detail = name, ""
-        factory = AtariFactory(env_id)
-        if name == "gym-sync":
-            self.env = gym.vector.SyncVectorEnv([factory] * num_envs)
-        elif name == "gym-async":
-            self.env = gym.vector.AsyncVectorEnv([factory] * num_envs, shared_memory=True, context="fork")
-        elif name == "sb3-subproc":
-            self.env = sb3_atari_envs(env_id, num_envs, 0, "subproc")
-            self.detail = "make_atari_env + VecFrameStack(4)"
-        elif name == "envpool":
-            import envpool
-
-            self.env = envpool.make_gymnasium(
-                envpool_id(env_id), num_envs=num_envs, seed=0, **envpool_settings(workers)
-            )
-            self.detail = f"{workers} threads, sticky 0.25"
-        elif name in ("shoal-process", "shoal-process-noinfo"):
-            source = QuietAtariFactory(env_id) if name.endswith("noinfo") else factory
-            self.env = ProcessVectorEnv([source] * num_envs, num_workers=workers)
-            self.detail = f"{self.env.num_workers} workers"
-        elif name == "shoal-auto":
-            self.env = make_vec(factory, num_envs, seed=0, num_workers=workers)
-            picked = "process" if isinstance(self.env, ProcessVectorEnv) else "sync"
-            self.detail = f"auto -> {picked}"
-        else:
-            raise ValueError(f"unknown implementation {name!r}")
-        if name in ("sb3-subproc", "envpool"):
-            self.env.reset()  # (seeded when made)
-        else:
-            self.env.reset(seed=0)
-
-    def run(self, actions: np.ndarray) -> float:
-        """Step through ``actions`` (steps x envs); return frames per second."""
-        step = self.env.step
-        start = time.perf_counter()
-        for a in actions:
-            step(a)
-        return FRAME_SKIP * actions.size / (time.perf_counter() - start)
-
-    def close(self) -> None:
-        self.env.close()
+        env = envpool.make_gymnasium(
+            envpool_id(env_id), num_envs=num_envs, seed=0, **envpool_settings(workers)
+        )
+        detail = f"{workers} threads, sticky 0.25"
+    elif name in ("shoal-process", "shoal-process-noinfo"):
+        source = QuietAtariFactory(env_id) if name.endswith("noinfo") else factory
+        env = ProcessVectorEnv([source] * num_envs, num_workers=workers)
+        detail = f"{env.num_workers} workers"
+    elif name == "shoal-auto":
+        env = make_vec(factory, num_envs, seed=0, num_workers=workers)
+        detail = f"auto -> {'process' if isinstance(env, ProcessVectorEnv) else 'sync'}"
+    else:
+        raise ValueError(f"unknown implementation {name!r}")
+    if name in ("sb3-subproc", "envpool"):
+        env.reset()  # (seeded when made)
+    else:
+        env.reset(seed=0)
+    return Stepper(name, env, detail, frames=FRAME_SKIP)
 
 
 def available(name: str, env_id: str | None = None) -> str | None:
@@ -225,7 +213,7 @@ def measure_cell(
         repeats,
         seconds,
         workers,
-        stepper=_Stepper,
+        stepper=open_stepper,
         why_not=available,
         num_actions=action_count(env_id),
         per_step=FRAME_SKIP,

@@ -58,8 +58,29 @@ def _step_alone(env_id: str, num_envs: int, conn: Any) -> None:
     env.close()
 
 
-class _Independent:
-    """``workers`` processes stepping their envs side by side, never waiting for each other."""
+class Stepper:
+    """One open vector env behind a uniform ``run(actions)``: steps them all, timed.
+
+    ``frames`` counts what one env step is worth in the rate (Atari: its frame skip)."""
+
+    def __init__(self, name: str, env: Any, detail: str = "", frames: int = 1) -> None:
+        self.name, self.env, self.detail, self.frames = name, env, detail, frames
+
+    def run(self, actions: np.ndarray) -> float:
+        """Step through ``actions`` (steps x envs); return env steps (x ``frames``) per second."""
+        step = self.env.step
+        start = time.perf_counter()
+        for a in actions:
+            step(a)
+        return self.frames * actions.size / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class _Independent(Stepper):
+    """``workers`` processes stepping their envs side by side, never waiting for each other:
+    the ceiling of any vector env on this machine."""
 
     def __init__(self, env_id: str, num_envs: int, workers: int) -> None:
         import multiprocessing as mp
@@ -73,6 +94,7 @@ class _Independent:
             proc.start()
             self.conns.append(mine)
             self.procs.append(proc)
+        super().__init__("independent", None, f"{len(self.shares)} processes")
 
     def run(self, actions: np.ndarray) -> float:
         steps = len(actions)
@@ -94,54 +116,38 @@ class _Independent:
             proc.join(10)
 
 
-class _Stepper:
-    """One open vector env behind a uniform ``step(actions)``."""
+def open_stepper(name: str, env_id: str, num_envs: int, workers: int) -> Stepper:
+    """The implementation ``name`` with ``num_envs`` copies of ``env_id``, reset with seed 0."""
+    make_one: Callable[[], gym.Env] = lambda: gym.make(env_id)  # noqa: E731
+    detail = ""
+    if name == "independent":
+        return _Independent(env_id, num_envs, workers)
+    if name == "gym-sync":
+        env = gym.vector.SyncVectorEnv([make_one] * num_envs)
+    elif name == "gym-async":
+        env = gym.vector.AsyncVectorEnv([make_one] * num_envs, shared_memory=True, context="fork")
+    elif name == "sb3-subproc":
+        from stable_baselines3.common.vec_env import SubprocVecEnv
 
-    def __init__(self, name: str, env_id: str, num_envs: int, workers: int) -> None:
-        self.name, self.detail = name, ""
-        make_one: Callable[[], gym.Env] = lambda: gym.make(env_id)  # noqa: E731
-        if name == "gym-sync":
-            self.env = gym.vector.SyncVectorEnv([make_one] * num_envs)
-        elif name == "gym-async":
-            self.env = gym.vector.AsyncVectorEnv([make_one] * num_envs, shared_memory=True, context="fork")
-        elif name == "sb3-subproc":
-            from stable_baselines3.common.vec_env import SubprocVecEnv
+        env = SubprocVecEnv([make_one] * num_envs, start_method="fork")
+    elif name == "envpool":
+        import envpool
 
-            self.env = SubprocVecEnv([make_one] * num_envs, start_method="fork")
-        elif name == "envpool":
-            import envpool
-
-            self.env = envpool.make_gymnasium(env_id, num_envs=num_envs)
-        elif name == "shoal-process":
-            self.env = ProcessVectorEnv([make_one] * num_envs, num_workers=workers)
-            self.detail = f"{self.env.num_workers} workers"
-        elif name == "independent":
-            self.env = _Independent(env_id, num_envs, workers)
-            self.detail = f"{len(self.env.shares)} processes"
-        elif name == "shoal-auto":
-            self.env = make_vec(env_id, num_envs, seed=0, num_workers=workers)
-            picked = "process" if isinstance(self.env, ProcessVectorEnv) else "sync"
-            self.detail = f"auto -> {picked}"
-        else:
-            raise ValueError(f"unknown implementation {name!r}")
-        if name == "sb3-subproc":
-            self.env.seed(0)
-            self.env.reset()
-        elif name != "independent":
-            self.env.reset(seed=0)
-
-    def run(self, actions: np.ndarray) -> float:
-        """Step through ``actions`` (steps x envs); return env steps per second."""
-        if isinstance(self.env, _Independent):
-            return self.env.run(actions)
-        step = self.env.step
-        start = time.perf_counter()
-        for a in actions:
-            step(a)
-        return actions.size / (time.perf_counter() - start)
-
-    def close(self) -> None:
-        self.env.close()
+        env = envpool.make_gymnasium(env_id, num_envs=num_envs)
+    elif name == "shoal-process":
+        env = ProcessVectorEnv([make_one] * num_envs, num_workers=workers)
+        detail = f"{env.num_workers} workers"
+    elif name == "shoal-auto":
+        env = make_vec(env_id, num_envs, seed=0, num_workers=workers)
+        detail = f"auto -> {'process' if isinstance(env, ProcessVectorEnv) else 'sync'}"
+    else:
+        raise ValueError(f"unknown implementation {name!r}")
+    if name == "sb3-subproc":
+        env.seed(0)
+        env.reset()
+    else:
+        env.reset(seed=0)
+    return Stepper(name, env, detail)
 
 
 def available(name: str, env_id: str) -> str | None:
@@ -169,7 +175,7 @@ def measure_cell(
     seconds: float,
     workers: int,
     *,
-    stepper: Callable[[str, str, int, int], Any] | None = None,
+    stepper: Callable[[str, str, int, int], Stepper] | None = None,
     why_not: Callable[[str, str], str | None] | None = None,
     num_actions: int = 2,
     per_step: int = 1,
@@ -182,11 +188,11 @@ def measure_cell(
     why one cannot run; actions are drawn from ``range(num_actions)``. Rows come back in
     ``impls`` order, skipped ones too.
     """
-    stepper = stepper or _Stepper
+    stepper = stepper or open_stepper
     why_not = why_not or available
     rng = np.random.default_rng(0)
     results: dict[str, dict[str, Any]] = {}
-    steppers: dict[str, Any] = {}
+    steppers: dict[str, Stepper] = {}
     try:
         for name in impls:
             why = why_not(name, env_id)
