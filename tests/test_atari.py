@@ -261,7 +261,8 @@ def test_short_ppo_run_on_pong_writes_its_run_dir(tmp_path, capsys):
 
 
 def test_impala_and_appo_actors_send_whole_game_scores():
-    from shoal.actors.actor import _Episodes, _fill
+    from shoal.actors.actor import _Carry, _fill
+    from shoal.actors.ray_pool import ShoalActor
     from shoal.actors.shared import TrajectoryLayout
 
     vec = make_vec(AtariFactory("ALE/MsPacman-v5"), 1, seed=11, vectorization="sync")
@@ -275,8 +276,11 @@ def test_impala_and_appo_actors_send_whole_game_scores():
             a = rng.integers(9, size=1)
             return a, a, np.zeros(1, np.float32)
 
+    config = make_config("appo", "ALE/MsPacman-v5", {"num_envs": 1})
+    carry = _Carry(config)  # what an mp actor keeps; a Ray actor keeps the same:
+    assert ShoalActor("appo", config, 0, 0, 0, layout, exit_after=-1).carry.episodes.games
     obs, _ = vec.reset(seed=11)
-    _fill(slot, vec, RandomPolicy(), obs, _Episodes(1, games=True), "raise")
+    _fill(slot, vec, RandomPolicy(), obs, carry, "raise")
     vec.close()
     assert slot["obs"].dtype == np.uint8
     lives_ended = int((slot["terminated"] | slot["truncated"]).sum())

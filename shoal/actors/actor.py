@@ -27,6 +27,7 @@ from gymnasium import spaces
 from shoal.actors.shared import ERROR_TAG, TrajectoryRing, WeightBuffer, pack_index, unpack_index
 from shoal.envs.atari import game_scores, reports_games
 from shoal.normalize import EPS, Normalizer
+from shoal.training.episodes import Episodes
 
 # control: shared int64 numbers the learner and actors read without locks.
 STOP = 0  # [STOP]: 1 asks every actor to finish; then per actor: trajectories sent, sum of their CRCs
@@ -173,7 +174,6 @@ def actor_envs(c: Any, seed: int) -> Any:
 
 def run_actor(job: ActorJob, conn: Connection) -> None:
     from shoal.training.callbacks import FaultInjection
-    from shoal.training.trainer import env_of
 
     c, ring, control = job.config, job.ring, np.frombuffer(job.control, dtype=np.int64)
     faults = FaultInjection.from_environment(job.actor)  # the test suite's, at set trajectory counts
@@ -187,7 +187,7 @@ def run_actor(job: ActorJob, conn: Connection) -> None:
     try:
         free = ring.owned(job.actor)
         obs, _ = envs.reset(seed=job.seed)
-        carry = _Episodes(c.num_envs, games=reports_games(env_of(c)))
+        carry = _Carry(c)
         sent, crc_sum = produced_at(job.actor)
         seq = 0
         while not control[STOP]:
@@ -232,14 +232,16 @@ def _free_slot(conn: Connection, free: list[int], control: np.ndarray) -> int | 
     return free.pop(0)
 
 
-class _Episodes:
-    """Each env's return and length so far, and whether its next step is an autoreset."""
+class _Carry:
+    """What an actor keeps from one trajectory to the next: each env's episode in progress
+    (whole games for Atari, as the learner's own loop logs them) and which envs' next step
+    is an autoreset."""
 
-    def __init__(self, n: int, games: bool = False) -> None:
-        self.games = games  # Atari: log whole games' raw scores, not the learner's lives
-        self.ret = np.zeros(n, np.float64)
-        self.length = np.zeros(n, np.int64)
-        self.autoreset = np.zeros(n, bool)
+    def __init__(self, config: Any) -> None:
+        from shoal.training.trainer import env_of
+
+        self.episodes = Episodes(config.num_envs, games=reports_games(env_of(config)))
+        self.autoreset = np.zeros(config.num_envs, bool)
 
 
 def _fill(
@@ -247,7 +249,7 @@ def _fill(
     envs: Any,
     policy: ActorPolicy,
     obs: np.ndarray,
-    ep: _Episodes,
+    carry: _Carry,
     nan_policy: str,
 ) -> np.ndarray:
     """Act ``rollout_length`` steps into ``slot``; return the observation to continue from."""
@@ -262,23 +264,18 @@ def _fill(
             from shoal.guards import NonFiniteError
 
             raise NonFiniteError("an env returned a NaN or inf observation or reward (--nan-policy raise)")
-        valid = ~ep.autoreset
-        ended = (terminated | truncated) & valid
-        ep.ret += np.where(valid, rewards, 0.0)
-        ep.length += valid
+        valid = ~carry.autoreset
+        ended, returns, lengths = carry.episodes.end(
+            rewards, valid, terminated | truncated, game_scores(infos) if carry.episodes.games else None
+        )
         slot["rewards"][t] = rewards
         slot["terminated"][t] = terminated
         slot["truncated"][t] = truncated
         slot["valid"][t] = valid
-        slot["episode_return"][t] = np.where(ended, ep.ret, np.nan)
-        slot["episode_length"][t] = np.where(ended, ep.length, 0)
-        if ep.games:  # Atari: whole games' raw scores, not the clipped lives the learner sees
-            games = game_scores(infos)
-            over = np.zeros_like(valid) if games is None else games[0] & valid
-            slot["episode_return"][t] = np.where(over, games[1], np.nan) if over.any() else np.nan
-            slot["episode_length"][t] = np.where(over, games[2], 0) if over.any() else 0
-        ep.ret[ended] = 0.0
-        ep.length[ended] = 0
-        ep.autoreset = terminated | truncated
+        slot["episode_return"][t] = np.nan
+        slot["episode_return"][t, ended] = returns
+        slot["episode_length"][t] = 0
+        slot["episode_length"][t, ended] = lengths
+        carry.autoreset = terminated | truncated
     slot["obs"][steps] = obs
     return obs

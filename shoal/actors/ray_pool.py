@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.actors.actor import CRC_MOD, _Episodes, _fill, actor_envs, actor_policy, actor_seed
+from shoal.actors.actor import CRC_MOD, _Carry, _fill, actor_envs, actor_policy, actor_seed
 from shoal.actors.pool import ActorFailed, Produced
 from shoal.actors.shared import TrajectoryLayout, TrajectoryRing
 from shoal.launch.supervisor import STARTUP_S
@@ -70,7 +70,7 @@ class ShoalActor:
         self.ring = TrajectoryRing(layout, 1, 1, mp.get_context("spawn"))  # this process's memory only
         self.envs: Any = None
         self.obs: np.ndarray | None = None
-        self.episodes = _Episodes(config.num_envs)
+        self.carry = _Carry(config)
         self.version = self.seq = self.crc_sum = 0
 
     def where(self) -> str:
@@ -94,7 +94,7 @@ class ShoalActor:
             self.envs = actor_envs(self.config, self.seed)
             self.obs, _ = self.envs.reset(seed=self.seed)
         self.obs = _fill(
-            self.ring.slot(0), self.envs, self.policy, self.obs, self.episodes, self.config.nan_policy
+            self.ring.slot(0), self.envs, self.policy, self.obs, self.carry, self.config.nan_policy
         )
         crc = self.ring.seal(0, version=self.version, actor=self.actor, seq=self.seq)
         self.seq += 1

@@ -24,6 +24,37 @@ class Episodes:
         self.lengths: list[int] = []
         self.cut_count = 0
 
+    def end(
+        self,
+        rewards: np.ndarray,
+        valid: np.ndarray,
+        done: np.ndarray,
+        games: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add a step's rewards (``valid`` envs only); return (the mask of envs whose episode
+        this step finished, their returns, their lengths), for those envs only.
+
+        ``games``: (ended, raw scores, lengths) of the whole games the envs reported this step
+        (:func:`shoal.envs.atari.game_scores`; None: none ended). With ``self.games`` those
+        are what finishes instead of episodes: an Atari learner's rewards are clipped and its
+        episodes are single lives, which is not the score anyone compares.
+        """
+        self.ret += np.where(valid, rewards, 0.0)
+        self.length += valid
+        if not self.games:
+            ended = done & valid
+            returns, lengths = self.ret[ended], self.length[ended]
+        elif games is None:
+            ended = np.zeros(len(valid), dtype=bool)
+            returns, lengths = np.zeros(0), np.zeros(0, dtype=np.int64)
+        else:
+            ended = games[0] & valid
+            returns, lengths = games[1][ended], games[2][ended]
+        if returns.size:
+            self.ret[ended] = 0.0
+            self.length[ended] = 0
+        return ended, returns, lengths
+
     def step(
         self,
         rewards: np.ndarray,
@@ -31,30 +62,11 @@ class Episodes:
         done: np.ndarray,
         games: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Add a step's rewards (``valid`` envs only); log the episodes that ``done`` ends.
-
-        ``games``: (ended, raw scores, lengths) of the whole games the envs reported this step
-        (:func:`shoal.envs.atari.game_scores`; None: none ended). With ``self.games`` those
-        are logged instead of episodes: an Atari learner's rewards are clipped and its episodes
-        are single lives, which is not the score anyone compares.
-        """
-        self.ret += np.where(valid, rewards, 0.0)
-        self.length += valid
-        if self.games:
-            if games is None:
-                return
-            ended = games[0] & valid
-            if ended.any():
-                self.returns.extend(games[1][ended].tolist())
-                self.lengths.extend(games[2][ended].tolist())
-        else:
-            ended = done & valid
-            if ended.any():
-                self.returns.extend(self.ret[ended].tolist())
-                self.lengths.extend(self.length[ended].tolist())
-        if ended.any():
-            self.ret[ended] = 0.0
-            self.length[ended] = 0
+        """:meth:`end` a step, keeping the finished episodes for the next metrics row."""
+        _, returns, lengths = self.end(rewards, valid, done, games)
+        if returns.size:
+            self.returns.extend(returns.tolist())
+            self.lengths.extend(lengths.tolist())
 
     def cut(self, envs: np.ndarray | None = None) -> None:
         """The episodes of ``envs`` (a bool mask; None: all) end early and are not logged."""
