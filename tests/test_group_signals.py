@@ -48,8 +48,9 @@ def no_semaphore_left(before: set[str], grace: float = 20.0) -> bool:
 
 
 def start(tmp_path: Path, algo: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    two = "--num-actors" if algo in ("appo", "impala") else "--num-workers"  # decoupled: actors
     cmd = [
-        sys.executable, "-m", "shoal.cli", "train", algo, "--env", "CartPole-v1", "--num-workers", "2",
+        sys.executable, "-m", "shoal.cli", "train", algo, "--env", "CartPole-v1", two, "2",
         "--num-envs", "4", "--run-dir", str(tmp_path / "run"), "--quiet", *args,
     ]  # fmt: skip
     return subprocess.Popen(
@@ -75,8 +76,17 @@ def wait_metrics(proc: subprocess.Popen, run_dir: Path, rows: int = 2, timeout: 
         ("mp", "dqn", ["--strategy", "param-avg"], signal.SIGTERM),
         ("mp", "ppo", ["--strategy", "param-server", "--ps-mode", "sync"], signal.SIGTERM),
         ("ray", "ppo", ["--strategy", "sync"], signal.SIGTERM),
+        ("mp", "appo", [], signal.SIGTERM),  # the learner and its actor processes
     ],
-    ids=["mp-sync-TERM", "mp-a3c-INT", "mp-a3c-TERM", "mp-param-avg-TERM", "mp-ps-TERM", "ray-TERM"],
+    ids=[
+        "mp-sync-TERM",
+        "mp-a3c-INT",
+        "mp-a3c-TERM",
+        "mp-param-avg-TERM",
+        "mp-ps-TERM",
+        "ray-TERM",
+        "appo-TERM",
+    ],
 )
 def test_a_signal_to_the_whole_process_group_stops_every_rank_with_a_checkpoint(
     tmp_path, backend, algo, args, signum
