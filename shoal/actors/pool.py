@@ -66,6 +66,30 @@ class Produced:
         return self.sent == self.received and self.sent_crc == self.received_crc
 
 
+def silence(heard: float, spoke: bool, hang_timeout: float, now: float) -> str | None:
+    """Why an actor last heard from at ``heard`` counts as hung at ``now``, or None.
+
+    An actor that has not spoken yet gets the start-up allowance (imports, first weights)."""
+    allowed = hang_timeout if spoke else max(hang_timeout, STARTUP_S)
+    if hang_timeout <= 0 or now - heard <= allowed:
+        return None
+    since = "" if spoke else " since it was started"
+    return f"sent nothing{since} for {allowed:g} s (stopped or stuck; --hang-timeout)"
+
+
+def replace_or_stop(actor: int, why: str, replaced: int, max_restarts: int) -> None:
+    """Allow replacing lost actor ``actor`` (the ``replaced + 1``-th), warning that the learner
+    trains on; or raise :class:`ActorFailed` once ``max_restarts`` were used."""
+    if replaced >= max_restarts:
+        if max_restarts == 0:
+            raise ActorFailed(why)
+        raise ActorFailed(f"{why}, after {replaced} replacements, the limit (--max-restarts)")
+    log.warning(
+        f"{why}; a new actor {actor} takes its place while the learner trains on"
+        f" (replacement {replaced + 1} of at most {max_restarts})"
+    )
+
+
 class ActorPool(Protocol):
     """What the learner loop calls; see the module docstring."""
 
@@ -243,23 +267,15 @@ class MpActors:
         An actor always has a free slot here (the learner frees each one as it reads it), so
         silence means it is stopped or stuck, not waiting for the learner.
         """
-        if self.hang_timeout <= 0:
-            return
         now = time.monotonic()
         for k, conn in enumerate(self.conns):
-            if conn.closed:
-                continue
-            allowed = self.hang_timeout if self.spoke[k] else max(self.hang_timeout, STARTUP_S)
-            if now - self.heard[k] > allowed:
-                why = "sent nothing" if self.spoke[k] else "sent nothing since it was started"
-                self._retire(k, f"actor {k} {why} for {allowed:g} s (stopped or stuck; --hang-timeout)")
+            why = None if conn.closed else silence(self.heard[k], self.spoke[k], self.hang_timeout, now)
+            if why:
+                self._retire(k, f"actor {k} {why}")
 
     def _retire(self, actor: int, why: str) -> None:
         """Actor ``actor`` is lost: end it, settle its counts, and have it replaced (or stop)."""
-        if self.replaced >= self.max_restarts:
-            if self.max_restarts == 0:
-                raise ActorFailed(why)
-            raise ActorFailed(f"{why}, after {self.replaced} replacements, the limit (--max-restarts)")
+        replace_or_stop(actor, why, self.replaced, self.max_restarts)
         proc, conn = self.procs[actor], self.conns[actor]
         if proc.is_alive():
             proc.kill()
@@ -274,10 +290,6 @@ class MpActors:
         self.replaced += 1
         self.retired.append(actor)
         self.fresh.append(actor)
-        log.warning(
-            f"{why}; a new actor {actor} takes its place while the learner trains on"
-            f" (replacement {self.replaced} of at most {self.max_restarts})"
-        )
 
     def _slot(self, actor: int, message: bytes) -> int:
         if message.startswith(ERROR_TAG) and len(message) != 4:

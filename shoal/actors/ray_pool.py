@@ -40,9 +40,8 @@ from typing import Any
 import numpy as np
 
 from shoal.actors.actor import CRC_MOD, _Carry, _fill, actor_envs, actor_policy, actor_seed
-from shoal.actors.pool import ActorFailed, Produced
+from shoal.actors.pool import ActorFailed, Produced, replace_or_stop, silence
 from shoal.actors.shared import TrajectoryLayout, TrajectoryRing
-from shoal.launch.supervisor import STARTUP_S
 
 log = logging.getLogger("shoal")
 
@@ -290,23 +289,17 @@ class RayActors:
     def _end_hung(self) -> None:
         """Replace every actor that owes a trajectory and sent none for ``hang_timeout`` s (the
         learner asks again as soon as it frees a slot: silence means stopped or stuck)."""
-        if self.hang_timeout <= 0:
-            return
         now = time.monotonic()
         for k, queue in enumerate(self.queues):
-            allowed = self.hang_timeout if self.spoke[k] else max(self.hang_timeout, STARTUP_S)
-            if queue and now - self.heard[k] > allowed:
-                why = "sent nothing" if self.spoke[k] else "sent nothing since it was started"
-                self._replace(k, f"actor {k} {why} for {allowed:g} s (stopped or stuck; --hang-timeout)")
+            why = silence(self.heard[k], self.spoke[k], self.hang_timeout, now) if queue else None
+            if why:
+                self._replace(k, f"actor {k} {why}")
 
     def _replace(self, k: int, why: str, owed: int = 0) -> None:
         """A new actor ``k`` for the lost one, asked for what the lost one owed (or stop)."""
         import ray
 
-        if self.replaced >= self.max_restarts:
-            if self.max_restarts == 0:
-                raise ActorFailed(why)
-            raise ActorFailed(f"{why}, after {self.replaced} replacements, the limit (--max-restarts)")
+        replace_or_stop(k, why, self.replaced, self.max_restarts)
         with contextlib.suppress(Exception):
             ray.kill(self.actors[k])
         owed += len(self.queues[k])  # its other calls fail with it
@@ -321,10 +314,6 @@ class RayActors:
         self.heard[k], self.spoke[k] = time.monotonic(), False
         self.replaced += 1
         self.fresh.append(k)
-        log.warning(
-            f"{why}; a new actor {k} takes its place while the learner trains on"
-            f" (replacement {self.replaced} of at most {self.max_restarts})"
-        )
         for _ in range(owed):
             self._ask(k)
 
