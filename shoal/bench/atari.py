@@ -57,7 +57,6 @@ import numpy as np
 
 from shoal.bench import machine, plot_curves, vector_envs
 from shoal.bench.vector_envs import Stepper
-from shoal.envs import ProcessVectorEnv, make_vec
 from shoal.envs.atari import FRAME_SKIP, AtariFactory, make_atari, register_ale
 
 IMPLEMENTATIONS = [
@@ -147,36 +146,27 @@ def sb3_atari_envs(env_id: str, num_envs: int, seed: int, vec: str = "dummy") ->
 
 def open_stepper(name: str, env_id: str, num_envs: int, workers: int) -> Stepper:
     """The implementation ``name`` with ``num_envs`` preprocessed copies of ``env_id``, reset
-    with seed 0; its rates are frames per second."""
-    factory, detail = AtariFactory(env_id), ""
-    if name == "gym-sync":
-        env = gym.vector.SyncVectorEnv([factory] * num_envs)
-    elif name == "gym-async":
-        env = gym.vector.AsyncVectorEnv([factory] * num_envs, shared_memory=True, context="fork")
-    elif name == "sb3-subproc":
+    with seed 0; its rates are frames per second. SB3 and EnvPool bring their own Atari
+    preprocessing; the others step shoal's (``vector_envs.open_stepper``)."""
+    if name == "sb3-subproc":
         env = sb3_atari_envs(env_id, num_envs, 0, "subproc")
-        detail = "make_atari_env + VecFrameStack(4)"
-    elif name == "envpool":
+        env.reset()  # (seeded when made)
+        return Stepper(name, env, "make_atari_env + VecFrameStack(4)", FRAME_SKIP)
+    if name == "envpool":
         import envpool
 
         env = envpool.make_gymnasium(
             envpool_id(env_id), num_envs=num_envs, seed=0, **envpool_settings(workers)
         )
-        detail = f"{workers} threads, sticky 0.25"
-    elif name in ("shoal-process", "shoal-process-noinfo"):
-        source = QuietAtariFactory(env_id) if name.endswith("noinfo") else factory
-        env = ProcessVectorEnv([source] * num_envs, num_workers=workers)
-        detail = f"{env.num_workers} workers"
-    elif name == "shoal-auto":
-        env = make_vec(factory, num_envs, seed=0, num_workers=workers)
-        detail = f"auto -> {'process' if isinstance(env, ProcessVectorEnv) else 'sync'}"
-    else:
-        raise ValueError(f"unknown implementation {name!r}")
-    if name in ("sb3-subproc", "envpool"):
-        env.reset()  # (seeded when made)
-    else:
-        env.reset(seed=0)
-    return Stepper(name, env, detail, frames=FRAME_SKIP)
+        env.reset()
+        return Stepper(name, env, f"{workers} threads, sticky 0.25", FRAME_SKIP)
+    if name == "shoal-process-noinfo":
+        stepper = vector_envs.open_stepper(
+            "shoal-process", QuietAtariFactory(env_id), num_envs, workers, FRAME_SKIP
+        )
+        stepper.name = name
+        return stepper
+    return vector_envs.open_stepper(name, AtariFactory(env_id), num_envs, workers, FRAME_SKIP)
 
 
 def available(name: str, env_id: str | None = None) -> str | None:

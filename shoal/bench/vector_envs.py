@@ -116,38 +116,41 @@ class _Independent(Stepper):
             proc.join(10)
 
 
-def open_stepper(name: str, env_id: str, num_envs: int, workers: int) -> Stepper:
-    """The implementation ``name`` with ``num_envs`` copies of ``env_id``, reset with seed 0."""
-    make_one: Callable[[], gym.Env] = lambda: gym.make(env_id)  # noqa: E731
+def open_stepper(
+    name: str, env: str | Callable[[], gym.Env], num_envs: int, workers: int, frames: int = 1
+) -> Stepper:
+    """The implementation ``name`` with ``num_envs`` copies of ``env`` (an id, or a function
+    that makes one), reset with seed 0."""
+    make_one: Callable[[], gym.Env] = (lambda: gym.make(env)) if isinstance(env, str) else env  # noqa: E731
     detail = ""
     if name == "independent":
-        return _Independent(env_id, num_envs, workers)
+        return _Independent(env, num_envs, workers)
     if name == "gym-sync":
-        env = gym.vector.SyncVectorEnv([make_one] * num_envs)
+        vec = gym.vector.SyncVectorEnv([make_one] * num_envs)
     elif name == "gym-async":
-        env = gym.vector.AsyncVectorEnv([make_one] * num_envs, shared_memory=True, context="fork")
+        vec = gym.vector.AsyncVectorEnv([make_one] * num_envs, shared_memory=True, context="fork")
     elif name == "sb3-subproc":
         from stable_baselines3.common.vec_env import SubprocVecEnv
 
-        env = SubprocVecEnv([make_one] * num_envs, start_method="fork")
+        vec = SubprocVecEnv([make_one] * num_envs, start_method="fork")
     elif name == "envpool":
         import envpool
 
-        env = envpool.make_gymnasium(env_id, num_envs=num_envs)
+        vec = envpool.make_gymnasium(env, num_envs=num_envs)
     elif name == "shoal-process":
-        env = ProcessVectorEnv([make_one] * num_envs, num_workers=workers)
-        detail = f"{env.num_workers} workers"
+        vec = ProcessVectorEnv([make_one] * num_envs, num_workers=workers)
+        detail = f"{vec.num_workers} workers"
     elif name == "shoal-auto":
-        env = make_vec(env_id, num_envs, seed=0, num_workers=workers)
-        detail = f"auto -> {'process' if isinstance(env, ProcessVectorEnv) else 'sync'}"
+        vec = make_vec(env, num_envs, seed=0, num_workers=workers)
+        detail = f"auto -> {'process' if isinstance(vec, ProcessVectorEnv) else 'sync'}"
     else:
         raise ValueError(f"unknown implementation {name!r}")
     if name == "sb3-subproc":
-        env.seed(0)
-        env.reset()
+        vec.seed(0)
+        vec.reset()
     else:
-        env.reset(seed=0)
-    return Stepper(name, env, detail)
+        vec.reset(seed=0)
+    return Stepper(name, vec, detail, frames)
 
 
 def available(name: str, env_id: str) -> str | None:
