@@ -1,4 +1,5 @@
-"""Experience storage: a rollout buffer for on-policy methods, a replay buffer for DQN.
+"""Experience storage: a rollout buffer for on-policy methods, replay buffers for DQN, SAC
+and TD3 (one of them for stacked frames, which it stores once each).
 
 Vector envs reset with gymnasium's next-step autoreset: the step after an episode ends
 returns the first observation of the next episode, with reward 0, and ignores the action.
@@ -222,3 +223,237 @@ class ReplayBuffer:
         for key, value in arrays.items():
             getattr(self, key)[: len(value)] = value
         self.pos, self.size = int(meta["pos"]), int(meta["size"])
+
+
+UNUSED = np.iinfo(np.int64).min  # the owner of a frame no stored transition uses
+
+
+def stacked_frames(shape: tuple, dtype: np.dtype) -> bool:
+    """uint8 ``(k, H, W)`` with ``k >= 2`` stacked frames (FrameStackObservation), not an
+    ``(H, W, C)`` image: the observations a :class:`FrameReplayBuffer` stores compactly."""
+    return np.dtype(dtype) == np.uint8 and len(shape) == 3 and 2 <= shape[0] < min(shape[1:])
+
+
+class FrameReplayBuffer:
+    """:class:`ReplayBuffer` for stacked frames, storing each distinct frame once.
+
+    Consecutive observations of one env share ``k - 1`` of their ``k`` frames, and a
+    transition's next observation is a later one's observation, so a transition stores two
+    rows of ``k`` frame indices into a frame store rather than two whole stacks. Sharing is
+    decided from the data alone: per env, an observation equal to the previous one reuses its
+    frames, one whose first ``k - 1`` frames are the previous one's last ``k - 1`` adds one
+    frame, anything else (a reset) adds its whole stack. The store is written as a ring; a
+    frame can be overwritten once every transition using it has been (``owner``, the newest
+    such transition's number, is older than the ring) and no pending n-step transition or
+    env's last observation holds it (``pins``). If the slots ahead are still in use (episodes
+    so short that frames outnumber transitions by more than the reserve), the store grows.
+    Transitions, n-step returns, sampling and ``pos``/``size`` are exactly ReplayBuffer's.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: tuple,
+        obs_dtype: np.dtype,
+        action_shape: tuple,
+        action_dtype: np.dtype,
+        n_step: int,
+        gamma: float,
+    ) -> None:
+        if np.dtype(obs_dtype) != np.uint8 or len(obs_shape) != 3 or obs_shape[0] < 2:
+            raise ValueError(f"FrameReplayBuffer stores uint8 (k, H, W) frame stacks, not {obs_shape}")
+        self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
+        self.k, self.frame_shape = obs_shape[0], tuple(obs_shape[1:])
+        # At most this many frames are held by pending transitions and last observations.
+        self.pinned_max = num_envs * self.k * (n_step + 1)
+        self.obs_frames = np.zeros((capacity, self.k), dtype=np.int32)  # indices into frames
+        self.next_frames = np.zeros((capacity, self.k), dtype=np.int32)
+        self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
+        self.returns = np.zeros(capacity, dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.pos, self.size = 0, 0
+        self.stored = 0  # transitions ever stored: the number of the next one
+        self.last = np.full((num_envs, self.k), -1, dtype=np.int64)  # each env's newest observation
+        self.pending: list[list[tuple]] = [[] for _ in range(num_envs)]  # per env, oldest first
+        self._allocate_frames(self.frames_for(capacity, num_envs, self.k, n_step))
+
+    @staticmethod
+    def frames_for(capacity: int, num_envs: int, k: int, n_step: int) -> int:
+        """Initial frame slots: one per transition, an eighth more for episode starts (a reset
+        adds ``k`` frames), and room for the pinned frames and one more stack."""
+        return capacity + capacity // 8 + num_envs * k * (n_step + 1) + k
+
+    @classmethod
+    def nbytes(cls, capacity: int, num_envs: int, obs_shape: tuple, action_bytes: int, n_step: int) -> int:
+        """Bytes of the arrays a new buffer allocates (what the start-up memory check counts)."""
+        k, frame = obs_shape[0], int(np.prod(obs_shape[1:]))
+        slots = cls.frames_for(capacity, num_envs, k, n_step)
+        per_transition = 2 * k * 4 + action_bytes + 4 + 4  # two index rows, action, return, discount
+        return slots * (frame + 8 + 4) + capacity * per_transition + num_envs * k * 8
+
+    def _allocate_frames(self, slots: int) -> None:
+        self.frames = np.zeros((slots, *self.frame_shape), dtype=np.uint8)
+        self.owner = np.full(slots, UNUSED, dtype=np.int64)  # newest transition using the frame
+        self.pins = np.zeros(slots, dtype=np.int32)  # pending transitions / last obs using it
+        self.head = 0  # where the ring writes next
+
+    # -- frames ---------------------------------------------------------------------------
+    def _write(self, stack: np.ndarray) -> np.ndarray:
+        """Store ``stack``'s frames in free slots at the ring's head; their indices."""
+        m = len(stack)
+        while True:
+            window = (self.head + np.arange(m + self.pinned_max)) % len(self.frames)
+            free = (self.owner[window] < self.stored - self.capacity) & (self.pins[window] == 0)
+            slots = window[free][:m]
+            if len(slots) == m:
+                break
+            self._grow(m + self.pinned_max)
+        self.frames[slots] = stack
+        self.owner[slots] = UNUSED
+        self.head = (int(slots[-1]) + 1) % len(self.frames)
+        return slots
+
+    def _grow(self, needed: int) -> None:
+        """Insert free slots at the head (the ring's oldest frames follow them): frame indices
+        at or past the head move up. Rare: only episodes much shorter than usual need it."""
+        at, extra = self.head, max(needed, len(self.frames) // 8)
+        self.frames = np.concatenate(
+            [self.frames[:at], np.zeros((extra, *self.frame_shape), np.uint8), self.frames[at:]]
+        )
+        self.owner = np.concatenate([self.owner[:at], np.full(extra, UNUSED, np.int64), self.owner[at:]])
+        self.pins = np.concatenate([self.pins[:at], np.zeros(extra, np.int32), self.pins[at:]])
+        for indices in (
+            self.obs_frames,
+            self.next_frames,
+            self.last,
+            *(f for q in self.pending for f, _, _ in q),
+        ):
+            indices[indices >= at] += extra
+
+    def _frames_of(
+        self, stack: np.ndarray, known: np.ndarray | None, known_stack: np.ndarray | None
+    ) -> np.ndarray:
+        """Frame indices for ``stack``, sharing with the stack ``known`` (its indices) it follows."""
+        if known is not None:
+            if np.array_equal(stack, known_stack):
+                return known.copy()
+            if np.array_equal(stack[:-1], known_stack[1:]):
+                new = self._write(stack[-1:])  # may move ``known`` (it is pinned, so remapped in place)
+                return np.append(known[1:], new)
+        return self._write(stack)
+
+    def _pin(self, indices: np.ndarray, by: int) -> None:
+        self.pins[indices] += by  # a stack's indices are distinct slots: no repeated index
+
+    # -- transitions ----------------------------------------------------------------------
+    def _store(self, obs: np.ndarray, action: Any, ret: float, next_obs: np.ndarray, discount: float) -> None:
+        i = self.pos
+        self.obs_frames[i], self.next_frames[i] = obs, next_obs
+        self.owner[obs] = self.owner[next_obs] = self.stored  # numbers only grow: the newest user
+        self.actions[i], self.returns[i], self.discounts[i] = action, ret, discount
+        self.stored += 1
+        self.pos = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def add(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """One vector step; invalid (autoreset) steps are skipped, as ReplayBuffer does."""
+        for e in np.flatnonzero(valid):
+            last = self.last[e] if self.last[e, 0] >= 0 else None  # a view: moved in place by _grow
+            first = self._frames_of(obs[e], last, None if last is None else self.frames[last])
+            self._pin(first, 1)
+            queue = self.pending[e]
+            queue.append((first, actions[e], float(rewards[e])))
+            following = self._frames_of(next_obs[e], first, obs[e])
+            self._pin(following, 1)
+            if last is not None:
+                self._pin(self.last[e], -1)
+            self.last[e] = following
+            ended = bool(terminated[e] or truncated[e])
+            while queue and (len(queue) == self.n_step or ended):
+                ret = sum(r * self.gamma**k for k, (_, _, r) in enumerate(queue))
+                discount = 0.0 if terminated[e] else self.gamma ** len(queue)
+                first_frames, first_action, _ = queue.pop(0)
+                self._store(first_frames, first_action, ret, following, discount)
+                self._pin(first_frames, -1)
+
+    def clear_pending(self, envs: np.ndarray | None = None) -> None:
+        """Drop partial n-step transitions of ``envs`` (default: all): their episodes are cut short."""
+        for e, queue in enumerate(self.pending):
+            if envs is None or envs[e]:
+                for frames, _, _ in queue:
+                    self._pin(frames, -1)
+                queue.clear()
+
+    def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """Whole stacks, one gather each for the observations and the next observations."""
+        idx = rng.integers(0, self.size, batch)
+        obs, next_obs = self.frames[self.obs_frames[idx]], self.frames[self.next_frames[idx]]
+        return obs, self.actions[idx], self.returns[idx], next_obs, self.discounts[idx]
+
+    # -- state ----------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The stored transitions with only the frames they use, oldest written first."""
+        used = np.concatenate([self.obs_frames[: self.size], self.next_frames[: self.size]]).ravel()
+        age, rows = np.unique((used - self.head) % len(self.frames), return_inverse=True)
+        rows = rows.reshape(2, self.size, self.k).astype(np.int32)
+        arrays = {
+            "frames": self.frames[(age + self.head) % len(self.frames)],
+            "obs_frames": rows[0],
+            "next_frames": rows[1],
+            **{k: getattr(self, k)[: self.size] for k in ("actions", "returns", "discounts")},
+        }
+        return arrays, {"pos": self.pos, "size": self.size, "pending": [len(q) for q in self.pending]}
+
+    def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore ``state()``, or a ReplayBuffer's (whole stacks: each becomes ``k`` frames)."""
+        if not arrays:  # a checkpoint for acting (the best one) holds no transitions: start empty
+            return
+        if any(meta["pending"]):
+            raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
+        self.pos, self.size = int(meta["pos"]), int(meta["size"])
+        if "obs" in arrays:  # saved by a ReplayBuffer
+            stacks = np.concatenate([arrays["obs"], arrays["next_obs"]])
+            rows = np.arange(len(stacks) * self.k).reshape(2, self.size, self.k)
+            arrays = {**arrays, "frames": stacks.reshape(-1, *self.frame_shape)}
+            arrays["obs_frames"], arrays["next_frames"] = rows
+        frames = arrays["frames"]
+        self._allocate_frames(
+            max(len(self.frames), len(frames) + len(frames) // 8 + self.pinned_max + self.k)
+        )
+        self.frames[: len(frames)] = frames
+        self.head = len(frames)
+        for key in ("obs_frames", "next_frames", "actions", "returns", "discounts"):
+            getattr(self, key)[: self.size] = arrays[key]
+        self.stored = self.size if self.size < self.capacity else self.capacity + self.pos
+        # transition i's number: the oldest (at pos - size) is stored - size
+        number = self.stored - self.size + (np.arange(self.size) - (self.pos - self.size)) % self.capacity
+        for rows in (self.obs_frames, self.next_frames):
+            np.maximum.at(self.owner, rows[: self.size], number[:, None])
+        self.last[:] = -1
+        for queue in self.pending:
+            queue.clear()
+
+
+def make_replay(
+    capacity: int,
+    num_envs: int,
+    obs_shape: tuple,
+    obs_dtype: np.dtype,
+    action_shape: tuple,
+    action_dtype: np.dtype,
+    n_step: int,
+    gamma: float,
+) -> ReplayBuffer | FrameReplayBuffer:
+    """A FrameReplayBuffer for stacked frames (about 8x smaller), a ReplayBuffer otherwise."""
+    cls = FrameReplayBuffer if stacked_frames(obs_shape, obs_dtype) else ReplayBuffer
+    return cls(capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, n_step, gamma)

@@ -410,10 +410,14 @@ class TrainConfig:
         """How far past ``total_steps`` a run's env steps may end (its last step's size)."""
         return self.num_envs * self.num_workers
 
-    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+    def memory_needed(
+        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
+    ) -> dict[str, float]:
         """Rough bytes one learner allocates, by the setting that sizes it (none by default).
 
         A key names the setting(s) to lower: ``"buffer_size"``, or ``"num_steps*num_envs"``.
+        ``obs_space`` is for a buffer whose layout depends on more than the bytes of an
+        observation (DQN's replay of stacked frames).
         """
         return {}
 
@@ -494,7 +498,9 @@ class DecoupledConfig(TrainConfig):
         # the learner counts every trajectory it receives: at most all the slots past the end
         return self.num_actors * self.slots_per_actor * self.rollout_length * self.num_envs
 
-    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+    def memory_needed(
+        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
+    ) -> dict[str, float]:
         slots = self.num_actors * self.slots_per_actor + self.batch_trajectories
         rows = slots * (self.rollout_length + 1) * self.num_envs
         return {"num_actors*slots_per_actor*rollout_length*num_envs": rows * (obs_bytes + act_bytes + 24.0)}

@@ -427,7 +427,7 @@ def memory_needed(
 ) -> dict[str, float]:
     """Rough bytes one learner allocates, by the setting that sizes it (the config says how)."""
     inputs = float(np.prod(obs_space.shape or (1,), dtype=np.float64))
-    return config.memory_needed(_nbytes(obs_space), _nbytes(action_space), inputs)
+    return config.memory_needed(_nbytes(obs_space), _nbytes(action_space), inputs, obs_space)
 
 
 def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env] | None = None) -> None:

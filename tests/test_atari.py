@@ -18,7 +18,7 @@ from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation  # noqa
 
 from shoal.agent import make_config  # noqa: E402
 from shoal.algos import ALGORITHMS  # noqa: E402
-from shoal.buffers import ReplayBuffer  # noqa: E402
+from shoal.buffers import FrameReplayBuffer  # noqa: E402
 from shoal.envs import make_vec  # noqa: E402
 from shoal.envs.atari import AtariFactory, env_source, game_scores, make_atari, register_ale  # noqa: E402
 from shoal.training.episodes import Episodes  # noqa: E402
@@ -27,7 +27,9 @@ from shoal.training.trainer import env_of, evaluate, spaces_of  # noqa: E402
 register_ale()
 DOCS = Path(__file__).parent.parent / "docs" / "atari.md"
 FRAME_BYTES = 4 * 84 * 84  # one stacked observation
-REPLAY_BYTES_PER_TRANSITION = 2 * FRAME_BYTES + 8 + 4 + 4  # obs, next obs, int64 action, return, discount
+# 9/8 of a frame (84x84 bytes, an int64 owner, an int32 pin count), two rows of 4 int32 frame
+# indices, the int64 action, the float32 return and discount (shoal.buffers.FrameReplayBuffer)
+REPLAY_BYTES_PER_TRANSITION = 8_000
 
 
 def reference(env_id: str) -> gym.Env:
@@ -216,14 +218,75 @@ def test_uint8_frames_through_process_vector_env_and_the_rollout_buffer():
 
 
 def test_dqn_replay_costs_what_the_docs_say():
-    replay = ReplayBuffer(1_000, 1, (4, 84, 84), np.uint8, (), np.int64, 1, 0.99)
-    arrays = (replay.obs, replay.next_obs, replay.actions, replay.returns, replay.discounts)
-    assert replay.obs.dtype == np.uint8
-    assert sum(a.nbytes for a in arrays) == 1_000 * REPLAY_BYTES_PER_TRANSITION
-    assert f"{REPLAY_BYTES_PER_TRANSITION:,} bytes per transition" in DOCS.read_text()
+    """The preset's replay stores each frame once: its arrays' bytes are the docs' figure and
+    what the start-up memory check counts."""
     config = make_config("dqn", "ALE/Breakout-v5", {})
-    need = config.memory_needed(FRAME_BYTES, 8, FRAME_BYTES)["buffer_size"]
-    assert need == config.buffer_size * REPLAY_BYTES_PER_TRANSITION  # what the start-up check counts
+    space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    algo = ALGORITHMS["dqn"](config, space, gym.spaces.Discrete(4), torch.device("cpu"))
+    replay = algo.replay  # 800 MB of zeros, untouched: the pages are never faulted in
+    assert isinstance(replay, FrameReplayBuffer) and replay.frames.dtype == np.uint8
+    allocated = sum(a.nbytes for a in vars(replay).values() if isinstance(a, np.ndarray))
+    assert round(allocated / config.buffer_size) == REPLAY_BYTES_PER_TRANSITION
+    docs = DOCS.read_text()
+    assert f"{REPLAY_BYTES_PER_TRANSITION:,} bytes per transition" in docs
+    assert f"{allocated / 1e6:,.0f} MB" in docs
+    need = config.memory_needed(FRAME_BYTES, 8, FRAME_BYTES, space)["buffer_size"]
+    assert need == allocated  # what the start-up check counts
+    del algo, replay
+    # 1M transitions (the Nature paper's): 8 GB, not 56
+    million = make_config("dqn", "ALE/Breakout-v5", {"buffer_size": 1_000_000})
+    need = million.memory_needed(FRAME_BYTES, 8, FRAME_BYTES, space)["buffer_size"]
+    assert f"{need / 1e9:.1f} GB" in docs
+    # other observations keep the whole-observation replay (and its count)
+    vector = million.memory_needed(16, 8, 4, gym.spaces.Box(-1, 1, (4,)))["buffer_size"]
+    assert vector == 1_000_000 * (2 * 16 + 16)
+
+
+def test_dqn_on_frames_resumes_exactly_from_a_compact_replay(tmp_path):
+    """DQN on Atari keeps a FrameReplayBuffer; a checkpoint saves its frames in use once each,
+    and an interrupted, resumed run ends with the weights of the uninterrupted one."""
+    from safetensors.numpy import load_file
+
+    from shoal.run.checkpoint import latest
+    from shoal.training.trainer import Trainer
+
+    small = dict(
+        num_envs=2,
+        total_steps=600,
+        checkpoint_every=200,
+        learning_starts=100,
+        train_freq=20,
+        gradient_steps=2,
+        batch_size=8,
+        n_step=3,
+        buffer_size=250,  # 600 steps of 2 envs: the ring wraps
+        target_update_interval=50,
+        eval_episodes=1,
+        vectorization="sync",
+    )
+
+    def run(name: str) -> Trainer:
+        config = make_config("dqn", "ALE/Pong-v5", {**small, "run_dir": str(tmp_path / name)})
+        return Trainer(ALGORITHMS["dqn"], config, progress=False)
+
+    whole = run("whole")
+    whole.train()
+    assert isinstance(whole.algo.replay, FrameReplayBuffer) and whole.algo.replay.size == 250
+    first = run("split")
+    first.train(stop_after_checkpoints=2)
+    assert first.env_steps < small["total_steps"]
+    checkpoint = latest(tmp_path / "split" / "checkpoints")
+    (heavy,) = Path(checkpoint).parent.glob("**/*.heavy.safetensors")
+    saved = {k.rsplit("/", 1)[1]: v for k, v in load_file(heavy).items() if "/replay/" in k}
+    assert sorted(saved) == ["actions", "discounts", "frames", "next_frames", "obs_frames", "returns"]
+    size, frames = len(saved["actions"]), saved["frames"]
+    assert size == 250 and frames.shape[1:] == (84, 84) and frames.dtype == np.uint8
+    assert len(frames) < 1.1 * size + 2 * 4 * 4  # about one a transition, not 8
+    resumed = run("split")
+    resumed.train(resume=checkpoint)
+    assert resumed.env_steps == whole.env_steps
+    a, b = whole.algo.q.state_dict(), resumed.algo.q.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

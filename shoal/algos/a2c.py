@@ -50,7 +50,9 @@ class A2CConfig(TrainConfig):
             **normalization(obs_space, on=isinstance(action_space, spaces.Box)),
         }
 
-    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+    def memory_needed(
+        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
+    ) -> dict[str, float]:
         return rollout_memory(self, obs_bytes, act_bytes, inputs)
 
 

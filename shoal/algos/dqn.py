@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from shoal.algos.base import Algorithm, fused_ok
-from shoal.buffers import ReplayBuffer
+from shoal.buffers import FrameReplayBuffer, make_replay, stacked_frames
 from shoal.config import ConfigError, TrainConfig, check_replay_batch, opt
 from shoal.nn import QNetwork
 
@@ -74,12 +74,19 @@ class DQNConfig(TrainConfig):
             raise ConfigError(f"dqn needs discrete actions but {env} has {action_space}; use ppo or a2c")
         super().check_spaces(algo, env, obs_space, action_space)
 
-    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+    def memory_needed(
+        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
+    ) -> dict[str, float]:
         # online + target network, gradient, two Adam moments; a batch's activations
         widths = [inputs, *self.hidden]
         weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 64
+        shape, dtype = getattr(obs_space, "shape", None) or (), getattr(obs_space, "dtype", None)
+        if dtype is not None and stacked_frames(shape, dtype):  # what FrameReplayBuffer allocates
+            replay = FrameReplayBuffer.nbytes(self.buffer_size, self.num_envs, shape, 8, self.n_step)
+        else:  # obs and next obs whole, the int64 action, return and discount
+            replay = self.buffer_size * (2.0 * obs_bytes + 8 + 8)
         return {
-            "buffer_size": self.buffer_size * (2.0 * obs_bytes + 8 + 8),
+            "buffer_size": float(replay),
             "hidden": 5 * 4 * weights + 4 * 4 * self.batch_size * sum(widths),
         }
 
@@ -100,7 +107,7 @@ class DQN(Algorithm):
             "optimizer", self.q.parameters(), adam, max_grad_norm=c.max_grad_norm, anneal=c.anneal_lr
         )
         sample = np.asarray(obs_space.sample())
-        self.replay = ReplayBuffer(
+        self.replay = make_replay(  # stacked frames (Atari): each frame stored once
             c.buffer_size, c.num_envs, sample.shape, sample.dtype, (), np.int64, c.n_step, c.gamma
         )
         self.rng = np.random.default_rng(self.strategy.worker_seed(c.seed))
@@ -242,7 +249,7 @@ PRESETS: dict[str, dict] = {
         total_steps=100_000,
     ),
     # Every Atari game: RL-Zoo's dqn.yml "atari" entry (its master; older revisions kept 10k
-    # or 1M transitions). 100k transitions of 4x84x84 uint8 frames take 5.6 GB (docs/atari.md).
+    # or 1M transitions). 100k transitions of 4x84x84 uint8 frames take 0.8 GB (docs/atari.md).
     "ALE/*": dict(
         num_envs=1,
         buffer_size=100_000,

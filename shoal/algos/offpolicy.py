@@ -84,7 +84,9 @@ class OffPolicyConfig(TrainConfig):
             raise ConfigError(f"{algo} takes vector observations, not frames; {env} has {show(obs_space)}")
         super().check_spaces(algo, env, obs_space, action_space)
 
-    def memory_needed(self, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+    def memory_needed(
+        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
+    ) -> dict[str, float]:
         # obs and next obs as the env gives them, the action, its reward and discount
         return {"buffer_size": self.buffer_size * (2.0 * obs_bytes + act_bytes + 8)}
 
