@@ -71,6 +71,25 @@ def opt(
     return field(default=default, metadata={k: v for k, v in meta.items() if v not in (None, "")})
 
 
+ACTIVATIONS = ("tanh", "relu")
+
+
+def activation_opt() -> Any:
+    """The ``activation`` setting of an actor-critic's MLP bodies (RL-Zoo sets ReLU on MuJoCo)."""
+    return opt(
+        "tanh", "activation of the actor's and critic's hidden layers", choices=ACTIVATIONS, frozen=True
+    )
+
+
+def ortho_init_opt() -> Any:
+    """The ``ortho_init`` setting (SB3's name): RL-Zoo turns it off for some MuJoCo entries."""
+    return opt(
+        True,
+        "orthogonal initialisation of the actor's and critic's layers (PPO's); off: PyTorch's default",
+        frozen=True,
+    )
+
+
 def show(value: Any) -> str:
     """A value for an error message: its repr, cut short (a file can hold anything)."""
     return _REPR.repr(value)

@@ -18,11 +18,18 @@ from torch import nn
 LOG_2PI = math.log(2 * math.pi)
 
 
-def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
-    """Orthogonal weights, constant bias: the initialisation PPO implementations rely on."""
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
+def layer_init(
+    layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0, ortho: bool = True
+) -> nn.Module:
+    """Orthogonal weights, constant bias: the initialisation PPO implementations rely on
+    (``ortho`` False: PyTorch's default, kept as the layer was made)."""
+    if ortho:
+        nn.init.orthogonal_(layer.weight, std)
+        nn.init.constant_(layer.bias, bias)
     return layer
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 def is_image(space: spaces.Space) -> bool:
@@ -94,15 +101,22 @@ class TwinMLP(nn.Module):
     The math is exactly that of two separate MLPs, each initialised orthogonally.
     """
 
-    def __init__(self, inputs: int, hidden: tuple[int, ...], activation: type[nn.Module]) -> None:
+    def __init__(
+        self, inputs: int, hidden: tuple[int, ...], activation: type[nn.Module], ortho: bool = True
+    ) -> None:
         super().__init__()
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for width in hidden:
-            w = torch.empty(2, inputs, width)
-            for k in range(2):  # each body's (out x in) matrix, orthogonal like nn.Linear's
-                nn.init.orthogonal_(w[k].T, math.sqrt(2))
+            w, b = torch.empty(2, inputs, width), torch.zeros(2, 1, width)
+            for k in range(2):  # each body's (out x in) matrix, initialised as an nn.Linear's
+                if ortho:
+                    nn.init.orthogonal_(w[k].T, math.sqrt(2))
+                else:  # nn.Linear's default: uniform within 1/sqrt(fan_in), bias too
+                    bound = 1 / math.sqrt(inputs)
+                    nn.init.uniform_(w[k], -bound, bound)
+                    nn.init.uniform_(b[k], -bound, bound)
             self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(torch.zeros(2, 1, width)))
+            self.biases.append(nn.Parameter(b))
             inputs = width
         self.activation = activation()
         self.out_features = inputs
@@ -131,6 +145,7 @@ class ActorCritic(nn.Module):
         hidden: tuple[int, ...] = (64, 64),
         activation: type[nn.Module] = nn.Tanh,
         log_std_init: float = 0.0,
+        ortho_init: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(action_space, spaces.Discrete):
@@ -145,10 +160,11 @@ class ActorCritic(nn.Module):
             self.twin = None
             features = self.body.out_features
         else:
-            self.twin = TwinMLP(int(np.prod(obs_space.shape)) if obs_space.shape else 1, hidden, activation)
+            inputs = int(np.prod(obs_space.shape)) if obs_space.shape else 1
+            self.twin = TwinMLP(inputs, hidden, activation, ortho_init)
             features = self.twin.out_features
-        self.actor_head = layer_init(nn.Linear(features, n_out), std=0.01)
-        self.critic_head = layer_init(nn.Linear(features, 1), std=1.0)
+        self.actor_head = layer_init(nn.Linear(features, n_out), std=0.01, ortho=ortho_init)
+        self.critic_head = layer_init(nn.Linear(features, 1), std=1.0, ortho=ortho_init)
 
     def heads(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy output (logits or Gaussian mean) and state value, in one pass."""

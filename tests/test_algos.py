@@ -195,3 +195,31 @@ def test_replay_workers_averaged_into_one_learner_share_its_schedule_and_batch(a
     assert averaged == {**alone, "batch": {8}}
     applied = _replay_schedule(algo_name, _Pair(one_learner=False), 64)  # 64 of its own steps
     assert applied == alone
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "impala", "appo"])
+def test_activation_and_ortho_init_settings_shape_every_actor_critic(algo):
+    """RL-Zoo's MuJoCo entries set ReLU and ortho_init False: both reach the network."""
+    from shoal.agent import make_config
+    from shoal.algos import ALGORITHMS
+
+    obs_space, action_space = spaces.Box(-1, 1, (5,)), spaces.Box(-1, 1, (2,))
+    make = ALGORITHMS[algo]
+    for settings, relu, ortho in [
+        ({}, False, True),
+        ({"activation": "relu", "ortho_init": False}, True, False),
+    ]:
+        config = make_config(algo, "Pendulum-v1", settings)
+        net = (
+            make.actor_network(config, obs_space, action_space)
+            if hasattr(make, "actor_network")
+            else make(config, obs_space, action_space, torch.device("cpu")).net
+        )
+        assert isinstance(net.twin.activation, torch.nn.ReLU if relu else torch.nn.Tanh)
+        w = net.twin.weights[0].detach()  # (2 bodies, 5 inputs, width)
+        gram = w[0] @ w[0].T
+        assert torch.allclose(gram, 2 * torch.eye(5), atol=1e-5) == ortho  # orthogonal, gain sqrt(2)
+        head_std = float(net.actor_head.weight.std())
+        assert (head_std < 0.01) == ortho  # PPO's 0.01-gain policy head, or nn.Linear's default
+        if not ortho:
+            assert w.abs().max() <= 1 / 5**0.5 and net.twin.biases[0].abs().sum() > 0

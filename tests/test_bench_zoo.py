@@ -29,3 +29,15 @@ def test_a_rerun_seed_replaces_its_earlier_run_and_keeps_the_row_settings():
 def test_runs_of_another_budget_are_dropped():
     merged = merge_row(_row(100, shoal=[(1, 10.0)]), _row(300, shoal=[(2, 20.0)]))
     assert merged["sides"]["shoal"] == [{"seed": 2, "final": 20.0}]
+
+
+def test_rl_zoos_halfcheetah_entry_maps_onto_ppo_settings_entirely():
+    from shoal.algos import ALGORITHMS
+    from shoal.bench.zoo import RL_ZOO_HALFCHEETAH, rl_zoo_to_shoal
+
+    settings, unmapped = rl_zoo_to_shoal(
+        RL_ZOO_HALFCHEETAH, set(ALGORITHMS["ppo"].config_class.__dataclass_fields__)
+    )
+    assert unmapped == {}
+    assert settings["activation"] == "relu" and settings["ortho_init"] is False
+    assert settings["hidden"] == (256, 256) and settings["log_std_init"] == -2.0

@@ -17,7 +17,7 @@ from gymnasium import spaces
 
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
-from shoal.config import TrainConfig, normalization, opt, rollout_memory
+from shoal.config import TrainConfig, activation_opt, normalization, opt, ortho_init_opt, rollout_memory
 
 
 @dataclass
@@ -38,6 +38,8 @@ class A2CConfig(TrainConfig):
     hidden: tuple[int, ...] = opt(
         (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
     )
+    activation: str = activation_opt()
+    ortho_init: bool = ortho_init_opt()
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
     )

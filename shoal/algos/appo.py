@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from shoal.algos.base import Trajectories, TrajectoryAlgorithm, fused_ok
-from shoal.config import DecoupledConfig, opt
+from shoal.config import DecoupledConfig, activation_opt, opt, ortho_init_opt
 
 # Box actions (continuous control): longer trajectories, GAE-like horizon and more epochs.
 CONTINUOUS: dict[str, Any] = dict(num_envs=4, rollout_length=256, update_epochs=10, num_minibatches=32)
@@ -49,6 +49,8 @@ class APPOConfig(DecoupledConfig):
     hidden: tuple[int, ...] = opt(
         (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
     )
+    activation: str = activation_opt()
+    ortho_init: bool = ortho_init_opt()
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
     )

@@ -18,7 +18,7 @@ from shoal.algos.vtrace import vtrace
 from shoal.buffers import RolloutBuffer
 from shoal.config import TrainConfig
 from shoal.distributed.strategy import LocalStrategy, Strategy
-from shoal.nn import ActorCritic
+from shoal.nn import ACTIVATIONS, ActorCritic
 from shoal.normalize import EPS, Normalizer
 from shoal.training.learner import Learner
 
@@ -207,6 +207,19 @@ class Algorithm:
         return self.normalizer.scale(rewards)
 
 
+def actor_critic(config: Any, obs_space: spaces.Space, action_space: spaces.Space) -> ActorCritic:
+    """The :class:`ActorCritic` a config describes (``hidden``, ``activation``, ``ortho_init``,
+    ``log_std_init``): the same network for a seed wherever it is made."""
+    return ActorCritic(
+        obs_space,
+        action_space,
+        config.hidden,
+        ACTIVATIONS[config.activation],
+        config.log_std_init,
+        ortho_init=config.ortho_init,
+    )
+
+
 class OneActorCritic(Algorithm):
     """An algorithm whose one :class:`ActorCritic` (``self.net``) acts and is all it saves."""
 
@@ -237,7 +250,7 @@ class ActorCriticAlgorithm(OneActorCritic):
     ) -> None:
         super().__init__(config, obs_space, action_space, device, strategy)
         c = config
-        self.net = ActorCritic(obs_space, action_space, c.hidden, torch.nn.Tanh, c.log_std_init).to(device)
+        self.net = actor_critic(c, obs_space, action_space).to(device)
         discrete = isinstance(action_space, spaces.Discrete)
         self.buffer = RolloutBuffer(
             c.num_steps,
@@ -319,7 +332,7 @@ class TrajectoryAlgorithm(OneActorCritic):
     @classmethod
     def actor_network(cls, config: Any, obs_space: spaces.Space, action_space: spaces.Space) -> ActorCritic:
         """The network actors act with and the learner trains (same initial weights for a seed)."""
-        return ActorCritic(obs_space, action_space, config.hidden, torch.nn.Tanh, config.log_std_init)
+        return actor_critic(config, obs_space, action_space)
 
     def learn(self, batch: Trajectories, env_steps: int) -> dict[str, float]:
         """One update on ``batch``; ``env_steps`` sampled so far (for schedules); metrics to log."""

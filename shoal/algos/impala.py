@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from shoal.algos.base import Trajectories, TrajectoryAlgorithm, fused_ok
-from shoal.config import DecoupledConfig, opt
+from shoal.config import DecoupledConfig, activation_opt, opt, ortho_init_opt
 
 
 @dataclass
@@ -44,6 +44,8 @@ class IMPALAConfig(DecoupledConfig):
     hidden: tuple[int, ...] = opt(
         (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
     )
+    activation: str = activation_opt()
+    ortho_init: bool = ortho_init_opt()
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
     )

@@ -19,7 +19,16 @@ from gymnasium import spaces
 
 from shoal.algos.base import ActorCriticAlgorithm, fused_ok
 from shoal.buffers import gae
-from shoal.config import ConfigError, TrainConfig, is_pixels, normalization, opt, rollout_memory
+from shoal.config import (
+    ConfigError,
+    TrainConfig,
+    activation_opt,
+    is_pixels,
+    normalization,
+    opt,
+    ortho_init_opt,
+    rollout_memory,
+)
 
 # Defaults by action space (``PPOConfig.space_defaults``; an env's preset overrides them).
 # The dataclass defaults are CleanRL's ppo.py values (8 envs x 128 steps, 4 minibatches x 4
@@ -62,6 +71,8 @@ class PPOConfig(TrainConfig):
     hidden: tuple[int, ...] = opt(
         (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True
     )
+    activation: str = activation_opt()
+    ortho_init: bool = ortho_init_opt()
     log_std_init: float = opt(
         0.0, "initial log standard deviation (continuous actions)", ge=-20, le=20, note="the std is its exp"
     )

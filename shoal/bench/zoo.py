@@ -113,15 +113,14 @@ def rl_zoo_to_shoal(zoo: dict[str, Any], fields: set[str]) -> tuple[dict[str, An
         "max_grad_norm": (dict(max_grad_norm=zoo["max_grad_norm"]), ""),
         "vf_coef": (dict(vf_coef=zoo["vf_coef"]), ""),
         "log_std_init": (dict(log_std_init=zoo["log_std_init"]), ""),
+        "activation_fn": (dict(activation=zoo["activation_fn"].lower()), ""),
+        "ortho_init": (dict(ortho_init=zoo["ortho_init"]), ""),
     }
     net = zoo["net_arch"]
     if net["pi"] == net["vf"]:  # shoal's actor and critic are separate bodies of one shape
         wanted["net_arch"] = (dict(hidden=tuple(net["pi"])), "")
     settings: dict[str, Any] = dict(clip_vloss=False, norm_adv=True, target_kl=None)
-    unmapped: dict[str, str] = {
-        "activation_fn": f"{zoo['activation_fn']}: shoal's MLPs use tanh, no setting changes it",
-        "ortho_init": f"{zoo['ortho_init']}: shoal always initialises orthogonally",
-    }
+    unmapped: dict[str, str] = {}
     if "net_arch" not in wanted:
         unmapped["net_arch"] = f"{net}: shoal's actor and critic have the same hidden sizes"
     for key, (values, _) in wanted.items():
