@@ -41,3 +41,9 @@ def test_rl_zoos_halfcheetah_entry_maps_onto_ppo_settings_entirely():
     assert unmapped == {}
     assert settings["activation"] == "relu" and settings["ortho_init"] is False
     assert settings["hidden"] == (256, 256) and settings["log_std_init"] == -2.0
+
+
+def test_one_side_rerun_keeps_the_other_sides_runs():
+    before = _row(300, shoal=[(1, 10.0)], sb3=[(1, 5.0)])
+    merged = merge_row(before, _row(300, shoal=[(1, 12.0)]))
+    assert merged["sides"] == _row(300, shoal=[(1, 12.0)], sb3=[(1, 5.0)])["sides"]

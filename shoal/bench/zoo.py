@@ -232,6 +232,7 @@ def _sides(
 ) -> dict:
     """Each side of a row for each seed, one after the other, seed by seed; the row so far is
     written to the JSON after every seed (``args.keep``), so that a stopped part keeps it."""
+    runs = {side: run for side, run in runs.items() if not args.sides or side in args.sides}
     out: dict[str, Any] = {"env": env_id, "budget": steps, "sides": {side: [] for side in runs}}
     for seed in seeds:
         for side, run in runs.items():
@@ -606,6 +607,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TEXT",
         help="only the rows whose name contains one of these (e.g. Hopper, RL-Zoo, speed, DQN);"
         " the JSON keeps the other rows measured before",
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        default=[],
+        metavar="SIDE",
+        help="only these sides of the rows (shoal, sb3; distributed: '1 worker', '2 workers'); the"
+        " runs of the other sides measured before stay",
     )
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes of each final evaluation")
     parser.add_argument("--curve-points", type=int, default=10, help="evaluations per run for the curves")
