@@ -69,3 +69,10 @@ def test_train_part_times_shoal_and_sb3(tmp_path):
         assert run["updates"] == 3 and run["timed_steps"] == 2 * 8 * 4
         assert cell["median_fps"] > 0 and 0 < cell["update_share"] < 1
     assert "shoal / sb3, Pong-v5" in out.with_suffix(".md").read_text()
+
+
+def test_the_curves_final_score_is_the_last_tenth_of_the_budget_not_a_bin_past_it():
+    from shoal.bench.atari import late_score
+
+    curve = [(200, 1.0), (900, 2.0), (950, 3.0), (1000, 4.0), (1050, 99.0)]  # 1050: past the budget
+    assert late_score(curve, 1000) == 3.5 and late_score([], 1000) is None
