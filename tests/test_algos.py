@@ -219,7 +219,7 @@ def test_activation_and_ortho_init_settings_shape_every_actor_critic(algo):
         w = net.twin.weights[0].detach()  # (2 bodies, 5 inputs, width)
         gram = w[0] @ w[0].T
         assert torch.allclose(gram, 2 * torch.eye(5), atol=1e-5) == ortho  # orthogonal, gain sqrt(2)
-        head_std = float(net.actor_head.weight.std())
+        head_std = float(net.actor_head.weight.detach().std())
         assert (head_std < 0.01) == ortho  # PPO's 0.01-gain policy head, or nn.Linear's default
         if not ortho:
             assert w.abs().max() <= 1 / 5**0.5 and net.twin.biases[0].abs().sum() > 0

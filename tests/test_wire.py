@@ -366,8 +366,10 @@ def test_server_drops_a_hung_worker_after_the_peer_timeout_and_counts_it_lost(tm
     assert "sent nothing for 2 s" in lost_why(store, 0, 0)  # for the supervisor: end it, replace it
     os.kill(worker.pid, signal.SIGCONT)  # it wakes up: its link is closed, it cannot push
     error = results.get()
-    # Its link is gone: gloo says so at once, or its next answer never comes.
-    closed = error.startswith("RuntimeError") and "Connection closed by peer" in error
+    # Its link is gone: gloo says so at once (the server's socket closed: FIN, or RST when
+    # bytes were still unread there; both seen in CI), or its next answer never comes.
+    gone = ("Connection closed by peer", "Connection reset by peer")
+    closed = error.startswith("RuntimeError") and any(why in error for why in gone)
     assert closed or error.startswith("PeerTimeout: the parameter server did not answer within 5 s"), error
     worker.join(30)
     assert worker.exitcode == 0
