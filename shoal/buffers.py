@@ -148,6 +148,8 @@ class ReplayBuffer:
     n-step returns are assembled per env as transitions arrive: a transition enters the
     ring once its ``n`` rewards are known, or earlier when its episode ends. ``discount``
     is ``gamma**k`` for a bootstrap ``k`` steps ahead, or 0 after a termination.
+    How an observation is held is the one thing a subclass changes (:class:`FrameReplayBuffer`
+    holds frame indices): ``_allocate``, ``_hold``, ``_release``, ``_put`` and ``_observations``.
     """
 
     def __init__(
@@ -162,18 +164,36 @@ class ReplayBuffer:
         gamma: float,
     ) -> None:
         self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
-        self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
-        self.next_obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
         self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
         self.returns = np.zeros(capacity, dtype=np.float32)
         self.discounts = np.zeros(capacity, dtype=np.float32)
         self.pos, self.size = 0, 0
         self.pending: list[list[tuple]] = [[] for _ in range(num_envs)]  # per env, oldest first
+        self._allocate(num_envs, obs_shape, obs_dtype)
 
+    # -- how observations are held: whole, in two arrays ---------------------------------
+    def _allocate(self, num_envs: int, obs_shape: tuple, obs_dtype: np.dtype) -> None:
+        self.obs = np.zeros((self.capacity, *obs_shape), dtype=obs_dtype)
+        self.next_obs = np.zeros((self.capacity, *obs_shape), dtype=obs_dtype)
+
+    def _hold(self, env: int, obs: np.ndarray, next_obs: np.ndarray) -> tuple[Any, Any]:
+        """What a pending transition of ``env`` keeps of ``obs``, and of ``next_obs``."""
+        return obs, next_obs
+
+    def _release(self, held: Any) -> None:
+        """A pending transition's observation is stored or dropped."""
+
+    def _put(self, i: int, obs: Any, next_obs: Any) -> None:
+        self.obs[i], self.next_obs[i] = obs, next_obs
+
+    def _observations(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.obs[idx], self.next_obs[idx]
+
+    # -- transitions ----------------------------------------------------------------------
     def _store(self, obs: Any, action: Any, ret: float, next_obs: Any, discount: float) -> None:
         i = self.pos
-        self.obs[i], self.actions[i], self.next_obs[i] = obs, action, next_obs
-        self.returns[i], self.discounts[i] = ret, discount
+        self._put(i, obs, next_obs)
+        self.actions[i], self.returns[i], self.discounts[i] = action, ret, discount
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -189,37 +209,51 @@ class ReplayBuffer:
     ) -> None:
         """One vector step; invalid (autoreset) steps are skipped."""
         for e in np.flatnonzero(valid):
+            first, following = self._hold(e, obs[e], next_obs[e])
             queue = self.pending[e]
-            queue.append((obs[e], actions[e], float(rewards[e])))
+            queue.append((first, actions[e], float(rewards[e])))
             ended = bool(terminated[e] or truncated[e])
             while queue and (len(queue) == self.n_step or ended):
                 ret = sum(r * self.gamma**k for k, (_, _, r) in enumerate(queue))
                 discount = 0.0 if terminated[e] else self.gamma ** len(queue)
                 first_obs, first_action, _ = queue.pop(0)
-                self._store(first_obs, first_action, ret, next_obs[e], discount)
+                self._store(first_obs, first_action, ret, following, discount)
+                self._release(first_obs)
 
     def clear_pending(self, envs: np.ndarray | None = None) -> None:
         """Drop partial n-step transitions of ``envs`` (default: all): their episodes are cut short."""
         for e, queue in enumerate(self.pending):
             if envs is None or envs[e]:
+                for held, _, _ in queue:
+                    self._release(held)
                 queue.clear()
 
     def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         idx = rng.integers(0, self.size, batch)
-        return self.obs[idx], self.actions[idx], self.returns[idx], self.next_obs[idx], self.discounts[idx]
+        obs, next_obs = self._observations(idx)
+        return obs, self.actions[idx], self.returns[idx], next_obs, self.discounts[idx]
+
+    # -- state ----------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {"pos": self.pos, "size": self.size, "pending": [len(q) for q in self.pending]}
+
+    def _restorable(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
+        if not arrays:  # a checkpoint for acting (the best one) holds no transitions: start empty
+            return False
+        if any(meta["pending"]):
+            raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
+        return True
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays (for safetensors) and scalars (for JSON) of the whole buffer."""
         arrays = {
             k: getattr(self, k)[: self.size] for k in ("obs", "next_obs", "actions", "returns", "discounts")
         }
-        return arrays, {"pos": self.pos, "size": self.size, "pending": [len(q) for q in self.pending]}
+        return arrays, self._meta()
 
     def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        if not arrays:  # a checkpoint for acting (the best one) holds no transitions: start empty
+        if not self._restorable(arrays, meta):
             return
-        if any(meta["pending"]):
-            raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
         for key, value in arrays.items():
             getattr(self, key)[: len(value)] = value
         self.pos, self.size = int(meta["pos"]), int(meta["size"])
@@ -234,7 +268,7 @@ def stacked_frames(shape: tuple, dtype: np.dtype) -> bool:
     return np.dtype(dtype) == np.uint8 and len(shape) == 3 and 2 <= shape[0] < min(shape[1:])
 
 
-class FrameReplayBuffer:
+class FrameReplayBuffer(ReplayBuffer):
     """:class:`ReplayBuffer` for stacked frames, storing each distinct frame once.
 
     Consecutive observations of one env share ``k - 1`` of their ``k`` frames, and a
@@ -247,7 +281,7 @@ class FrameReplayBuffer:
     such transition's number, is older than the ring) and no pending n-step transition or
     env's last observation holds it (``pins``). If the slots ahead are still in use (episodes
     so short that frames outnumber transitions by more than the reserve), the store grows.
-    Transitions, n-step returns, sampling and ``pos``/``size`` are exactly ReplayBuffer's.
+    Transitions, n-step returns, sampling and ``pos``/``size`` are ReplayBuffer's own.
     """
 
     def __init__(
@@ -263,20 +297,18 @@ class FrameReplayBuffer:
     ) -> None:
         if np.dtype(obs_dtype) != np.uint8 or len(obs_shape) != 3 or obs_shape[0] < 2:
             raise ValueError(f"FrameReplayBuffer stores uint8 (k, H, W) frame stacks, not {obs_shape}")
-        self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
+        super().__init__(capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, n_step, gamma)
+
+    def _allocate(self, num_envs: int, obs_shape: tuple, obs_dtype: np.dtype) -> None:
         self.k, self.frame_shape = obs_shape[0], tuple(obs_shape[1:])
         # At most this many frames are held by pending transitions and last observations.
-        self.pinned_max = num_envs * self.k * (n_step + 1)
-        self.obs_frames = np.zeros((capacity, self.k), dtype=np.int32)  # indices into frames
-        self.next_frames = np.zeros((capacity, self.k), dtype=np.int32)
-        self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
-        self.returns = np.zeros(capacity, dtype=np.float32)
-        self.discounts = np.zeros(capacity, dtype=np.float32)
-        self.pos, self.size = 0, 0
+        self.pinned_max = num_envs * self.k * (self.n_step + 1)
+        self.obs_frames = np.zeros((self.capacity, self.k), dtype=np.int32)  # indices into frames
+        self.next_frames = np.zeros((self.capacity, self.k), dtype=np.int32)
         self.stored = 0  # transitions ever stored: the number of the next one
         self.last = np.full((num_envs, self.k), -1, dtype=np.int64)  # each env's newest observation
-        self.pending: list[list[tuple]] = [[] for _ in range(num_envs)]  # per env, oldest first
-        self._allocate_frames(self.frames_for(capacity, num_envs, self.k, n_step))
+        self._in_flight: tuple[np.ndarray, ...] = ()
+        self._allocate_frames(self.frames_for(self.capacity, num_envs, self.k, self.n_step))
 
     @staticmethod
     def frames_for(capacity: int, num_envs: int, k: int, n_step: int) -> int:
@@ -327,6 +359,7 @@ class FrameReplayBuffer:
             self.obs_frames,
             self.next_frames,
             self.last,
+            *self._in_flight,
             *(f for q in self.pending for f, _, _ in q),
         ):
             indices[indices >= at] += extra
@@ -346,59 +379,31 @@ class FrameReplayBuffer:
     def _pin(self, indices: np.ndarray, by: int) -> None:
         self.pins[indices] += by  # a stack's indices are distinct slots: no repeated index
 
-    # -- transitions ----------------------------------------------------------------------
-    def _store(self, obs: np.ndarray, action: Any, ret: float, next_obs: np.ndarray, discount: float) -> None:
-        i = self.pos
+    # -- how observations are held: frame indices, pinned while pending ------------------
+    def _hold(self, env: int, obs: np.ndarray, next_obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        last = self.last[env] if self.last[env, 0] >= 0 else None  # a view: moved in place by _grow
+        first = self._frames_of(obs, last, None if last is None else self.frames[last])
+        self._pin(first, 1)
+        self._in_flight = (first,)  # not queued yet: _grow moves it as it moves the queued ones
+        following = self._frames_of(next_obs, first, obs)
+        self._in_flight = ()
+        self._pin(following, 1)
+        if last is not None:
+            self._pin(self.last[env], -1)
+        self.last[env] = following
+        return first, following
+
+    def _release(self, held: np.ndarray) -> None:
+        self._pin(held, -1)
+
+    def _put(self, i: int, obs: np.ndarray, next_obs: np.ndarray) -> None:
         self.obs_frames[i], self.next_frames[i] = obs, next_obs
         self.owner[obs] = self.owner[next_obs] = self.stored  # numbers only grow: the newest user
-        self.actions[i], self.returns[i], self.discounts[i] = action, ret, discount
         self.stored += 1
-        self.pos = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
 
-    def add(
-        self,
-        obs: np.ndarray,
-        actions: np.ndarray,
-        rewards: np.ndarray,
-        next_obs: np.ndarray,
-        terminated: np.ndarray,
-        truncated: np.ndarray,
-        valid: np.ndarray,
-    ) -> None:
-        """One vector step; invalid (autoreset) steps are skipped, as ReplayBuffer does."""
-        for e in np.flatnonzero(valid):
-            last = self.last[e] if self.last[e, 0] >= 0 else None  # a view: moved in place by _grow
-            first = self._frames_of(obs[e], last, None if last is None else self.frames[last])
-            self._pin(first, 1)
-            queue = self.pending[e]
-            queue.append((first, actions[e], float(rewards[e])))
-            following = self._frames_of(next_obs[e], first, obs[e])
-            self._pin(following, 1)
-            if last is not None:
-                self._pin(self.last[e], -1)
-            self.last[e] = following
-            ended = bool(terminated[e] or truncated[e])
-            while queue and (len(queue) == self.n_step or ended):
-                ret = sum(r * self.gamma**k for k, (_, _, r) in enumerate(queue))
-                discount = 0.0 if terminated[e] else self.gamma ** len(queue)
-                first_frames, first_action, _ = queue.pop(0)
-                self._store(first_frames, first_action, ret, following, discount)
-                self._pin(first_frames, -1)
-
-    def clear_pending(self, envs: np.ndarray | None = None) -> None:
-        """Drop partial n-step transitions of ``envs`` (default: all): their episodes are cut short."""
-        for e, queue in enumerate(self.pending):
-            if envs is None or envs[e]:
-                for frames, _, _ in queue:
-                    self._pin(frames, -1)
-                queue.clear()
-
-    def sample(self, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    def _observations(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Whole stacks, one gather each for the observations and the next observations."""
-        idx = rng.integers(0, self.size, batch)
-        obs, next_obs = self.frames[self.obs_frames[idx]], self.frames[self.next_frames[idx]]
-        return obs, self.actions[idx], self.returns[idx], next_obs, self.discounts[idx]
+        return self.frames[self.obs_frames[idx]], self.frames[self.next_frames[idx]]
 
     # -- state ----------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -412,14 +417,12 @@ class FrameReplayBuffer:
             "next_frames": rows[1],
             **{k: getattr(self, k)[: self.size] for k in ("actions", "returns", "discounts")},
         }
-        return arrays, {"pos": self.pos, "size": self.size, "pending": [len(q) for q in self.pending]}
+        return arrays, self._meta()
 
     def load(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Restore ``state()``, or a ReplayBuffer's (whole stacks: each becomes ``k`` frames)."""
-        if not arrays:  # a checkpoint for acting (the best one) holds no transitions: start empty
+        if not self._restorable(arrays, meta):
             return
-        if any(meta["pending"]):
-            raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
         self.pos, self.size = int(meta["pos"]), int(meta["size"])
         if "obs" in arrays:  # saved by a ReplayBuffer
             stacks = np.concatenate([arrays["obs"], arrays["next_obs"]])

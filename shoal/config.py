@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shoal.distributed.names import BACKENDS, STRATEGIES
 
 
@@ -429,15 +431,10 @@ class TrainConfig:
         """How far past ``total_steps`` a run's env steps may end (its last step's size)."""
         return self.num_envs * self.num_workers
 
-    def memory_needed(
-        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
-    ) -> dict[str, float]:
-        """Rough bytes one learner allocates, by the setting that sizes it (none by default).
-
-        A key names the setting(s) to lower: ``"buffer_size"``, or ``"num_steps*num_envs"``.
-        ``obs_space`` is for a buffer whose layout depends on more than the bytes of an
-        observation (DQN's replay of stacked frames).
-        """
+    def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
+        """Rough bytes one learner allocates for these spaces, by the setting that sizes it
+        (none by default). A key names the setting(s) to lower: ``"buffer_size"``, or
+        ``"num_steps*num_envs"``; :func:`space_bytes` and :func:`space_inputs` help."""
         return {}
 
 
@@ -517,12 +514,11 @@ class DecoupledConfig(TrainConfig):
         # the learner counts every trajectory it receives: at most all the slots past the end
         return self.num_actors * self.slots_per_actor * self.rollout_length * self.num_envs
 
-    def memory_needed(
-        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
-    ) -> dict[str, float]:
+    def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
         slots = self.num_actors * self.slots_per_actor + self.batch_trajectories
         rows = slots * (self.rollout_length + 1) * self.num_envs
-        return {"num_actors*slots_per_actor*rollout_length*num_envs": rows * (obs_bytes + act_bytes + 24.0)}
+        row = space_bytes(obs_space) + space_bytes(action_space) + 24.0
+        return {"num_actors*slots_per_actor*rollout_length*num_envs": rows * row}
 
 
 MIN_FRAME = 36  # the Nature-DQN encoder (8/4, 4/2 and 3/1 convolutions) needs this much
@@ -641,9 +637,22 @@ def check_replay_batch(config: Any) -> None:
         )
 
 
-def rollout_memory(config: Any, obs_bytes: int, act_bytes: int, inputs: float) -> dict[str, float]:
+def space_bytes(space: Any) -> int:
+    """Bytes of one sample of ``space`` as the buffers store it (8 for a Discrete)."""
+    shape = space.shape or ()
+    itemsize = np.dtype(space.dtype).itemsize if space.dtype is not None else 8
+    return int(np.prod(shape, dtype=np.float64)) * itemsize
+
+
+def space_inputs(space: Any) -> float:
+    """Values one sample of ``space`` feeds a network's first layer."""
+    return float(np.prod(space.shape or (1,), dtype=np.float64))
+
+
+def rollout_memory(config: Any, obs_space: Any, action_space: Any) -> dict[str, float]:
     """Bytes of an on-policy learner: its rollout, and actor and critic with their activations."""
-    widths = [inputs, *config.hidden]
+    obs_bytes, act_bytes = space_bytes(obs_space), space_bytes(action_space)
+    widths = [space_inputs(obs_space), *config.hidden]
     weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 64
     rows = config.num_steps * config.num_envs
     return {

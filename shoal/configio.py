@@ -415,21 +415,6 @@ def _available_memory() -> int | None:
         return None
 
 
-def _nbytes(space: spaces.Space) -> int:
-    """Bytes of one sample of ``space`` as the buffers store it (8 for a Discrete)."""
-    shape = space.shape or ()
-    itemsize = np.dtype(space.dtype).itemsize if space.dtype is not None else 8
-    return int(np.prod(shape, dtype=np.float64)) * itemsize
-
-
-def memory_needed(
-    config: TrainConfig, obs_space: spaces.Space, action_space: spaces.Space
-) -> dict[str, float]:
-    """Rough bytes one learner allocates, by the setting that sizes it (the config says how)."""
-    inputs = float(np.prod(obs_space.shape or (1,), dtype=np.float64))
-    return config.memory_needed(_nbytes(obs_space), _nbytes(action_space), inputs, obs_space)
-
-
 def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env] | None = None) -> None:
     """Algorithm/env compatibility and memory, from the env's spaces (one env is made and closed)."""
     try:  # a missing optional dependency (box2d, mujoco) or a broken constructor
@@ -447,7 +432,7 @@ def check_env_fits(algo: str, config: TrainConfig, env_fn: Callable[..., gym.Env
     available = _available_memory()
     if available is None:
         return
-    need = memory_needed(config, obs_space, action_space)
+    need = config.memory_needed(obs_space, action_space)
     if not need:
         return
     workers = config.num_workers if config.backend == "mp" else 1  # every mp worker is on this machine

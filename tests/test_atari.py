@@ -26,7 +26,7 @@ from shoal.training.trainer import env_of, evaluate, spaces_of  # noqa: E402
 
 register_ale()
 DOCS = Path(__file__).parent.parent / "docs" / "atari.md"
-FRAME_BYTES = 4 * 84 * 84  # one stacked observation
+ACTIONS = gym.spaces.Discrete(4)  # Breakout's
 # 9/8 of a frame (84x84 bytes, an int64 owner, an int32 pin count), two rows of 4 int32 frame
 # indices, the int64 action, the float32 return and discount (shoal.buffers.FrameReplayBuffer)
 REPLAY_BYTES_PER_TRANSITION = 8_000
@@ -230,15 +230,15 @@ def test_dqn_replay_costs_what_the_docs_say():
     docs = DOCS.read_text()
     assert f"{REPLAY_BYTES_PER_TRANSITION:,} bytes per transition" in docs
     assert f"{allocated / 1e6:,.0f} MB" in docs
-    need = config.memory_needed(FRAME_BYTES, 8, FRAME_BYTES, space)["buffer_size"]
+    need = config.memory_needed(space, ACTIONS)["buffer_size"]
     assert need == allocated  # what the start-up check counts
     del algo, replay
     # 1M transitions (the Nature paper's): 8 GB, not 56
     million = make_config("dqn", "ALE/Breakout-v5", {"buffer_size": 1_000_000})
-    need = million.memory_needed(FRAME_BYTES, 8, FRAME_BYTES, space)["buffer_size"]
+    need = million.memory_needed(space, ACTIONS)["buffer_size"]
     assert f"{need / 1e9:.1f} GB" in docs
     # other observations keep the whole-observation replay (and its count)
-    vector = million.memory_needed(16, 8, 4, gym.spaces.Box(-1, 1, (4,)))["buffer_size"]
+    vector = million.memory_needed(gym.spaces.Box(-1, 1, (4,)), ACTIONS)["buffer_size"]
     assert vector == 1_000_000 * (2 * 16 + 16)
 
 
@@ -341,7 +341,7 @@ def test_impala_and_appo_actors_send_whole_game_scores():
 
     config = make_config("appo", "ALE/MsPacman-v5", {"num_envs": 1})
     carry = _Carry(config)  # what an mp actor keeps; a Ray actor keeps the same:
-    assert ShoalActor("appo", config, 0, 0, 0, layout, exit_after=-1).carry.episodes.games
+    assert ShoalActor("appo", config, 0, 0, 0, layout).carry.episodes.games
     obs, _ = vec.reset(seed=11)
     _fill(slot, vec, RandomPolicy(), obs, carry, "raise")
     vec.close()

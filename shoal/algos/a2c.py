@@ -52,10 +52,8 @@ class A2CConfig(TrainConfig):
             **normalization(obs_space, on=isinstance(action_space, spaces.Box)),
         }
 
-    def memory_needed(
-        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
-    ) -> dict[str, float]:
-        return rollout_memory(self, obs_bytes, act_bytes, inputs)
+    def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
+        return rollout_memory(self, obs_space, action_space)
 
 
 class A2C(ActorCriticAlgorithm):

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import FrameReplayBuffer, make_replay, stacked_frames
-from shoal.config import ConfigError, TrainConfig, check_replay_batch, opt
+from shoal.config import ConfigError, TrainConfig, check_replay_batch, opt, space_bytes, space_inputs
 from shoal.nn import QNetwork
 
 
@@ -74,17 +74,15 @@ class DQNConfig(TrainConfig):
             raise ConfigError(f"dqn needs discrete actions but {env} has {action_space}; use ppo or a2c")
         super().check_spaces(algo, env, obs_space, action_space)
 
-    def memory_needed(
-        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
-    ) -> dict[str, float]:
+    def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
         # online + target network, gradient, two Adam moments; a batch's activations
-        widths = [inputs, *self.hidden]
+        widths = [space_inputs(obs_space), *self.hidden]
         weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 64
-        shape, dtype = getattr(obs_space, "shape", None) or (), getattr(obs_space, "dtype", None)
-        if dtype is not None and stacked_frames(shape, dtype):  # what FrameReplayBuffer allocates
+        shape = obs_space.shape or ()
+        if obs_space.dtype is not None and stacked_frames(shape, obs_space.dtype):  # FrameReplayBuffer's
             replay = FrameReplayBuffer.nbytes(self.buffer_size, self.num_envs, shape, 8, self.n_step)
         else:  # obs and next obs whole, the int64 action, return and discount
-            replay = self.buffer_size * (2.0 * obs_bytes + 8 + 8)
+            replay = self.buffer_size * (2.0 * space_bytes(obs_space) + 8 + 8)
         return {
             "buffer_size": float(replay),
             "hidden": 5 * 4 * weights + 4 * 4 * self.batch_size * sum(widths),

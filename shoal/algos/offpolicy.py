@@ -30,6 +30,7 @@ from shoal.config import (
     check_replay_batch,
     opt,
     show,
+    space_bytes,
 )
 from shoal.distributed.strategy import Strategy
 from shoal.nn import is_image
@@ -84,11 +85,10 @@ class OffPolicyConfig(TrainConfig):
             raise ConfigError(f"{algo} takes vector observations, not frames; {env} has {show(obs_space)}")
         super().check_spaces(algo, env, obs_space, action_space)
 
-    def memory_needed(
-        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
-    ) -> dict[str, float]:
+    def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
         # obs and next obs as the env gives them, the action, its reward and discount
-        return {"buffer_size": self.buffer_size * (2.0 * obs_bytes + act_bytes + 8)}
+        row = 2.0 * space_bytes(obs_space) + space_bytes(action_space) + 8
+        return {"buffer_size": self.buffer_size * row}
 
 
 class OffPolicyAlgorithm(Algorithm):

@@ -97,10 +97,8 @@ class PPOConfig(TrainConfig):
                 f" (num_steps {self.num_steps} x num_envs {self.num_envs}); lower --num-minibatches"
             )
 
-    def memory_needed(
-        self, obs_bytes: int, act_bytes: int, inputs: float, obs_space: Any = None
-    ) -> dict[str, float]:
-        return rollout_memory(self, obs_bytes, act_bytes, inputs)
+    def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
+        return rollout_memory(self, obs_space, action_space)
 
 
 class PPO(ActorCriticAlgorithm):
