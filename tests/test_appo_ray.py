@@ -20,8 +20,8 @@ import pytest
 from test_appo import check_counts
 from test_shutdown import finish, session_ends
 
-from shoal.actors.ray_pool import EXIT_VARIABLE
 from shoal.run import checkpoint as ckpt
+from shoal.training.callbacks import FAULTS_VARIABLE
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # see tests/conftest.py
 
@@ -42,10 +42,18 @@ def train_appo(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> 
     )
 
 
+def actor_faults(tmp_path: Path, sig: str, actor: int, after: int) -> dict[str, str]:
+    """The environment that has ``actor`` send itself ``sig`` after its ``after``-th trajectory."""
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    faults = [{"at_trajectories": after, "signal": sig, "ranks": [actor]}]
+    return {FAULTS_VARIABLE: json.dumps({"dir": str(claims), "faults": faults})}
+
+
 @pytest.mark.timeout(300)
 def test_two_node_cluster_spreads_the_actors_replaces_a_lost_one_and_appo_learns(tmp_path):
-    """Two Ray nodes on loopback with one CPU each: one actor on each; actor 1 exits after its
-    5th trajectory and a new one takes its place (on the node with room); nothing lost, learning."""
+    """Two Ray nodes on loopback with one CPU each: one actor on each; actor 1 is SIGKILLed after
+    its 5th trajectory and a new one takes its place (on the node with room); nothing lost, learning."""
     from ray.cluster_utils import Cluster
 
     ours = signal.getsignal(signal.SIGTERM)
@@ -59,7 +67,7 @@ def test_two_node_cluster_spreads_the_actors_replaces_a_lost_one_and_appo_learns
         proc = train_appo(
             run_dir,
             *("--ray-address", cluster.address, "--total-steps", "40000", "--eval-episodes", "2"),
-            env={EXIT_VARIABLE: "1:5"},
+            env=actor_faults(tmp_path, "SIGKILL", actor=1, after=5),
         )
         err = finish(proc, timeout=240)
         assert proc.returncode == 0, err[-3000:]
@@ -83,10 +91,11 @@ def test_two_node_cluster_spreads_the_actors_replaces_a_lost_one_and_appo_learns
 
 @pytest.mark.timeout(300)
 def test_a_lost_ray_actor_ends_the_run_in_one_line_with_a_checkpoint_and_no_ray_left(tmp_path):
-    """With no replacement allowed, actor 1 exits (``os._exit``) after sending its 5th
-    trajectory; the run's own local Ray is shut down with it."""
+    """With no replacement allowed, actor 1 is SIGKILLed after sending its 5th trajectory;
+    the run's own local Ray is shut down with it."""
     run_dir = tmp_path / "run"
-    proc = train_appo(run_dir, "--total-steps", str(10**7), "--max-restarts", "0", env={EXIT_VARIABLE: "1:5"})
+    faults = actor_faults(tmp_path, "SIGKILL", actor=1, after=5)
+    proc = train_appo(run_dir, "--total-steps", str(10**7), "--max-restarts", "0", env=faults)
     err = finish(proc, timeout=180)
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err
@@ -100,6 +109,27 @@ def test_a_lost_ray_actor_ends_the_run_in_one_line_with_a_checkpoint_and_no_ray_
     _, meta = ckpt.load(ckpt.latest(run_dir / "checkpoints"))  # whole, resumable
     assert meta["env_steps"] >= 5 * 32 * 8  # at least actor 1's five trajectories (preset: 32 x 8 envs)
     assert not session_ends(proc.pid, grace=15), "processes of the run (Ray's among them) outlived it"
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_ray_actor_is_ended_by_the_hang_timeout_and_replaced(tmp_path):
+    """Actor 0 SIGSTOPs itself after its 5th trajectory: Ray still sees a live process, so
+    only the learner's silence check can tell; the frozen actor is killed (no stopped process
+    outlives the run), a new one takes its place, and nothing it had sent is lost."""
+    run_dir = tmp_path / "run"
+    args = ("--total-steps", "40000", "--eval-episodes", "2", "--hang-timeout", "3")
+    proc = train_appo(run_dir, *args, env=actor_faults(tmp_path, "SIGSTOP", actor=0, after=5))
+    err = finish(proc, timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert not session_ends(proc.pid, grace=15), "processes of the run (the stopped actor too) outlived it"
+    assert len(list((tmp_path / "claims").iterdir())) == 1  # it fired once: not in the replacement
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["actors_replaced"] == 1, summary
+    assert summary["env_steps"] >= 40000
+    check_counts(summary)
+    assert re.search(
+        r"^shoal: actor 0 sent nothing for 3 s \(stopped or stuck; --hang-timeout\)", err, re.M
+    ), err[-3000:]
 
 
 @pytest.mark.timeout(300)

@@ -31,7 +31,6 @@ import collections
 import contextlib
 import logging
 import multiprocessing as mp
-import os
 import sys
 import time
 import zlib
@@ -45,7 +44,6 @@ from shoal.actors.shared import TrajectoryLayout, TrajectoryRing
 
 log = logging.getLogger("shoal")
 
-EXIT_VARIABLE = "SHOAL_TEST_ACTOR_EXIT"  # tests: "A:K", actor A exits after sending K trajectories
 PLACE_S = 120.0  # how long Ray may take to place every actor
 CLOSE_S = 10.0  # how long the actors may take to finish the trajectories asked for at close
 
@@ -61,9 +59,12 @@ class ShoalActor:
         boundary: int,
         generation: int,
         layout: TrajectoryLayout,
-        exit_after: int,
+        faults: dict[str, Any] | None = None,
     ) -> None:
-        self.config, self.actor, self.exit_after = config, actor, exit_after
+        from shoal.training.callbacks import FaultInjection
+
+        self.config, self.actor = config, actor
+        self.faults = FaultInjection(faults, actor) if faults else None  # the test suite's
         self.seed = actor_seed(config, actor, boundary, generation)
         self.policy = actor_policy(algo, config, self.seed)
         self.ring = TrajectoryRing(layout, 1, 1, mp.get_context("spawn"))  # this process's memory only
@@ -83,8 +84,8 @@ class ShoalActor:
         (version, object reference), in a list so that Ray passes the reference unfetched)."""
         import ray
 
-        if self.seq == self.exit_after:
-            os._exit(1)  # a test's lost actor: no goodbye, as a killed process
+        if self.faults is not None:  # after the trajectory it sent last, as an mp actor's
+            self.faults.after_trajectories(self.seq)
         version, ref = weights[0]
         if self.seq % self.config.refresh_every == 0 and version > self.version:
             self.policy.load(ray.get(ref))
@@ -279,12 +280,16 @@ class RayActors:
     def _new_actor(self, k: int) -> Any:
         import ray
 
-        exit_at = _exit_hook()
-        after = exit_at[1] if exit_at and exit_at[0] == k and not self.generation[k] else -1
+        from shoal.training.callbacks import FaultInjection
+
         remote = ray.remote(ShoalActor).options(
             num_cpus=self.config.ray_cpus_per_worker, scheduling_strategy="SPREAD", max_restarts=0
         )
-        return remote.remote(self.algo, self.config, k, self.boundary, self.generation[k], self.layout, after)
+        # the test suite's faults, read here where the test set them (a Ray worker's environment
+        # is its raylet's, not the learner's); each fires once a run (claimed in their dir)
+        faults = FaultInjection.spec_from_environment()
+        seat = (k, self.boundary, self.generation[k])
+        return remote.remote(self.algo, self.config, *seat, self.layout, faults)
 
     def _end_hung(self) -> None:
         """Replace every actor that owes a trajectory and sent none for ``hang_timeout`` s (the
@@ -364,13 +369,3 @@ class RayActors:
 
 class _Lost(ActorFailed):
     """A Ray actor gone (its process or node): the pool replaces it when it may."""
-
-
-def _exit_hook() -> tuple[int, int] | None:
-    """``SHOAL_TEST_ACTOR_EXIT=A:K``: (A, K), read here, where the test set it (a Ray worker's
-    environment is its raylet's, not the learner's)."""
-    text = os.environ.get(EXIT_VARIABLE)
-    if not text:
-        return None
-    actor, after = text.split(":")
-    return int(actor), int(after)

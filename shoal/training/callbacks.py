@@ -225,10 +225,15 @@ class FaultInjection(Callback):
         self.faults = list(enumerate(spec["faults"]))
         self.rank = rank
 
+    @staticmethod
+    def spec_from_environment() -> dict[str, Any] | None:
+        text = os.environ.get(FAULTS_VARIABLE)
+        return json.loads(text) if text else None
+
     @classmethod
     def from_environment(cls, rank: int) -> FaultInjection | None:
-        text = os.environ.get(FAULTS_VARIABLE)
-        return cls(json.loads(text), rank) if text else None
+        spec = cls.spec_from_environment()
+        return cls(spec, rank) if spec else None
 
     def after_update(self, trainer: Trainer) -> bool:
         self._fire("at_steps", trainer.env_steps)
