@@ -445,6 +445,7 @@ def part_offpolicy(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         def shoal_run(seed: int, algo: str = algo, settings: dict = settings) -> dict[str, Any]:
             base = {**settings, "seed": seed, "total_steps": steps, "run_dir": str(work / f"{algo}-{seed}")}
+            base["torch_threads"] = 1  # SB3's here too (main): two threads crawl beside other runs
             return run_shoal(algo, make_config(algo, env_id, _evals(base, args, steps), presets=False))
 
         def sb3_run(seed: int, algo: str = algo, settings: dict = settings) -> dict[str, Any]:
