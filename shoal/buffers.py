@@ -10,10 +10,13 @@ episode's value bootstrap needs.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger("shoal")
 
 
 def gae(
@@ -308,7 +311,8 @@ class FrameReplayBuffer(ReplayBuffer):
         self.stored = 0  # transitions ever stored: the number of the next one
         self.last = np.full((num_envs, self.k), -1, dtype=np.int64)  # each env's newest observation
         self._in_flight: tuple[np.ndarray, ...] = ()
-        self._allocate_frames(self.frames_for(self.capacity, num_envs, self.k, self.n_step))
+        self.counted = self.frames_for(self.capacity, num_envs, self.k, self.n_step)  # by the memory check
+        self._allocate_frames(self.counted)
 
     @staticmethod
     def frames_for(capacity: int, num_envs: int, k: int, n_step: int) -> int:
@@ -355,6 +359,11 @@ class FrameReplayBuffer(ReplayBuffer):
         )
         self.owner = np.concatenate([self.owner[:at], np.full(extra, UNUSED, np.int64), self.owner[at:]])
         self.pins = np.concatenate([self.pins[:at], np.zeros(extra, np.int32), self.pins[at:]])
+        now, counted = (n * self.frames[0].nbytes / 1e9 for n in (len(self.frames), self.counted))
+        log.warning(
+            f"the replay's frame store grew to {len(self.frames):,} frames ({now:.2f} GB; the start-up memory"
+            f" check counted {counted:.2f} GB): episodes here average under ~{8 * self.k} steps"
+        )
         for indices in (
             self.obs_frames,
             self.next_frames,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def restored(
 @pytest.mark.parametrize("tight", [False, True])
 @pytest.mark.parametrize("n_step", [1, 3])
 @pytest.mark.parametrize("episode_end", [0.005, 0.3])  # long episodes: the ring wraps; short: it grows
-def test_frame_replay_samples_exactly_what_replay_samples(n_step, episode_end, tight, monkeypatch):
+def test_frame_replay_samples_exactly_what_replay_samples(n_step, episode_end, tight, monkeypatch, caplog):
     if tight:  # no reserve: the store grows to exactly what is in use, and is always full
         monkeypatch.setattr(
             FrameReplayBuffer, "frames_for", staticmethod(lambda c, n, k, s: n * k * (s + 1) + k)
@@ -114,7 +115,7 @@ def test_frame_replay_samples_exactly_what_replay_samples(n_step, episode_end, t
     capacity, num_envs = (37, 3) if not tight else (23, 2)
     stream, rng = Stream(num_envs, episode_end, seed=n_step), np.random.default_rng(0)
     plain, frames = buffers(capacity, num_envs, n_step)
-    wraps, head, slots = 0, frames.head, len(frames.frames)
+    wraps, growths, head, slots = 0, 0, frames.head, len(frames.frames)
     for t in range(1500):
         if t % 97 == 50:  # a cut episode: partial n-step transitions dropped, a new start
             e = t % num_envs
@@ -124,8 +125,10 @@ def test_frame_replay_samples_exactly_what_replay_samples(n_step, episode_end, t
             frames.clear_pending(cut)
         paused = np.arange(num_envs) == 1 if t % 500 in range(200, 300) else None  # long-pinned frames
         step = stream.step(paused)
+        before = len(frames.frames)
         plain.add(*step)
         frames.add(*step)
+        growths += len(frames.frames) > before
         assert_same_samples(plain, frames, rng)
         wraps += frames.head < head
         head = frames.head
@@ -143,6 +146,17 @@ def test_frame_replay_samples_exactly_what_replay_samples(n_step, episode_end, t
     assert len(frames.frames) <= 9 / 8 * ((K + 1) * capacity + frames.pinned_max) + K
     assert (frames.pins >= 0).all()
     assert frames.pins.sum() <= frames.pinned_max
+    # Growth is memory the start-up check did not count: each one says so.
+    grew = [r.getMessage() for r in caplog.records if "frame store grew" in r.getMessage()]
+    assert len(grew) >= growths and (growths > 0) == (len(grew) > 0)
+    if episode_end < 0.1 and not tight:
+        assert growths == 0
+    for message in grew:
+        assert re.fullmatch(
+            r"the replay's frame store grew to [\d,]+ frames \(\d+\.\d\d GB; the start-up memory check"
+            r" counted \d+\.\d\d GB\): episodes here average under ~32 steps",
+            message,
+        ), message
 
 
 def test_frames_are_shared_only_when_the_data_says_so():
