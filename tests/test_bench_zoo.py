@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoal.bench.zoo import merge_row
+from shoal.bench.zoo import merge_row, table
 
 
 def _row(budget: int, **sides: list[tuple[int, float]]) -> dict:
@@ -47,3 +47,13 @@ def test_one_side_rerun_keeps_the_other_sides_runs():
     before = _row(300, shoal=[(1, 10.0)], sb3=[(1, 5.0)])
     merged = merge_row(before, _row(300, shoal=[(1, 12.0)]))
     assert merged["sides"] == _row(300, shoal=[(1, 12.0)], sb3=[(1, 5.0)])["sides"]
+
+
+def test_the_speed_table_prints_without_learning_rows():
+    """``--rows speed`` alone measures no learning row: its table still prints."""
+    sides = {"shoal": [61.4, 63.6], "sb3": [46.7, 50.8]}
+    speed = {"env": "HalfCheetah-v5", "timed_steps": 3000}
+    speed["sac"] = {"runs": sides, "median": {"shoal": 62.5, "sb3": 48.75}, "ratio": 62.5 / 48.75}
+    text = table("offpolicy", {"rows": {}, "algo": "SAC and TD3", "speed": speed})
+    assert "| 3,000 timed env steps | 62.5 | 48.8 | **1.28x** | >= 2x |" in text, text
+    assert table("offpolicy", {"rows": {}, "algo": "SAC and TD3"}) == "offpolicy: no rows"

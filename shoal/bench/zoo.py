@@ -535,23 +535,26 @@ def _stats(runs: list[dict[str, Any]]) -> tuple[float, float, int]:
 def table(name: str, part: dict[str, Any]) -> str:
     """The part's markdown table: final greedy returns, mean +- std over seeds."""
     rows = part["rows"]
-    if not rows:
+    if not rows and not part.get("speed"):
         return f"{name}: no rows"
-    sides = list(next(iter(rows.values()))["sides"])
-    header = f"| {part['algo']}: final greedy return, mean +- std over seeds | budget | "
-    lines = [header + " | ".join(sides) + f" | {sides[0]} >= {sides[1]} |", "|---" * (len(sides) + 3) + "|"]
+    lines: list[str] = []
     notes: list[str] = []
-    for row, res in rows.items():
-        cells, means = [], []
-        for side in sides:
-            mean, std, n = _stats(res["sides"].get(side, []))
-            means.append(mean)
-            cells.append(f"{mean:.1f} +- {std:.1f} ({n})")
-        ok = "yes" if means[0] >= means[1] else "no" if means[0] < means[1] else "n/a"
-        lines.append(f"| {row} | {res['budget']:,} | " + " | ".join(cells) + f" | {ok} |")
-        if res.get("not_mapped"):
-            why = "; ".join(f"{k} {v}" for k, v in res["not_mapped"].items())
-            notes.append(f"Not mapped onto shoal ({row}): {why}")
+    if rows:
+        sides = list(next(iter(rows.values()))["sides"])
+        header = f"| {part['algo']}: final greedy return, mean +- std over seeds | budget | "
+        lines += [header + " | ".join(sides) + f" | {sides[0]} >= {sides[1]} |"]
+        lines += ["|---" * (len(sides) + 3) + "|"]
+        for row, res in rows.items():
+            cells, means = [], []
+            for side in sides:
+                mean, std, n = _stats(res["sides"].get(side, []))
+                means.append(mean)
+                cells.append(f"{mean:.1f} +- {std:.1f} ({n})")
+            ok = "yes" if means[0] >= means[1] else "no" if means[0] < means[1] else "n/a"
+            lines.append(f"| {row} | {res['budget']:,} | " + " | ".join(cells) + f" | {ok} |")
+            if res.get("not_mapped"):
+                why = "; ".join(f"{k} {v}" for k, v in res["not_mapped"].items())
+                notes.append(f"Not mapped onto shoal ({row}): {why}")
     for note in notes:  # under the table, which a blank line would end
         lines += ["", note]
     for algo in ("sac", "td3"):
