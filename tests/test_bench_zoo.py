@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoal.bench.zoo import merge_row, table
+from shoal.bench.zoo import late_mean, merge_row, table
 
 
 def _row(budget: int, **sides: list[tuple[int, float]]) -> dict:
@@ -57,3 +57,12 @@ def test_the_speed_table_prints_without_learning_rows():
     text = table("offpolicy", {"rows": {}, "algo": "SAC and TD3", "speed": speed})
     assert "| 3,000 timed env steps | 62.5 | 48.8 | **1.28x** | >= 2x |" in text, text
     assert table("offpolicy", {"rows": {}, "algo": "SAC and TD3"}) == "offpolicy: no rows"
+
+
+def test_the_late_mean_is_over_the_evaluations_in_the_second_half_of_the_budget():
+    swings = {"final": 500.0, "curve": [[20_000, 500.0], [60_000, 500.0], [120_000, 100.0], [200_000, 500.0]]}
+    assert late_mean(swings, 200_000) == 300.0  # the final 500 alone hides the fall at 120k
+    assert late_mean({"final": None, "curve": []}, 200_000) is None  # a failed run
+    row = {"budget": 200_000, "sides": {"a": [swings], "b": []}}
+    part = {"algo": "DQN", "rows": {"DQN, CartPole-v1": row}}
+    assert "| DQN, CartPole-v1 | 300.0 +- 0.0 (1) | - |" in table("distributed", part)

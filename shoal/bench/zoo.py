@@ -532,6 +532,13 @@ def _stats(runs: list[dict[str, Any]]) -> tuple[float, float, int]:
     return float(np.mean(finals)), float(np.std(finals)), len(finals)
 
 
+def late_mean(run: dict[str, Any], budget: int) -> float | None:
+    """The mean of a run's curve evaluations in the second half of its budget: where a final
+    evaluation catches a curve that swings (DQN on CartPole), how much of the time it held."""
+    late = [ret for step, ret in run.get("curve") or [] if step > budget / 2]
+    return float(np.mean(late)) if late else None
+
+
 def table(name: str, part: dict[str, Any]) -> str:
     """The part's markdown table: final greedy returns, mean +- std over seeds."""
     rows = part["rows"]
@@ -557,6 +564,16 @@ def table(name: str, part: dict[str, Any]) -> str:
                 notes.append(f"Not mapped onto shoal ({row}): {why}")
     for note in notes:  # under the table, which a blank line would end
         lines += ["", note]
+    if rows:
+        lines += ["", f"| second half of the budget: mean of the curve's evaluations | {' | '.join(sides)} |"]
+        lines += ["|---" * (len(sides) + 1) + "|"]
+        for row, res in rows.items():
+            cells = []
+            for side in sides:
+                late = [late_mean(r, res["budget"]) for r in res["sides"].get(side, [])]
+                late = [x for x in late if x is not None]
+                cells.append(f"{np.mean(late):.1f} +- {np.std(late):.1f} ({len(late)})" if late else "-")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     for algo in ("sac", "td3"):
         s = part.get("speed", {}).get(algo)
         if s:
