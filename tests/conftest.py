@@ -1,13 +1,11 @@
 """Shared fixtures: every test must leave no child process behind.
 
-CI runs the suite in two pytest-xdist processes (``-n 2 --dist loadgroup``). A test that
-starts a multi-process training run keeps both cores of the reference machine busy, so each
-such file marks its tests with an ``xdist_group``: ``"faults"`` (training workers killed
-mid-run) or ``"processes"`` (the other distributed runs, signals to a process group). A group
-runs one test at a time: at most two multi-process runs share the machine, each beside the
-other group's, then the single-process tests fill both xdist processes. The checks that
-depend on timing allow for that: a rank has ``STARTUP_S`` for its first sign of life, a
-semaphore check waits for the neighbours' own semaphores to go.
+CI runs the suite in two pytest-xdist processes (``-n 2 --dist worksteal``): at most two
+tests run at once, so at most two multi-process training runs share the 2-core reference
+machine. Work stealing keeps both xdist processes busy to the end (pinned groups of the
+multi-process tests, ``--dist loadgroup``, made one group a 38-minute serial chain). The
+checks that depend on timing allow for a neighbour: a rank has ``STARTUP_S`` for its first
+sign of life, a semaphore check waits for the neighbours' own semaphores to go.
 """
 
 from __future__ import annotations

@@ -18,8 +18,6 @@ from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
 from shoal.training.trainer import spaces_of
 
-pytestmark = pytest.mark.xdist_group("processes")
-
 CARTPOLE = TrajectoryLayout(16, 4, (4,), "<f4", (), "<i8")
 
 

@@ -27,8 +27,6 @@ from shoal.cli import main
 from shoal.configio import ConfigError
 from shoal.run import checkpoint as ckpt
 
-pytestmark = pytest.mark.xdist_group("processes")
-
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_envs=4, rollout_length=16, eval_episodes=2, seed=1)
 

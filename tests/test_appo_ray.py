@@ -23,7 +23,7 @@ from test_shutdown import finish, session_ends
 from shoal.run import checkpoint as ckpt
 from shoal.training.callbacks import FAULTS_VARIABLE
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # see tests/conftest.py
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

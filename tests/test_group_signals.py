@@ -23,7 +23,7 @@ from shoal.run.rundir import clean_stale_scratch
 from shoal.training.callbacks import FAULTS_VARIABLE
 from tests.test_shutdown import finish, session_ends
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # see tests/conftest.py
+pytestmark = pytest.mark.slow
 
 
 STOPPED = re.compile(
