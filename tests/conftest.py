@@ -21,6 +21,19 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds 127.0.0.1 only
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first (a 600 s timeout, then the other slow ones): work stealing
+    then ends the run on short tests, not with one xdist process idle beside a long one."""
+
+    def rank(item: pytest.Item) -> int:
+        timeout = item.get_closest_marker("timeout")
+        if timeout is not None and timeout.args and timeout.args[0] >= 600:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=rank)  # stable: file order within each rank
+
+
 def alive(pids: list[int]) -> list[int]:
     """The pids that still run (zombies count as gone: they hold no resources but a slot)."""
     out = []

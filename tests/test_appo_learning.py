@@ -27,13 +27,13 @@ pytestmark = pytest.mark.slow
 SEED = "7"
 
 
+# APPO on Pendulum-v1 (200k steps, >= -250: -179.3 on seed 7, docs/distributed.md) left CI in
+# session 12 for its time (115-170 s of three processes); its actors and V-trace are the ones
+# CartPole checks, its Gaussian policy PPO's (tests/test_learning.py).
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     ("algo", "env", "budget", "threshold"),
-    [
-        ("appo", "CartPole-v1", 100_000, 475),
-        ("appo", "Pendulum-v1", 200_000, -250),
-    ],
+    [("appo", "CartPole-v1", 100_000, 475)],
 )
 def test_learns_with_two_actors(algo, env, budget, threshold, tmp_path):
     run_dir = tmp_path / algo
