@@ -194,13 +194,12 @@ def test_discrete_actions_are_refused_in_one_line(algo, capsys):
 
 # The CI checks: Pendulum-v1 within 15k env steps with the shipped presets, seed 1
 # chosen before any run. Measured on the shared 2-core machine: SAC 78 s (load 3; 180 s at
-# load 5-8), greedy return -110; TD3 35 s (85 s), return -113. One torch thread, as the README
-# asks on a shared machine: CI runs another test beside this one.
+# load 5-8), greedy return -110; TD3 35 s (85 s), return -113.
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["sac", "td3"])
 def test_learns_pendulum_within_15k_steps(algo, tmp_path):
     agent = getattr(shoal, algo.upper())(
-        "Pendulum-v1", seed=1, run_dir=str(tmp_path / algo), eval_episodes=10, torch_threads=1
+        "Pendulum-v1", seed=1, run_dir=str(tmp_path / algo), eval_episodes=10
     )
     assert agent.config.total_steps <= 15_000
     agent.learn(progress=False)
