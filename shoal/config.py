@@ -40,7 +40,7 @@ MAX_INT = 10**15
 MAX_NUM_ENVS = 10_000  # each env is a Python object stepped on this machine
 MAX_ENV_WORKERS = 256
 MAX_TORCH_THREADS = 256  # torch crashes on absurd thread counts
-MAX_EVAL_EPISODES = 10_000  # an evaluation is sequential: 1e9 episodes never end
+MAX_EVAL_EPISODES = 10_000  # an evaluation plays 20 episodes at a time: 1e9 never end
 
 
 def opt(

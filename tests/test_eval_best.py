@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from shoal.cli import main
 from shoal.config import MAX_EVAL_EPISODES
 from shoal.run import checkpoint as ckpt
 from shoal.training import trainer as trainer_module
-from shoal.training.trainer import Trainer, evaluate
+from shoal.training.trainer import EVAL_ENVS, Trainer, evaluate
 from tests.test_resume import SMALL
 
 # PPO updates every 4 envs x 64 steps = 256 env steps; evaluations every 1000 steps then come
@@ -98,6 +99,40 @@ def test_the_best_checkpoint_scores_what_was_logged_and_eval_best_reads_it(tmp_p
     assert main(["eval", str(run_dir), "--best", "--episodes", "3", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mean_return"] == evaluate(agent.algorithm, "CartPole-v1", 3, 1)["mean_return"]
+
+
+class LeanWithThePole:
+    """A weak CartPole rule (its episodes last 25-60 steps) whose action for a row depends on
+    that row only, so that playing episodes at once cannot change them."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def predict(self, obs: np.ndarray) -> np.ndarray:
+        self.batches.append(len(obs))
+        return (obs[:, 2] > 0).astype(np.int64)
+
+
+def test_episodes_played_at_once_score_what_each_scores_alone():
+    made, closed = [], []
+
+    class Closing(gym.Wrapper):
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    def make() -> gym.Env:
+        made.append(Closing(gym.make("CartPole-v1")))
+        return made[-1]
+
+    n = EVAL_ENVS + 5  # the last 5 episodes play on envs whose first episode ended
+    rule = LeanWithThePole()
+    together = evaluate(rule, make, n, seed=3)
+    assert len(made) == EVAL_ENVS and closed == made
+    assert rule.batches[0] == EVAL_ENVS and len(rule.batches) < 3 * 60  # batched steps, not n * length
+    alone = [evaluate(LeanWithThePole(), "CartPole-v1", 1, seed=3 + k)["mean_return"] for k in range(n)]
+    assert len(set(alone)) > 5  # n different episodes
+    assert together == {"mean_return": np.mean(alone), "std_return": np.std(alone), "episodes": n}
 
 
 def test_a_run_without_eval_every_has_no_best_in_one_line(tmp_path, capsys):

@@ -60,6 +60,7 @@ __all__ = ["RestartLimitError", "StopRequest", "Trainer", "evaluate"]
 log = logging.getLogger("shoal")
 
 EVAL_SEED_OFFSET = 1_000_000_007  # evaluation envs never share seeds with training envs
+EVAL_ENVS = 20  # episodes an evaluation plays at once (the default --eval-episodes)
 
 
 class StopRequest:
@@ -453,28 +454,43 @@ def evaluate(
     seed: int,
     stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """Greedy (deterministic) returns of ``episodes`` episodes on a fresh, separately seeded env.
+    """Greedy (deterministic) returns of ``episodes`` episodes on fresh, separately seeded envs.
 
-    ``env``: an id or a function; for Atari, ``env_of(config, training=False)``, whose episodes
-    are whole games with raw rewards. A ``stop`` request ends it early (with the episodes
-    completed so far)."""
-    one = gym.make(env) if isinstance(env, str) else env()
-    results = []
+    Episode k plays on seed ``seed + EVAL_SEED_OFFSET + k``. Up to ``EVAL_ENVS`` episodes play
+    at once, one env each, with one batched forward pass per step: one at a time, each step
+    paid a forward pass of its own, and the periodic evaluations took ~45% of a 45 s IMPALA
+    CartPole run. ``env``: an id or a function; for Atari, ``env_of(config, training=False)``,
+    whose episodes are whole games with raw rewards. A ``stop`` request ends it early (with
+    the episodes completed so far)."""
+    make = (lambda: gym.make(env)) if isinstance(env, str) else env
+    envs: list[gym.Env] = []
+    returns: dict[int, float] = {}
     try:
-        for k in range(episodes):
-            obs, _ = one.reset(seed=seed + EVAL_SEED_OFFSET + k)
-            total, done = 0.0, False
-            while not done:
-                if stop:
-                    return _returns(results)
-                action = algo.predict(np.asarray(obs)[None])[0]
-                obs, reward, terminated, truncated, _ = one.step(action)
-                total += float(reward)
-                done = terminated or truncated
-            results.append(total)
+        for _ in range(min(episodes, EVAL_ENVS)):
+            envs.append(make())  # (appended one by one: a failing make closes those made)
+        playing: dict[int, list] = {}  # env -> [episode, observation, return so far]
+        for i in range(len(envs)):
+            playing[i] = [i, envs[i].reset(seed=seed + EVAL_SEED_OFFSET + i)[0], 0.0]
+        started = len(envs)
+        while playing and not stop:
+            order = list(playing)
+            actions = algo.predict(np.stack([np.asarray(playing[i][1]) for i in order]))
+            for i, action in zip(order, actions):
+                obs, reward, terminated, truncated, _ = envs[i].step(action)
+                play = playing[i]
+                play[1], play[2] = obs, play[2] + float(reward)
+                if not (terminated or truncated):
+                    continue
+                returns[play[0]] = play[2]
+                if started < episodes:
+                    playing[i] = [started, envs[i].reset(seed=seed + EVAL_SEED_OFFSET + started)[0], 0.0]
+                    started += 1
+                else:
+                    del playing[i]
     finally:
-        one.close()
-    return _returns(results)
+        for one in envs:
+            one.close()
+    return _returns([returns[k] for k in sorted(returns)])
 
 
 def _returns(results: list[float]) -> dict[str, Any]:
