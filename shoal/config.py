@@ -511,8 +511,13 @@ class DecoupledConfig(TrainConfig):
             )
 
     def step_overshoot(self) -> int:
-        # the learner counts every trajectory it receives: at most all the slots past the end
-        return self.num_actors * self.slots_per_actor * self.rollout_length * self.num_envs
+        # The learner counts every trajectory it receives while it fills its last batch: the
+        # batch, the slots that arrive with it, and the stale ones it drops (per actor, those
+        # acted before its last weight read: its slots and up to refresh_every more).
+        trajectories = self.batch_trajectories + self.num_actors * (
+            2 * self.slots_per_actor + self.refresh_every
+        )
+        return trajectories * self.rollout_length * self.num_envs
 
     def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
         slots = self.num_actors * self.slots_per_actor + self.batch_trajectories

@@ -96,6 +96,19 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_last_batch_bigger_than_the_slots_ends_past_total_steps_and_its_checkpoints_load(tmp_path):
+    """The learner fills its last batch whole: with 6 trajectories a batch and 2 actors x 2
+    slots the run ends more steps past total_steps than the slots hold (it ended 1,056 past
+    300k with 8), and ``shoal eval`` of its final and best checkpoints refused them."""
+    run_dir = tmp_path / "impala"
+    settings = dict(SMALL, batch_trajectories=6, eval_every=400, total_steps=800, run_dir=str(run_dir))
+    summary = shoal.IMPALA("CartPole-v1", **settings).learn(progress=False).summary
+    assert summary["env_steps"] - 800 > 2 * 2 * 16 * 4  # 2 actors x 2 slots of 16 steps x 4 envs
+    assert main(["eval", str(run_dir), "--episodes", "2", "--json"]) == 0
+    assert main(["eval", str(run_dir), "--best", "--episodes", "2", "--json"]) == 0
+
+
+@pytest.mark.slow
 def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
     """Box actions, normalised observations and rewards, and --max-policy-lag 0: every
     trajectory acted by an older policy than the learner's is dropped, and counted."""
@@ -111,6 +124,7 @@ def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r.get("policy_lag_max", 0) == 0 for r in rows)
     assert np.isfinite(summary["mean_return"])
+    assert main(["eval", str(run_dir), "--episodes", "2", "--json"]) == 0  # its steps include drops
     stats = ckpt.load(ckpt.latest(run_dir / "checkpoints"))[0]["norm/used"]
     assert stats[-3] > 1000  # the return statistics counted (their count is the third-last entry)
 
