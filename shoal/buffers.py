@@ -245,6 +245,12 @@ class ReplayBuffer:
             return False
         if any(meta["pending"]):
             raise ValueError("a replay buffer with partial n-step transitions cannot be restored")
+        if int(meta["size"]) > self.capacity:  # e.g. saved before a group split its buffer_size
+            raise ValueError(
+                f"the checkpoint's replay buffer holds {int(meta['size']):,} transitions, more than"
+                f" this one's capacity of {self.capacity:,} (the workers of sync, param-avg and a"
+                " synchronous param-server split buffer_size between them); start a fresh run"
+            )
         return True
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.distributed.names import BACKENDS, STRATEGIES
+from shoal.distributed.names import BACKENDS, STRATEGIES, one_learner
 
 
 class ConfigError(ValueError):
@@ -640,6 +640,13 @@ def check_replay_batch(config: Any) -> None:
             f"batch_size {config.batch_size} is more than buffer_size {config.buffer_size};"
             " lower --batch-size"
         )
+
+
+def replay_share(config: Any) -> int:
+    """Each worker's replay capacity, as ``Algorithm.replay_capacity`` sizes it: workers
+    averaged into one learner split its ``buffer_size``; others keep a whole one each."""
+    n = config.num_workers
+    return -(-config.buffer_size // n) if one_learner(config.strategy, config.ps_mode) else config.buffer_size
 
 
 def space_bytes(space: Any) -> int:

@@ -160,7 +160,7 @@ def _replay_schedule(algo_name: str, strategy: LocalStrategy, own_steps: int) ->
     """Gradient steps, their batch sizes and target updates of one worker over ``own_steps``
     of its vector steps, fed the group's count as the trainer does (own steps x workers)."""
     obs_space, n = spaces.Box(-1, 1, (2,), np.float32), strategy.world_size
-    common = dict(learning_starts=0, train_freq=8, gradient_steps=3, num_envs=2)
+    common = dict(learning_starts=0, train_freq=8, gradient_steps=3, num_envs=2, buffer_size=1001)
     if algo_name == "dqn":
         config = DQNConfig(**common, batch_size=16, target_update_interval=16)
         algo = DQN(config, obs_space, spaces.Discrete(2), torch.device("cpu"), strategy)
@@ -179,20 +179,28 @@ def _replay_schedule(algo_name: str, strategy: LocalStrategy, own_steps: int) ->
         if algo.ready():
             algo.update(obs, step * 2 * n)
         targets += getattr(algo, "last_target", 0) != last_target
-    return {"gradient_steps": len(batches), "batch": set(batches), "target_updates": targets}
+    return {
+        "gradient_steps": len(batches),
+        "batch": set(batches),
+        "target_updates": targets,
+        "capacity": algo.replay.capacity,
+    }
 
 
 @pytest.mark.parametrize("algo_name", ["dqn", "sac"])
 def test_replay_workers_averaged_into_one_learner_share_its_schedule_and_batch(algo_name):
     """Two workers whose updates are averaged (sync, param-avg) are one learner: over the same
     group steps they take its gradient steps and target updates, each on half its batch, so
-    their mean update is its update. Two whose updates are each applied (a3c) each learn like
-    a learner alone on their own steps. (A pair once trained on the group's count with the
-    whole batch each, twice the replay of one learner, and param-avg DQN collapsed.)"""
+    their mean update is its update, and each keeps half its replay buffer, so that together
+    they hold its most recent transitions. Two whose updates are each applied (a3c) each learn
+    like a learner alone on their own steps. (A pair once trained on the group's count with the
+    whole batch each, twice the replay of one learner, and param-avg DQN collapsed; a pair
+    that keeps two whole buffers replays twice as old data as the learner once they fill.)"""
     alone = _replay_schedule(algo_name, LocalStrategy(), 64)
     assert alone["gradient_steps"] == 64 * 2 // 8 * 3 and alone["batch"] == {16}
+    assert alone["capacity"] == 1001
     averaged = _replay_schedule(algo_name, _Pair(one_learner=True), 32)  # the same 128 group steps
-    assert averaged == {**alone, "batch": {8}}
+    assert averaged == {**alone, "batch": {8}, "capacity": 501}
     applied = _replay_schedule(algo_name, _Pair(one_learner=False), 64)  # 64 of its own steps
     assert applied == alone
 
@@ -223,3 +231,23 @@ def test_activation_and_ortho_init_settings_shape_every_actor_critic(algo):
         assert (head_std < 0.01) == ortho  # PPO's 0.01-gain policy head, or nn.Linear's default
         if not ortho:
             assert w.abs().max() <= 1 / 5**0.5 and net.twin.biases[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "strategy, share",
+    [("sync", 501), ("param-avg", 501), ("param-server/sync", 501), ("param-server", 1001), ("a3c", 1001)],
+)
+def test_each_worker_allocates_the_replay_the_memory_check_counts(strategy, share):
+    """The start-up memory check (from the flags) and the worker (from its strategy) agree on
+    each worker's replay: half of buffer_size in a pair that is one learner, a whole one else."""
+    from shoal.agent import make_config
+    from shoal.config import replay_share
+    from shoal.launch.ranks import make_strategy
+
+    name, _, mode = strategy.partition("/")
+    settings = dict(strategy=name, num_workers=2, backend="mp", buffer_size=1001)
+    config = make_config("dqn", "CartPole-v1", {**settings, **({"ps_mode": mode} if mode else {})})
+    obs_space = spaces.Box(-1, 1, (4,), np.float32)
+    algo = DQN(config, obs_space, spaces.Discrete(2), torch.device("cpu"), make_strategy(config, 0))
+    assert algo.replay.capacity == replay_share(config) == share
+    assert config.memory_needed(obs_space, spaces.Discrete(2))["buffer_size"] == share * (2 * 16 + 16)

@@ -207,3 +207,17 @@ def test_nbytes_is_what_a_new_buffer_allocates(num_envs, n_step):
     buf = FrameReplayBuffer(1000, num_envs, (4, 84, 84), np.uint8, (), np.int64, n_step, 0.99)
     allocated = sum(a.nbytes for a in vars(buf).values() if isinstance(a, np.ndarray))
     assert allocated == FrameReplayBuffer.nbytes(1000, num_envs, (4, 84, 84), 8, n_step)
+
+
+@pytest.mark.parametrize("cls", [0, 1])
+def test_a_replay_state_bigger_than_the_buffer_is_refused_in_one_line(cls):
+    """A checkpoint whose replay outgrew this buffer (saved when each worker of a group kept a
+    whole buffer_size) is refused with a message, not a numpy broadcast error."""
+    stream = Stream(2, 0.3, seed=0)
+    big, small = buffers(40, 2, 1)[cls], buffers(20, 2, 1)[cls]
+    for _ in range(30):
+        big.add(*stream.step())
+    assert big.size > 20
+    with pytest.raises(ValueError, match="holds .* more than this one's capacity of 20") as error:
+        small.load(*big.state())
+    assert "\n" not in str(error.value)

@@ -117,8 +117,8 @@ class Algorithm:
     # -- replay learners in a group -------------------------------------------------------
     # ``env_steps`` is the group's count. Workers averaged into one learner
     # (``Strategy.one_learner``: sync, param-avg, a synchronous server) train on that count,
-    # as the one learner would, each on its share of the batch: their mean update is its
-    # update, at the same total budget. Workers whose every update is applied (a3c, an
+    # as the one learner would, each on its share of the batch and of the replay buffer: their
+    # mean update is its update, at the same total budget. Workers whose every update is applied (a3c, an
     # asynchronous server) each train on their own steps (the group's count grows
     # world_size times as fast) with the whole batch, as a learner alone would.
     def replay_interval(self, steps: int) -> int:
@@ -131,6 +131,13 @@ class Algorithm:
         """This worker's share of a learner's batch."""
         s = self.strategy
         return max(1, batch_size // s.world_size) if s.one_learner else batch_size
+
+    def replay_capacity(self, buffer_size: int) -> int:
+        """This worker's share of a learner's replay buffer: between them, workers that are one
+        learner keep its ``buffer_size`` most recent transitions (of the group's steps), as it
+        would; each of the others keeps a whole buffer of its own steps."""
+        s = self.strategy
+        return -(-buffer_size // s.world_size) if s.one_learner else buffer_size
 
     def training_phases(self, since: int, train_freq: int) -> int:
         """Training phases due now, ``since`` env steps (the group's count) after the last.

@@ -23,7 +23,15 @@ from torch.nn import functional as F
 
 from shoal.algos.base import Algorithm, fused_ok
 from shoal.buffers import FrameReplayBuffer, make_replay, stacked_frames
-from shoal.config import ConfigError, TrainConfig, check_replay_batch, opt, space_bytes, space_inputs
+from shoal.config import (
+    ConfigError,
+    TrainConfig,
+    check_replay_batch,
+    opt,
+    replay_share,
+    space_bytes,
+    space_inputs,
+)
 from shoal.nn import QNetwork
 
 
@@ -80,9 +88,9 @@ class DQNConfig(TrainConfig):
         weights = sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 64
         shape = obs_space.shape or ()
         if obs_space.dtype is not None and stacked_frames(shape, obs_space.dtype):  # FrameReplayBuffer's
-            replay = FrameReplayBuffer.nbytes(self.buffer_size, self.num_envs, shape, 8, self.n_step)
+            replay = FrameReplayBuffer.nbytes(replay_share(self), self.num_envs, shape, 8, self.n_step)
         else:  # obs and next obs whole, the int64 action, return and discount
-            replay = self.buffer_size * (2.0 * space_bytes(obs_space) + 8 + 8)
+            replay = replay_share(self) * (2.0 * space_bytes(obs_space) + 8 + 8)
         return {
             "buffer_size": float(replay),
             "hidden": 5 * 4 * weights + 4 * 4 * self.batch_size * sum(widths),
@@ -106,7 +114,14 @@ class DQN(Algorithm):
         )
         sample = np.asarray(obs_space.sample())
         self.replay = make_replay(  # stacked frames (Atari): each frame stored once
-            c.buffer_size, c.num_envs, sample.shape, sample.dtype, (), np.int64, c.n_step, c.gamma
+            self.replay_capacity(c.buffer_size),
+            c.num_envs,
+            sample.shape,
+            sample.dtype,
+            (),
+            np.int64,
+            c.n_step,
+            c.gamma,
         )
         self.rng = np.random.default_rng(self.strategy.worker_seed(c.seed))
         self.env_steps = 0

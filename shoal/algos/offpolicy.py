@@ -29,6 +29,7 @@ from shoal.config import (
     TrainConfig,
     check_replay_batch,
     opt,
+    replay_share,
     show,
     space_bytes,
 )
@@ -88,7 +89,7 @@ class OffPolicyConfig(TrainConfig):
     def memory_needed(self, obs_space: Any, action_space: Any) -> dict[str, float]:
         # obs and next obs as the env gives them, the action, its reward and discount
         row = 2.0 * space_bytes(obs_space) + space_bytes(action_space) + 8
-        return {"buffer_size": self.buffer_size * row}
+        return {"buffer_size": replay_share(self) * row}
 
 
 class OffPolicyAlgorithm(Algorithm):
@@ -112,7 +113,14 @@ class OffPolicyAlgorithm(Algorithm):
         self.half_range = 0.5 * (action_space.high.reshape(-1).astype(np.float64) - self.low)
         sample = np.asarray(obs_space.sample())
         self.replay = ReplayBuffer(
-            c.buffer_size, c.num_envs, sample.shape, sample.dtype, (self.act_size,), np.float32, 1, c.gamma
+            self.replay_capacity(c.buffer_size),
+            c.num_envs,
+            sample.shape,
+            sample.dtype,
+            (self.act_size,),
+            np.float32,
+            1,
+            c.gamma,
         )
         self.rng = np.random.default_rng(self.strategy.worker_seed(c.seed))
         self.env_steps = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.config import TrainConfig
-from shoal.distributed.names import SERVER_STRATEGIES, STRATEGIES
+from shoal.distributed.names import SERVER_STRATEGIES, STRATEGIES, one_learner
 from shoal.distributed.strategy import ParamAvgStrategy, ServerStrategy, Strategy, SyncStrategy
 from shoal.training.trainer import StopRequest
 
@@ -34,7 +34,7 @@ def make_strategy(config: TrainConfig, rank: int, link: Any = None) -> Strategy:
         from shoal.distributed.wire import peer_timeout_of
 
         pipelined, timeout = config.strategy == "a3c", peer_timeout_of(config)
-        averaged = config.strategy == "param-server" and config.ps_mode == "sync"
+        averaged = one_learner(config.strategy, config.ps_mode)
         return ServerStrategy(
             rank, n, compress, ratio, pipelined, link, peer_timeout=timeout, averaged=averaged
         )
