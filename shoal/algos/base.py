@@ -117,10 +117,10 @@ class Algorithm:
     # -- replay learners in a group -------------------------------------------------------
     # ``env_steps`` is the group's count. Workers averaged into one learner
     # (``Strategy.one_learner``: sync, param-avg, a synchronous server) train on that count,
-    # as the one learner would, each on its share of the batch and of the replay buffer: their
-    # mean update is its update, at the same total budget. Workers whose every update is applied (a3c, an
-    # asynchronous server) each train on their own steps (the group's count grows
-    # world_size times as fast) with the whole batch, as a learner alone would.
+    # as the one learner would, each on its share of the batch and of the replay buffer:
+    # their mean update is its update, at the same total budget. Workers whose every update
+    # is applied (a3c, an asynchronous server) each train on their own steps (the group's
+    # count grows world_size times as fast) with the whole batch, as a learner alone would.
     def replay_interval(self, steps: int) -> int:
         """``steps`` env steps of one learner's schedule (training, target updates), counted
         as the group counts them."""
