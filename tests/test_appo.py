@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
-from test_shutdown import finish, session, session_ends
+from test_shutdown import finish, left_in_shm, session, session_ends, shm
 
 import shoal
 from shoal.actors.actor import ActorPolicy, policy_vector
@@ -29,10 +29,6 @@ from shoal.run import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_envs=4, rollout_length=16, eval_episodes=2, seed=1)
-
-
-def shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 def check_counts(summary: dict) -> None:
@@ -73,7 +69,7 @@ def test_appo_run_writes_a_run_dir_and_evaluates(tmp_path):
     assert 0 < len(lags) <= len(rows) and lags[-1].histogram_value.num > 0
     assert agent.act(np.zeros(4, np.float32)) in (0, 1)
     assert main(["eval", str(run_dir), "--episodes", "2", "--json"]) == 0
-    assert shm() <= before
+    assert not left_in_shm(before)
 
     # A resume continues from the last checkpoint (not exactly: the actors start afresh).
     last = ckpt.load(ckpt.latest(run_dir / "checkpoints"))[1]
@@ -236,7 +232,7 @@ def test_ctrl_c_saves_a_checkpoint_and_leaves_no_process_nor_shared_memory(tmp_p
     assert "Traceback" not in err, err
     assert f"resume with: shoal train appo --resume {run_dir}" in err, err
     assert not session_ends(proc.pid, grace=10), "processes of the run outlived it"
-    assert shm() <= before
+    assert not left_in_shm(before)
     assert list((run_dir / "checkpoints").glob("ckpt-*.json"))
     assert not (run_dir / "summary.json").exists()  # stopped, not finished
     assert main(["eval", str(run_dir), "--episodes", "1"]) == 0
@@ -252,7 +248,7 @@ def test_sigkill_of_the_learner_ends_its_actors(tmp_path):
     finish(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not session_ends(proc.pid, grace=10), "actors outlived their learner"
-    assert shm() <= before  # the shared memory was never a named file
+    assert not left_in_shm(before)  # the shared memory was never a named file
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 from shoal.run import checkpoint as ckpt
 from shoal.run.rundir import clean_stale_scratch
 from shoal.training.callbacks import FAULTS_VARIABLE
-from tests.test_shutdown import finish, session_ends
+from tests.test_shutdown import finish, left_in_shm, session_ends, shm
 
 pytestmark = pytest.mark.slow
 
@@ -29,22 +29,6 @@ pytestmark = pytest.mark.slow
 STOPPED = re.compile(
     r"^shoal: interrupted \((SIG\w+)\): checkpoint saved to (\S+\.json); resume with: shoal train "
 )
-
-
-def semaphores() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
-
-
-def no_semaphore_left(before: set[str], grace: float = 20.0) -> bool:
-    """No named semaphore made since ``before`` outlives ``grace`` seconds. (The tests beside
-    this one, in the other xdist process, make and free some of their own meanwhile; one the
-    killed run leaked stays in /dev/shm for good.)"""
-    deadline = time.monotonic() + grace
-    while semaphores() - before:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def start(tmp_path: Path, algo: str, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -91,7 +75,7 @@ def wait_metrics(proc: subprocess.Popen, run_dir: Path, rows: int = 2, timeout: 
 def test_a_signal_to_the_whole_process_group_stops_every_rank_with_a_checkpoint(
     tmp_path, backend, algo, args, signum
 ):
-    sems = semaphores()
+    sems = shm("sem.mp-*")
     proc = start(tmp_path, algo, "--backend", backend, "--total-steps", str(10**7), *args)
     wait_metrics(proc, tmp_path / "run")
     os.killpg(proc.pid, signum)
@@ -102,12 +86,12 @@ def test_a_signal_to_the_whole_process_group_stops_every_rank_with_a_checkpoint(
     saved = STOPPED.match(line).group(2)
     assert ckpt.load(saved)[1]["env_steps"] > 0
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
-    assert no_semaphore_left(sems), "named semaphores left in /dev/shm"
+    assert not left_in_shm(sems, "sem.mp-*"), "named semaphores left in /dev/shm"
 
 
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_whole_group_leaves_no_process_no_semaphore_and_its_scratch_is_cleaned(tmp_path):
-    sems = semaphores()
+    sems = shm("sem.mp-*")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = start(
@@ -125,7 +109,7 @@ def test_kill_9_of_the_whole_group_leaves_no_process_no_semaphore_and_its_scratc
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert not session_ends(proc.pid, grace=20), "processes of the run outlived it"
-    assert no_semaphore_left(sems), "named semaphores left in /dev/shm"
+    assert not left_in_shm(sems, "sem.mp-*"), "named semaphores left in /dev/shm"
     assert clean_stale_scratch(base=tmp) == scratch  # what the next launcher does first
     # (torch keeps a cache of its own there, torchinductor_<user>, made by its first optimizer)
     assert [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []

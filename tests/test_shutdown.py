@@ -52,6 +52,21 @@ def session_ends(sid: int, grace: float) -> list[int]:
     return left
 
 
+def shm(pattern: str = "*") -> set[str]:
+    """The names in /dev/shm (named shared memory and semaphores, ``sem.*``)."""
+    return {p.name for p in Path("/dev/shm").glob(pattern)}
+
+
+def left_in_shm(before: set[str], pattern: str = "*", grace: float = 20.0) -> set[str]:
+    """What is in /dev/shm and not in ``before`` after up to ``grace`` seconds: what a run
+    leaked. (The tests beside this one, in the other xdist process, make and free entries of
+    their own meanwhile, such as multiprocessing's ``sem.mp-*``; a leaked entry stays for good.)"""
+    deadline = time.monotonic() + grace
+    while (new := shm(pattern) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return new
+
+
 def start(run_dir: Path, *args: str, env_id: str = "CartPole-v1") -> subprocess.Popen:
     """``shoal train ppo`` in a session of its own (its pid is the session id)."""
     argv = [*TRAIN, "--quiet", "--run-dir", str(run_dir), *args]
