@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
 from shoal.training.callbacks import FAULTS_VARIABLE
-from tests.test_distributed import check_two_worker_run
+from tests.test_distributed import check_two_worker_run, shoal_train
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +143,49 @@ def test_sync_parameter_server_finishes_its_rounds_without_a_lost_worker_and_tak
     )
     assert summary["parameter_server"]["workers_joined"] == 2 + 2
     assert summary["env_steps"] >= 49152
+
+
+@pytest.mark.timeout(400)
+def test_a_group_rebuilt_after_kills_ends_bitwise_as_the_run_that_was_never_killed(tmp_path):
+    """Every worker of a lockstep group saves its own state at each boundary (replay buffer,
+    random streams, param-avg's own weights and optimizer moments, averaging schedule, anchors
+    and error-feedback residuals), so a group rebuilt from a checkpoint goes on as if nothing
+    happened: worker 1 killed, then the chief. A worker without its own checkpoint resumes
+    from the chief's, with a warning."""
+    from shoal.run import checkpoint as ckpt
+
+    args = [
+        "dqn", "--env", "CartPole-v1", "--backend", "mp", "--strategy", "param-avg", "--compress", "topk",
+        "--num-workers", "2", "--total-steps", "4000", "--checkpoint-every", "1000", "--seed", "3",
+        "--eval-episodes", "1",
+    ]  # fmt: skip
+    shoal_train(*args, "--run-dir", str(tmp_path / "whole"))
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    faults = [{"at_steps": 2500, "signal": "SIGKILL", "ranks": [1]}]
+    faults.append({"at_steps": 3500, "signal": "SIGKILL", "ranks": [0]})
+    spec = json.dumps({"dir": str(claims), "faults": faults})
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "train", *args, "--run-dir", str(tmp_path / "killed"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, FAULTS_VARIABLE: spec},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(claims.glob("fault-*"))) == 2 and done.stderr.count("rebuilding the group") == 2
+    assert "of its own" not in done.stderr, done.stderr[-3000:]
+    whole, _ = ckpt.load(tmp_path / "whole")
+    killed, _ = ckpt.load(tmp_path / "killed")
+    weights = [k for k in whole if k.startswith("model/")]
+    assert weights and any(k.startswith("strategy/own/residual/") for k in whole)
+    for key in weights:
+        np.testing.assert_array_equal(killed[key], whole[key], err_msg=key)
+    # Worker 1's own checkpoints lost: it resumes from the chief's state, said once; the run goes on.
+    shutil.rmtree(tmp_path / "killed" / "checkpoints" / "rank-1")
+    resumed = shoal_train("dqn", "--resume", str(tmp_path / "killed"), "--total-steps", "5000")
+    assert resumed.stderr.count("worker 1 has no checkpoint of its own") == 1, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["env_steps"] >= 5000
 
 
 @pytest.mark.timeout(600)

@@ -128,6 +128,16 @@ class Strategy:
         self.optimizers = list(optimizers.values())
         self.normalizer = normalizer if normalizer is not None and normalizer.active else None
 
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What this worker's side of the cooperation needs to go on exactly after a resume:
+        (arrays, JSON values), saved in checkpoints. Arrays under ``own/`` are this worker's
+        alone (its error-feedback residuals); the rest is the same on every worker."""
+        return {}, {}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore :meth:`state` (before :meth:`start`); ``arrays`` may lack the ``own/`` ones (a
+        worker resuming from another's checkpoint starts without residuals)."""
+
     def merge_statistics(self, normalizer: Normalizer) -> None:
         """After an update: fold the statistics gathered since the last merge into those used.
 
@@ -223,6 +233,21 @@ class CollectiveStrategy(Strategy):
         self.compress, self.topk_ratio = compress, topk_ratio
         # One compressor per vector summed (its error feedback is that vector's), made on first use.
         self.codecs: dict[Any, Compressor] = {}
+        self.residuals: list[torch.Tensor] = []  # restored ones, for the codecs in the order made
+        self.resumed = False  # from a checkpoint: the workers' copies need no broadcast
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = super().state()
+        for i, codec in enumerate(self.codecs.values()):  # made in the same order on every run
+            if codec.residual is not None:
+                arrays[f"own/residual/{i}"] = codec.residual.detach().cpu().numpy()
+        return arrays, meta
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super().load_state(arrays, meta)
+        count = len([k for k in arrays if k.startswith("own/residual/")])
+        self.residuals = [torch.from_numpy(arrays[f"own/residual/{i}"].copy()) for i in range(count)]
+        self.resumed = True
 
     def start(
         self,
@@ -233,9 +258,13 @@ class CollectiveStrategy(Strategy):
         import torch.distributed as dist
 
         super().start(modules, optimizers, normalizer)
-        for module in modules.values():
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        # Fresh: the same seed gave every worker the same weights; rank 0's make sure. Resumed:
+        # each worker loaded its own state (param-avg copies differ between averages) or rank
+        # 0's, so there is nothing to agree on, and a broadcast would undo the former.
+        if not self.resumed:
+            for module in modules.values():
+                for tensor in module.state_dict().values():
+                    dist.broadcast(tensor, src=0)
         if self.normalizer is not None:  # the statistics in use: rank 0's (a resume loaded them all)
             used = torch.from_numpy(self.normalizer.used_vector())
             dist.broadcast(used, src=0)
@@ -277,6 +306,8 @@ class CollectiveStrategy(Strategy):
             codec = self.codecs.get(key)
             if codec is None:
                 codec = self.codecs[key] = Compressor(self.compress, vector.numel(), self.topk_ratio)
+                if len(self.residuals) >= len(self.codecs):  # restored by a resume
+                    codec.residual = self.residuals[len(self.codecs) - 1].to(vector.device)
             payload = codec.compress(vector)
             gathered = []
             for part in payload:
@@ -350,6 +381,7 @@ class ParamAvgStrategy(CollectiveStrategy):
         self.anchors: list[torch.Tensor] = []  # per optimizer: the last mean
         self.untrained: list[torch.Tensor] = []  # weights no optimizer steps (target networks)
         self.calls = 0  # step calls, taken or skipped: the averaging schedule all workers share
+        self.restored_anchors: list[torch.Tensor] = []  # a resume's, for the optimizers in order
 
     def start(
         self,
@@ -375,11 +407,26 @@ class ParamAvgStrategy(CollectiveStrategy):
         if self.calls % self.sync_every == 0:
             self.average()
 
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, meta = super().state()
+        if self.compress != "none":  # the last mean, the same on every worker
+            arrays.update({f"anchor/{i}": a.detach().cpu().numpy() for i, a in enumerate(self.anchors)})
+        return arrays, {**meta, "calls": self.calls}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        super().load_state(arrays, meta)
+        self.calls = int(meta.get("calls", 0))
+        count = len([k for k in arrays if k.startswith("anchor/")])
+        self.restored_anchors = [torch.from_numpy(arrays[f"anchor/{i}"].copy()) for i in range(count)]
+
     def _anchor(self) -> None:
-        """Anchor each optimizer's parameters when first seen (equal everywhere: start() synced them)."""
+        """Anchor each optimizer's parameters when first seen: the last mean (fresh: they are
+        equal everywhere, start() synced them; resumed: the checkpoint's anchors)."""
         for optimizer in self.optimizers[len(self.params) :]:
             self.params.append(trained_params(optimizer))
-            self.anchors.append(flat_params(self.params[-1]).clone())
+            i = len(self.anchors)
+            restored = self.restored_anchors[i] if i < len(self.restored_anchors) else None
+            self.anchors.append(flat_params(self.params[-1]).clone() if restored is None else restored)
 
     def merge_statistics(self, normalizer: Normalizer) -> None:
         """Merged with each average instead (see :meth:`average`)."""

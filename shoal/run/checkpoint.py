@@ -210,14 +210,20 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a checkpoint (its JSON file, or a run/checkpoint directory: the latest one)."""
+def resolve(path: str | Path) -> Path:
+    """A checkpoint's JSON file, given it or a run/checkpoint directory (then: the latest one)."""
     path = Path(path)
     if path.is_dir():
         found = latest(path / "checkpoints") or latest(path)
         if found is None:
             raise CheckpointError(f"no checkpoint in {path}")
         path = found
+    return path
+
+
+def load(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a checkpoint (its JSON file, or a run/checkpoint directory: the latest one)."""
+    path = resolve(path)
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -268,6 +274,11 @@ def check_run(meta: dict[str, Any], path: str | Path) -> None:
             f"{path} is an older checkpoint: its heavy arrays (a replay buffer) were pruned, only"
             f" the newest checkpoint keeps them; resume from the newest, {meta[PRUNED]}"
         )
+
+
+def under(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays whose key starts with ``prefix/``, keyed by the rest."""
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -85,7 +85,7 @@ class CheckpointBoundaries(Callback):
             return False
         trainer.boundary += 1
         trainer.algo.on_new_episodes()
-        if trainer.strategy.is_chief:
+        if trainer.keeps_own_state:
             trainer.save_checkpoint()
         self.passed += 1
         if self.crash_after is not None and self.passed >= self.crash_after:

@@ -173,10 +173,22 @@ class Trainer:
         return c.checkpoint_every if c.checkpoint_every > 0 else max(1, c.total_steps // 10)
 
     # -- checkpoints ---------------------------------------------------------------------
+    @property
+    def keeps_own_state(self) -> bool:
+        """Whether this worker saves a checkpoint at each boundary: the chief, and every worker
+        of a lockstep group, whose replay buffer, random streams and (param-avg) weights are
+        its own. Resumed or rebuilt, such a group then goes on bitwise as if uninterrupted."""
+        return self.strategy.is_chief or self.strategy.in_lockstep
+
+    def own_checkpoints(self) -> Path:
+        """The chief's checkpoints are the run's; worker k's own are in ``checkpoints/rank-k``."""
+        directory = self.run_dir / "checkpoints"
+        return directory if self.strategy.is_chief else directory / f"rank-{self.strategy.rank}"
+
     def save_checkpoint(self) -> Path:
         arrays, meta = self.checkpoint_state()
         keep = self.config.keep_checkpoints
-        return ckpt.save(self.run_dir / "checkpoints", self.env_steps, arrays, meta, keep=keep)
+        return ckpt.save(self.own_checkpoints(), self.env_steps, arrays, meta, keep=keep)
 
     def save_best(self, score: dict[str, float]) -> Path:
         """Keep the current weights as the best so far (``score``: the evaluation that found them)."""
@@ -198,11 +210,14 @@ class Trainer:
         arrays.update({f"extra/{k}": v for k, v in extra_arrays.items()})
         stats_arrays, stats_meta = self.algo.statistics_state()
         arrays.update({f"norm/{k}": v for k, v in stats_arrays.items()})
+        strategy_arrays, strategy_meta = self.strategy.state()
+        arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
         arrays["rng/torch"] = torch.get_rng_state().numpy()
         meta.update(
             optimizers=optim_meta,
             extra=extra_meta,
             normalizer=stats_meta,
+            strategy=strategy_meta,
             updates=self.algo.updates,
             boundary=self.boundary,
             env_steps=self.env_steps,
@@ -210,8 +225,11 @@ class Trainer:
         return arrays, meta
 
     def load_checkpoint(self, path: str | Path) -> None:
-        arrays, meta = ckpt.load(path)
-        ckpt.check_run(meta, path)
+        """Restore the run from checkpoint ``path`` (a worker of a lockstep group: from its own
+        checkpoint of the same boundary, if it has one)."""
+        path = ckpt.resolve(path)
+        arrays, meta, own = self._read_checkpoint(path)
+        ckpt.check_run(meta, own or path)
         if meta.get("algo") != self.algo_class.name:
             raise ckpt.CheckpointError(
                 f"{path} holds a {meta.get('algo')} checkpoint, not {self.algo_class.name}"
@@ -221,22 +239,45 @@ class Trainer:
                 ckpt.load_module(f"model/{name}", module, arrays)
             for name, optimizer in self.algo.optimizers().items():
                 ckpt.load_optimizer(f"optim/{name}", optimizer, arrays, meta["optimizers"][name])
-            extra = {k.removeprefix("extra/"): v for k, v in arrays.items() if k.startswith("extra/")}
+            extra = ckpt.under(arrays, "extra")
             self.algo.load_extra_state(extra, meta["extra"])
             if "normalizer" in meta:  # (a checkpoint from before normalisation existed has none)
-                stats = {k.removeprefix("norm/"): v for k, v in arrays.items() if k.startswith("norm/")}
+                stats = ckpt.under(arrays, "norm")
                 self.algo.load_statistics(stats, meta["normalizer"])
             torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+            strategy = ckpt.under(arrays, "strategy")
+            if own is None and not self.strategy.is_chief:  # another worker's residuals are not ours
+                strategy = {k: v for k, v in strategy.items() if not k.startswith("own/")}
+            self.strategy.load_state(strategy, meta.get("strategy", {}))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             text = " ".join(f"{type(e).__name__}: {e}".split())
             raise ckpt.CheckpointError(
                 f"{path} does not fit this {self.algo_class.name} run ({text[:300]})"
             ) from None
-        if self.strategy.rank > 0:  # the checkpoint holds rank 0's stream; every worker needs its own
+        if own is None and self.strategy.rank > 0:  # rank 0's stream: every worker needs its own
             torch.manual_seed(derived_seed(self.strategy.worker_seed(self.config.seed), meta["boundary"]))
         self.algo.updates = meta["updates"]
         self.boundary = meta["boundary"]
         self.env_steps = meta["env_steps"]
+
+    def _read_checkpoint(self, chief: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], Path | None]:
+        """(arrays, meta, own): the chief's checkpoint ``chief``, or for a worker of a lockstep
+        group its own checkpoint of the same boundary (``own``, its path). Without a whole one
+        (the worker died before saving it; or it saved the next one while the chief died, and
+        pruned this one's replay) the worker resumes from the chief's state, said in a warning."""
+        if self.strategy.is_chief or not self.keeps_own_state:
+            return (*ckpt.load(chief), None)
+        own = self.own_checkpoints() / chief.name
+        if own.is_file():
+            arrays, meta = ckpt.load(own)
+            if ckpt.PRUNED not in meta:
+                return arrays, meta, own
+        log.warning(
+            f"worker {self.strategy.rank} has no checkpoint of its own at {chief.name} (in"
+            f" {own.parent}): it resumes from worker 0's replay buffer, random streams and weights,"
+            " and the run goes on, though not bitwise as it would have"
+        )
+        return (*ckpt.load(chief), None)
 
     # -- the loop ------------------------------------------------------------------------
     def train(
@@ -399,11 +440,12 @@ class Trainer:
         """The final checkpoint, evaluation and summary (the chief's); a stopped run has no summary."""
         c, chief = self.config, self.strategy.is_chief  # (the wall time: the loop, not what follows)
         summary: dict[str, Any] = {"env_steps": self.env_steps, "wall_time": self.timing.since_start()}
-        if chief:
+        if self.keeps_own_state:
             # Episodes in progress end here (a resume starts fresh ones): drop partial n-step
             # transitions, as at a boundary, so that the checkpoint can be resumed.
             self.algo.on_new_episodes()
             self.save_checkpoint()
+        if chief:
             play = env_of(c, self.env_fn, training=False)
             summary.update(evaluate(self.algo, play, c.eval_episodes, c.seed, self.stop))
             if self.best_eval is not None:
