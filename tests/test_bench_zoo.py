@@ -66,3 +66,48 @@ def test_the_late_mean_is_over_the_evaluations_in_the_second_half_of_the_budget(
     row = {"budget": 200_000, "sides": {"a": [swings], "b": []}}
     part = {"algo": "DQN", "rows": {"DQN, CartPole-v1": row}}
     assert "| DQN, CartPole-v1 | 300.0 +- 0.0 (1) | - |" in table("distributed", part)
+
+
+def test_kept_best_scores_the_best_curve_policy_on_the_final_episodes(monkeypatch, tmp_path):
+    """SB3's side keeps a copy of the policy of its best periodic evaluation (as EvalCallback's
+    best_model) and scores it as the final is scored; shoal's scores its best checkpoint."""
+    import hashlib
+
+    import pytest
+
+    pytest.importorskip("stable_baselines3")
+    from stable_baselines3 import PPO as SB3PPO
+
+    from shoal.agent import make_config
+    from shoal.bench import zoo
+
+    calls = []
+    real = zoo._greedy_sb3
+
+    def recording(model, env_id, episodes, seed, obs_filter=None):
+        params = b"".join(p.detach().numpy().tobytes() for p in model.policy.parameters())
+        score = real(model, env_id, episodes, seed, obs_filter)
+        calls.append((hashlib.sha256(params).hexdigest(), episodes, seed, score))
+        return score
+
+    monkeypatch.setattr(zoo, "_greedy_sb3", recording)
+    # (a large learning rate: the policy peaks, then falls, so the best is not the last)
+    model = SB3PPO(
+        "MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, learning_rate=1e-2, seed=1, device="cpu"
+    )
+    result = zoo.run_sb3(model, "CartPole-v1", 2048, 1, 512, (2, 3))
+    curve_calls = [c for c in calls if c[1] == 2]  # periodic (2 episodes), the end's included
+    *_, final_call, _, kept_call = calls  # the final, the end's curve point, the kept best
+    best = max(curve_calls, key=lambda c: c[3])  # the first of the highest, as kept
+    assert [score for _, score in result["curve"]] == [c[3] for c in curve_calls]
+    assert kept_call[0] == best[0] and kept_call[1:3] == (3, 1) and result["kept_best"] == kept_call[3]
+    assert final_call[1:3] == (3, 1) and result["final"] == final_call[3]
+    assert best is not curve_calls[-1] and best[0] != final_call[0], [c[3] for c in curve_calls]
+
+    config = make_config(
+        "ppo",
+        "CartPole-v1",
+        {"total_steps": 2048, "eval_every": 512, "eval_episodes": 3, "run_dir": str(tmp_path / "run")},
+    )
+    shoal_side = zoo.run_shoal("ppo", config)
+    assert len(shoal_side["curve"]) == 4 and isinstance(shoal_side["kept_best"], float)

@@ -21,8 +21,10 @@ every tenth of the budget (shoal's ``--eval-every``, the same episode seeds on b
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -147,12 +149,20 @@ def run_shoal(algo: str, config: Any) -> dict[str, Any]:
                 curve.append((row["env_steps"], row["eval_return"]))
                 if row["env_steps"] < summary["env_steps"]:  # inside the loop's wall time
                     evaluating += row.get("eval_seconds", 0.0)
-    return {
+    out = {
         "final": summary["mean_return"],
         "curve": curve,
         "wall": summary["wall_time"] - evaluating,  # training only, as on SB3's side
         "steps": summary["env_steps"],
     }
+    if "best_eval_return" in summary:  # what `shoal eval RUN --best` gives, on the final's episodes
+        from shoal.agent import load
+        from shoal.training.trainer import env_of, evaluate
+
+        agent = load(run_dir, best=True)
+        play = env_of(agent.config, training=False)
+        out["kept_best"] = evaluate(agent.algorithm, play, config.eval_episodes, config.seed)["mean_return"]
+    return out
 
 
 def run_sb3(
@@ -165,14 +175,27 @@ def run_sb3(
     vec_normalize: Any = None,
 ) -> dict[str, Any]:
     """Train an SB3 model; greedy evaluations every ``every`` env steps (clock paused) and at
-    the end, on the episode seeds of shoal's periodic and final evaluations."""
+    the end, on the episode seeds of shoal's periodic and final evaluations. The policy of the
+    best periodic evaluation is kept, as SB3's ``EvalCallback`` keeps ``best_model``, and
+    scored on the final's episodes (``kept_best``), as ``shoal eval --best`` scores shoal's."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     def greedy(n: int, eval_seed: int) -> float:
         frozen = vec_normalize.normalize_obs if vec_normalize is not None else None
         return _greedy_sb3(model, env_id, n, eval_seed, frozen)
 
+    def snapshot() -> tuple[dict[str, Any], Any]:
+        weights = {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
+        return weights, copy.deepcopy(vec_normalize.obs_rms) if vec_normalize is not None else None
+
     clock, curve, state = _Clock(), [], {"next": every}
+    best: dict[str, Any] = {"score": -math.inf, "kept": None}
+
+    def evaluate_curve_point(n: int) -> None:
+        score = greedy(episodes[0], seed + MAX_EVAL_EPISODES)
+        curve.append((n, score))
+        if score > best["score"]:  # strictly better, as shoal keeps its best
+            best.update(score=score, kept=snapshot())
 
     class Curve(BaseCallback):
         def _on_step(self) -> bool:
@@ -180,7 +203,7 @@ def run_sb3(
             if every and n >= state["next"] and n < steps:  # the end: the final evaluation below
                 state["next"] += every
                 paused = time.perf_counter()
-                curve.append((n, greedy(episodes[0], seed + MAX_EVAL_EPISODES)))
+                evaluate_curve_point(n)
                 clock.paused += time.perf_counter() - paused
             return True
 
@@ -190,10 +213,16 @@ def run_sb3(
     if vec_normalize is not None:
         vec_normalize.training = False
     final = greedy(episodes[1], seed)
+    out = {"final": final, "curve": curve, "wall": wall, "steps": model.num_timesteps}
     if every:
-        curve.append((model.num_timesteps, greedy(episodes[0], seed + MAX_EVAL_EPISODES)))
+        evaluate_curve_point(model.num_timesteps)
+        weights, obs_rms = best["kept"]
+        model.policy.load_state_dict(weights)
+        if vec_normalize is not None:
+            vec_normalize.obs_rms = obs_rms
+        out["kept_best"] = greedy(episodes[1], seed)
     model.get_env().close()
-    return {"final": final, "curve": curve, "wall": wall, "steps": model.num_timesteps}
+    return out
 
 
 def _evals(config: dict[str, Any], args: argparse.Namespace, steps: int) -> dict[str, Any]:
@@ -573,6 +602,21 @@ def table(name: str, part: dict[str, Any]) -> str:
                 late = [late_mean(r, res["budget"]) for r in res["sides"].get(side, [])]
                 late = [x for x in late if x is not None]
                 cells.append(f"{np.mean(late):.1f} +- {np.std(late):.1f} ({len(late)})" if late else "-")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    kept = {
+        row: res
+        for row, res in rows.items()
+        if any("kept_best" in r for rs in res["sides"].values() for r in rs)
+    }
+    if kept:  # what a user keeps with --eval-every (SB3: EvalCallback's best_model)
+        title = "kept best: the best periodic evaluation's policy, scored as the final"
+        lines += ["", f"| {title} | {' | '.join(sides)} |", "|---" * (len(sides) + 1) + "|"]
+        for row, res in kept.items():
+            cells = []
+            for side in sides:
+                runs = [{"final": r["kept_best"]} for r in res["sides"].get(side, []) if "kept_best" in r]
+                mean, std, n = _stats(runs)
+                cells.append(f"{mean:.1f} +- {std:.1f} ({n})" if n else "-")
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     for algo in ("sac", "td3"):
         s = part.get("speed", {}).get(algo)
