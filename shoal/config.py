@@ -83,6 +83,17 @@ def activation_opt() -> Any:
     )
 
 
+def vf_coef_opt() -> Any:
+    """The value loss's weight. shoal's value loss is half the squared error (CleanRL's), SB3's
+    the whole (its ``vf_coef`` c weighs as 2c does here): ``sb3_vf_coef`` converts."""
+    return opt(0.5, "value loss coefficient (of 0.5 x the squared error; SB3's vf_coef c is 2c here)", ge=0)
+
+
+def sb3_vf_coef(shoal: float) -> float:
+    """SB3's ``vf_coef`` for shoal's: SB3 weighs the mean squared error, shoal half of it."""
+    return shoal / 2
+
+
 def ortho_init_opt() -> Any:
     """The ``ortho_init`` setting (SB3's name): RL-Zoo turns it off for some MuJoCo entries."""
     return opt(

@@ -41,6 +41,16 @@ def test_rl_zoos_halfcheetah_entry_maps_onto_ppo_settings_entirely():
     assert unmapped == {}
     assert settings["activation"] == "relu" and settings["ortho_init"] is False
     assert settings["hidden"] == (256, 256) and settings["log_std_init"] == -2.0
+    # SB3 weighs the squared error by vf_coef, shoal half of it: the same weight is twice the number
+    assert settings["vf_coef"] == 2 * RL_ZOO_HALFCHEETAH["vf_coef"]
+
+
+def test_sb3_gets_shoals_value_loss_weight_on_its_own_loss():
+    from shoal.agent import make_config
+    from shoal.bench.sb3 import sb3_ppo_kwargs
+
+    config = make_config("ppo", "CartPole-v1", {"vf_coef": 0.8})
+    assert sb3_ppo_kwargs(config)["vf_coef"] == 0.4
 
 
 def test_one_side_rerun_keeps_the_other_sides_runs():

@@ -17,7 +17,15 @@ from gymnasium import spaces
 
 from shoal.algos.base import ActorCriticAlgorithm
 from shoal.buffers import gae
-from shoal.config import TrainConfig, activation_opt, normalization, opt, ortho_init_opt, rollout_memory
+from shoal.config import (
+    TrainConfig,
+    activation_opt,
+    normalization,
+    opt,
+    ortho_init_opt,
+    rollout_memory,
+    vf_coef_opt,
+)
 
 
 @dataclass
@@ -31,7 +39,7 @@ class A2CConfig(TrainConfig):
     gae_lambda: float = opt(1.0, "GAE lambda (1.0: plain n-step returns)", ge=0, le=1)
     norm_adv: bool = opt(False, "normalise advantages over each rollout")
     ent_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
-    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    vf_coef: float = vf_coef_opt()
     max_grad_norm: float = opt(0.5, "gradient norm clip", gt=0)
     rms_alpha: float = opt(0.99, "RMSprop smoothing constant", ge=0, lt=1)
     rms_eps: float = opt(1e-5, "RMSprop epsilon", gt=0)
@@ -115,8 +123,9 @@ PRESETS: dict[str, dict] = {
     ),
     # Every Atari game: RL-Zoo's a2c.yml "atari" entry, the rest SB3's A2C defaults (which are
     # shoal's: 5 steps, lr 7e-4, RMSprop alpha 0.99 eps 1e-5, lambda 1, grad norm 0.5). The
-    # zoo's RMSpropTFLike puts eps inside the square root; torch's RMSprop, here, outside.
-    "ALE/*": dict(num_envs=16, ent_coef=0.01, vf_coef=0.25, total_steps=10_000_000),
+    # zoo's RMSpropTFLike puts eps inside the square root; torch's RMSprop, here, outside. Its
+    # vf_coef 0.25 weighs SB3's whole squared error: 0.5 here, where the loss is half of it.
+    "ALE/*": dict(num_envs=16, ent_coef=0.01, vf_coef=0.5, total_steps=10_000_000),
 }
 PRESETS["*NoFrameskip-v4"] = PRESETS["ALE/*"]  # the v4 ids shoal preprocesses too
 A2C.presets = PRESETS

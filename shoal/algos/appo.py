@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from shoal.algos.base import Trajectories, TrajectoryAlgorithm, fused_ok
-from shoal.config import DecoupledConfig, activation_opt, opt, ortho_init_opt
+from shoal.config import DecoupledConfig, activation_opt, opt, ortho_init_opt, vf_coef_opt
 
 # Box actions (continuous control): longer trajectories, GAE-like horizon and more epochs.
 CONTINUOUS: dict[str, Any] = dict(num_envs=4, rollout_length=256, update_epochs=10, num_minibatches=32)
@@ -44,7 +44,7 @@ class APPOConfig(DecoupledConfig):
     norm_adv: bool = opt(True, "normalise advantages within each minibatch")
     clip_coef: float = opt(0.2, "surrogate clipping range", gt=0)
     ent_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
-    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    vf_coef: float = vf_coef_opt()
     max_grad_norm: float = opt(0.5, "gradient norm clip", gt=0)
     hidden: tuple[int, ...] = opt(
         (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from shoal.algos.base import Trajectories, TrajectoryAlgorithm, fused_ok
-from shoal.config import DecoupledConfig, activation_opt, opt, ortho_init_opt
+from shoal.config import DecoupledConfig, activation_opt, opt, ortho_init_opt, vf_coef_opt
 
 
 @dataclass
@@ -39,7 +39,7 @@ class IMPALAConfig(DecoupledConfig):
     num_minibatches: int = opt(1, "minibatches per epoch (the paper: 1)", ge=1)
     norm_adv: bool = opt(False, "normalise advantages within each minibatch (the paper: no)")
     ent_coef: float = opt(0.01, "entropy bonus coefficient", ge=0)
-    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    vf_coef: float = vf_coef_opt()
     max_grad_norm: float = opt(40.0, "gradient norm clip", gt=0)
     hidden: tuple[int, ...] = opt(
         (64, 64), "hidden layer sizes of actor and critic", item_ge=1, items="hidden layer sizes", frozen=True

@@ -28,6 +28,7 @@ from shoal.config import (
     opt,
     ortho_init_opt,
     rollout_memory,
+    vf_coef_opt,
 )
 
 # Defaults by action space (``PPOConfig.space_defaults``; an env's preset overrides them).
@@ -65,7 +66,7 @@ class PPOConfig(TrainConfig):
     anneal_clip: bool = opt(False, "decay the clipping range linearly to 0 over training")
     clip_vloss: bool = opt(True, "clip the value loss like the policy")
     ent_coef: float = opt(0.01, "entropy bonus coefficient", ge=0)
-    vf_coef: float = opt(0.5, "value loss coefficient", ge=0)
+    vf_coef: float = vf_coef_opt()
     max_grad_norm: float = opt(0.5, "gradient norm clip", gt=0)
     target_kl: float | None = opt(None, "stop the epochs early past this KL (None: never)", gt=0)
     hidden: tuple[int, ...] = opt(

@@ -34,6 +34,7 @@ import torch
 from shoal.agent import make_config
 from shoal.algos import PPO
 from shoal.bench import machine, plot_curves
+from shoal.config import sb3_vf_coef
 from shoal.training.trainer import EVAL_SEED_OFFSET, Trainer, evaluate
 
 THRESHOLD = 475.0
@@ -56,7 +57,7 @@ def sb3_ppo_kwargs(config: Any) -> dict[str, Any]:
         clip_range_vf=None,
         normalize_advantage=config.norm_adv,
         ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
+        vf_coef=sb3_vf_coef(config.vf_coef),  # the same weight on SB3's whole squared error
         max_grad_norm=config.max_grad_norm,
         target_kl=config.target_kl,
     )

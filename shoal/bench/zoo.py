@@ -113,7 +113,10 @@ def rl_zoo_to_shoal(zoo: dict[str, Any], fields: set[str]) -> tuple[dict[str, An
         "n_epochs": (dict(update_epochs=zoo["n_epochs"]), ""),
         "gae_lambda": (dict(gae_lambda=zoo["gae_lambda"]), ""),
         "max_grad_norm": (dict(max_grad_norm=zoo["max_grad_norm"]), ""),
-        "vf_coef": (dict(vf_coef=zoo["vf_coef"]), ""),
+        "vf_coef": (
+            dict(vf_coef=2 * zoo["vf_coef"]),
+            "x2: SB3's value loss is the squared error, shoal's half",
+        ),
         "log_std_init": (dict(log_std_init=zoo["log_std_init"]), ""),
         "activation_fn": (dict(activation=zoo["activation_fn"].lower()), ""),
         "ortho_init": (dict(ortho_init=zoo["ortho_init"]), ""),
