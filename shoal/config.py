@@ -94,6 +94,11 @@ def sb3_vf_coef(shoal: float) -> float:
     return shoal / 2
 
 
+def vf_coef_from_sb3(sb3: float) -> float:
+    """shoal's ``vf_coef`` for SB3's (RL-Zoo's): the inverse of :func:`sb3_vf_coef`."""
+    return sb3 * 2
+
+
 def ortho_init_opt() -> Any:
     """The ``ortho_init`` setting (SB3's name): RL-Zoo turns it off for some MuJoCo entries."""
     return opt(

@@ -41,7 +41,7 @@ from shoal.agent import make_config
 from shoal.algos import ALGORITHMS
 from shoal.bench import machine, plot_curves
 from shoal.bench.sb3 import _Clock, _greedy_sb3
-from shoal.config import MAX_EVAL_EPISODES
+from shoal.config import MAX_EVAL_EPISODES, vf_coef_from_sb3
 
 PPO_ENVS = ("HalfCheetah-v5", "Hopper-v5", "BipedalWalker-v3")
 
@@ -114,7 +114,7 @@ def rl_zoo_to_shoal(zoo: dict[str, Any], fields: set[str]) -> tuple[dict[str, An
         "gae_lambda": (dict(gae_lambda=zoo["gae_lambda"]), ""),
         "max_grad_norm": (dict(max_grad_norm=zoo["max_grad_norm"]), ""),
         "vf_coef": (
-            dict(vf_coef=2 * zoo["vf_coef"]),
+            dict(vf_coef=vf_coef_from_sb3(zoo["vf_coef"])),
             "x2: SB3's value loss is the squared error, shoal's half",
         ),
         "log_std_init": (dict(log_std_init=zoo["log_std_init"]), ""),

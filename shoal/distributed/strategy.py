@@ -134,9 +134,9 @@ class Strategy:
         alone (its error-feedback residuals); the rest is the same on every worker."""
         return {}, {}
 
-    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Restore :meth:`state` (before :meth:`start`); ``arrays`` may lack the ``own/`` ones (a
-        worker resuming from another's checkpoint starts without residuals)."""
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], *, mine: bool = True) -> None:
+        """Restore :meth:`state` (before :meth:`start`). ``mine``: saved by this worker; if not
+        (it resumes from another's checkpoint), the ``own/`` arrays are not restored."""
 
     def merge_statistics(self, normalizer: Normalizer) -> None:
         """After an update: fold the statistics gathered since the last merge into those used.
@@ -243,9 +243,9 @@ class CollectiveStrategy(Strategy):
                 arrays[f"own/residual/{i}"] = codec.residual.detach().cpu().numpy()
         return arrays, meta
 
-    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        super().load_state(arrays, meta)
-        count = len([k for k in arrays if k.startswith("own/residual/")])
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], *, mine: bool = True) -> None:
+        super().load_state(arrays, meta, mine=mine)
+        count = len([k for k in arrays if k.startswith("own/residual/")]) if mine else 0
         self.residuals = [torch.from_numpy(arrays[f"own/residual/{i}"].copy()) for i in range(count)]
         self.resumed = True
 
@@ -413,8 +413,8 @@ class ParamAvgStrategy(CollectiveStrategy):
             arrays.update({f"anchor/{i}": a.detach().cpu().numpy() for i, a in enumerate(self.anchors)})
         return arrays, {**meta, "calls": self.calls}
 
-    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        super().load_state(arrays, meta)
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], *, mine: bool = True) -> None:
+        super().load_state(arrays, meta, mine=mine)
         self.calls = int(meta.get("calls", 0))
         count = len([k for k in arrays if k.startswith("anchor/")])
         self.restored_anchors = [torch.from_numpy(arrays[f"anchor/{i}"].copy()) for i in range(count)]

@@ -136,7 +136,7 @@ def run_server(
             ckpt.load_module(f"model/{name}", module, arrays)
         if "normalizer" in meta:  # the statistics, with the chief's data not merged yet
             norm = algorithm.normalizer
-            norm.load({k[5:]: v for k, v in arrays.items() if k.startswith("norm/")}, meta["normalizer"])
+            norm.load(ckpt.under(arrays, "norm"), meta["normalizer"])
             norm.merge([norm.take_fresh()])
     # Every optimizer of the algorithm, in its order: a push names one by its index.
     # A3C bounds staleness; the general parameter server applies every gradient (Downpour).

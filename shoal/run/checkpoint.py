@@ -286,10 +286,7 @@ def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray
 
 
 def load_module(prefix: str, module: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
-    state = {
-        k[len(prefix) + 1 :]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(prefix + "/")
-    }
-    module.load_state_dict(state)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in under(tensors, prefix).items()})
 
 
 def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, np.ndarray], dict]:
@@ -309,10 +306,9 @@ def load_optimizer(
     prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, np.ndarray], meta: dict
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith(prefix + "/"):
-            idx, key = name[len(prefix) + 1 :].split("/", 1)
-            state.setdefault(int(idx), {})[key] = torch.from_numpy(value)
+    for name, value in under(tensors, prefix).items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = torch.from_numpy(value)
     for name, value in meta["scalars"].items():
         idx, key = name.split("/", 1)
         state.setdefault(int(idx), {})[key] = value

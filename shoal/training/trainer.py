@@ -245,10 +245,8 @@ class Trainer:
                 stats = ckpt.under(arrays, "norm")
                 self.algo.load_statistics(stats, meta["normalizer"])
             torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
-            strategy = ckpt.under(arrays, "strategy")
-            if own is None and not self.strategy.is_chief:  # another worker's residuals are not ours
-                strategy = {k: v for k, v in strategy.items() if not k.startswith("own/")}
-            self.strategy.load_state(strategy, meta.get("strategy", {}))
+            mine = own is not None or self.strategy.is_chief  # not another worker's residuals
+            self.strategy.load_state(ckpt.under(arrays, "strategy"), meta.get("strategy", {}), mine=mine)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             text = " ".join(f"{type(e).__name__}: {e}".split())
             raise ckpt.CheckpointError(
