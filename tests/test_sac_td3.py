@@ -142,6 +142,28 @@ def test_sac_steps_its_three_optimizers_and_tunes_alpha_toward_the_target_entrop
     assert fixed.temperature.log_alpha.exp().item() == pytest.approx(0.2)
 
 
+def test_a_sac_gradient_step_does_only_the_matrix_products_its_math_needs():
+    """SAC's speed on CPU is its matrix products (benchmarks/sac_speed.py --floor): a step
+    must not add any, e.g. critic weight gradients in the actor loss or a second forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    o, a, (h1, h2), batch = 3, 2, (24, 16), 32
+    config = SACConfig(hidden=(h1, h2), batch_size=batch, buffer_size=1024, learning_starts=0)
+    sac = SAC(config, OBS, ACT, CPU)
+    fill(sac)
+    with FlopCounterMode(display=False) as counter:
+        sac.update(None, 512)
+    actor = o * h1 + h1 * h2 + h2 * 2 * a  # multiply-adds per sample of one forward: mean and log-std
+    twin = 2 * ((o + a) * h1 + h1 * h2 + h2)  # both critics
+    needed = (
+        3 * actor  # pi(s) and pi(s') forward, the actor's weight gradients
+        + 5 * twin  # target and online forward, online weight gradients, forward and input gradients for pi
+        + 2 * (h1 * h2 + h2)  # critic loss: input gradients of layers 2-3 (not of (s, a))
+        + (h1 * h2 + h2 * 2 * a)  # actor loss: the actor's input gradients of layers 2-3 (not of s)
+    )
+    assert counter.get_total_flops() == 2 * batch * needed
+
+
 def test_sac_and_td3_learn_on_the_cores_of_their_worker_and_ppo_on_one(monkeypatch):
     """SB3's SAC takes every core; shoal's off-policy learners take this machine's cores, shared
     by its workers (PPO's 64x64 networks are fastest on one thread, its default stays 1)."""
