@@ -28,21 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from shoal.bench import gemm_rate
 from shoal.bench.zoo import OFF_POLICY, make_config, sb3_off_policy_sps, shoal_off_policy_sps
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-
-
-def gemm_rate(threads: int, n: int = 256, repeats: int = 2000) -> float:
-    """GFLOP/s of one n x n x n float32 matrix product, the size of SAC's hidden layers."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(50):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def update_floor(env_id: str, threads: int, updates: int = 200) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def test_rates_skip_the_first_update():
     marks = [(10.0, 100, 5.0), (12.0, 200, 1.0), (14.0, 300, 1.0)]
     rates = _rates(marks)
     assert rates["fps"] == pytest.approx(4 * 200 / 4.0) and rates["update_share"] == pytest.approx(0.5)
+    assert rates["update_seconds"] == pytest.approx(1.0)  # per timed update
     with pytest.raises(ValueError, match="at least 2 updates"):
         _rates(marks[:1])
 
@@ -68,7 +69,9 @@ def test_train_part_times_shoal_and_sb3(tmp_path):
         (run,) = cell["runs"]
         assert run["updates"] == 3 and run["timed_steps"] == 2 * 8 * 4
         assert cell["median_fps"] > 0 and 0 < cell["update_share"] < 1
-    assert "shoal / sb3, Pong-v5" in out.with_suffix(".md").read_text()
+    assert cells["shoal"]["update_gflop"] > 0 and cells["shoal"]["update_seconds"] > 0
+    text = out.with_suffix(".md").read_text()
+    assert "shoal / sb3, Pong-v5" in text and "these updates alone would cap shoal at" in text
 
 
 def test_the_curves_final_score_is_the_last_tenth_of_the_budget_not_a_bin_past_it():

@@ -25,6 +25,27 @@ def machine(*packages: str) -> dict[str, Any]:
     return out
 
 
+def gemm_rate(threads: int, n: int = 256, repeats: int = 2000) -> float:
+    """GFLOP/s of one n x n x n float32 matrix product on ``threads`` torch threads: what
+    this machine's cores give the dense layers that bound small-network training on CPU."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(50):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def plot_curves(
     panels: dict[str, dict[str, list[list[tuple[float, float]]]]], path: Path, ylabel: str = "greedy return"
 ) -> None:

@@ -55,7 +55,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from shoal.bench import machine, plot_curves, vector_envs
+from shoal.bench import gemm_rate, machine, plot_curves, vector_envs
 from shoal.bench.vector_envs import Stepper
 from shoal.envs.atari import FRAME_SKIP, AtariFactory, make_atari, register_ale
 
@@ -297,6 +297,7 @@ def _rates(marks: list[tuple[float, int, float]]) -> dict[str, Any]:
     return {
         "fps": FRAME_SKIP * (s1 - s0) / span,
         "update_share": sum(u for _, _, u in marks[1:]) / span,
+        "update_seconds": sum(u for _, _, u in marks[1:]) / (len(marks) - 1),  # per update
         "timed_seconds": span,
         "timed_steps": s1 - s0,
         "updates": len(marks),
@@ -313,6 +314,8 @@ def run_shoal_ppo(
     curve: bool = False,
 ) -> dict[str, Any]:
     """shoal's PPO for ``steps`` env steps; the rates of :func:`_rates` (and game scores)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from shoal.algos import PPO
     from shoal.training.trainer import Trainer
 
@@ -326,7 +329,15 @@ def run_shoal_ppo(
     marks: list[tuple[float, int, float]] = []
     update = trainer.algo.update
 
+    counted: dict[str, float] = {}
+
     def timed(*a: Any, **k: Any) -> Any:
+        if not marks:  # the first update is outside the timed span: count its FLOPs
+            with FlopCounterMode(display=False) as flops:
+                result = update(*a, **k)
+            counted["update_gflop"] = flops.get_total_flops() / 1e9
+            marks.append((time.perf_counter(), trainer.env_steps, 0.0))
+            return result
         begin = time.perf_counter()
         result = update(*a, **k)
         now = time.perf_counter()
@@ -337,6 +348,7 @@ def run_shoal_ppo(
     trainer.train()
     res = {
         **_rates(marks),
+        **counted,
         "run_seconds": time.perf_counter() - started,
         "vector_env": type(trainer.envs).__name__,
     }
@@ -439,11 +451,20 @@ def part_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             name: {
                 "median_fps": statistics.median(x["fps"] for x in res),
                 "update_share": statistics.median(x["update_share"] for x in res),
+                **(
+                    {
+                        "update_gflop": statistics.median(x["update_gflop"] for x in res),
+                        "update_seconds": statistics.median(x["update_seconds"] for x in res),
+                    }
+                    if all("update_gflop" in x for x in res)
+                    else {}
+                ),
                 "runs": res,
             }
             for name, res in runs.items()
         }
-    return {"results": results}
+    # what the updates' arithmetic could reach here: a plain matrix product's rate
+    return {"results": results, "gemm_gflops": gemm_rate(args.torch_threads), "threads": args.torch_threads}
 
 
 def train_lines(train: dict[str, Any]) -> list[str]:
@@ -474,7 +495,26 @@ def train_lines(train: dict[str, Any]) -> list[str]:
                     lines.append(f"- {what}: **{ours / theirs:.2f}x** (target >= {TRAIN_TARGET}x, {verdict})")
                 else:
                     lines.append(f"- {what} (two CNNs each): {ours / theirs:.2f}x")
+        lines += ceiling_lines(e, cell, train.get("gemm_gflops"), train.get("threads"))
     return lines
+
+
+def ceiling_lines(env_id: str, cell: dict[str, Any], gemm: float | None, threads: int | None) -> list[str]:
+    """How far shoal's own updates let it go: with collection free, frames/s / update share;
+    and the FLOP rate of those updates against a plain matrix product's on this machine."""
+    ours, theirs = cell.get("shoal"), cell.get("sb3")
+    if not ours or not theirs or "update_gflop" not in ours:
+        return []
+    name = env_id.split("/")[-1]
+    ceiling = ours["median_fps"] / ours["update_share"]
+    rate = ours["update_gflop"] / ours["update_seconds"]
+    plain = f", a plain 256x256x256 product {gemm:.0f} GFLOP/s on {threads} thread(s)" if gemm else ""
+    return [
+        f"- shoal's updates, {name}: {ours['update_gflop']:.0f} GFLOP each (counted) in"
+        f" {ours['update_seconds']:.2f} s, {rate:.0f} GFLOP/s{plain}; if collecting took no time,"
+        f" these updates alone would cap shoal at {ceiling:,.0f} frames/s,"
+        f" **{ceiling / theirs['median_fps']:.2f}x** SB3"
+    ]
 
 
 # -- curve -----------------------------------------------------------------------------------
