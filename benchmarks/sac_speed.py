@@ -49,10 +49,9 @@ def update_floor(env_id: str, threads: int, updates: int = 200) -> dict[str, Any
     env = gym.make(env_id)
     sac = ALGORITHMS["sac"](config, env.observation_space, env.action_space, torch.device("cpu"))
     rng, shape = np.random.default_rng(0), (1, *env.observation_space.shape)
-    filled = 10 * config.batch_size
+    filled, no = 10 * config.batch_size, np.zeros(1, dtype=bool)
     for step in range(1, filled + 1):
         sac.act(rng.standard_normal(shape).astype(np.float32))
-        no = np.zeros(1, dtype=bool)
         next_obs = rng.standard_normal(shape).astype(np.float32)
         sac.record(rng.standard_normal(1).astype(np.float32), no, no, next_obs, ~no, step)
     clock = [filled]

@@ -293,11 +293,11 @@ def _rates(marks: list[tuple[float, int, float]]) -> dict[str, Any]:
     if len(marks) < 2:
         raise ValueError("a run must make at least 2 updates to be timed; raise --train-steps")
     (t0, s0, _), (t1, s1, _) = marks[0], marks[-1]
-    span = t1 - t0
+    span, updating = t1 - t0, sum(u for _, _, u in marks[1:])
     return {
         "fps": FRAME_SKIP * (s1 - s0) / span,
-        "update_share": sum(u for _, _, u in marks[1:]) / span,
-        "update_seconds": sum(u for _, _, u in marks[1:]) / (len(marks) - 1),  # per update
+        "update_share": updating / span,
+        "update_seconds": updating / (len(marks) - 1),  # per timed update
         "timed_seconds": span,
         "timed_steps": s1 - s0,
         "updates": len(marks),
