@@ -79,3 +79,30 @@ def test_the_curves_final_score_is_the_last_tenth_of_the_budget_not_a_bin_past_i
 
     curve = [(200, 1.0), (900, 2.0), (950, 3.0), (1000, 4.0), (1050, 99.0)]  # 1050: past the budget
     assert late_score(curve, 1000) == 3.5 and late_score([], 1000) is None
+
+
+def test_curve_seeds_add_to_an_earlier_runs_seeds_and_the_table_shows_each_and_the_mean(
+    tmp_path, monkeypatch
+):
+    import shoal.bench.atari as atari
+
+    def fake(score: float):
+        return lambda *a, **k: {"fps": 100.0, "curve": [(900, score), (1000, score)]}
+
+    monkeypatch.setattr(atari, "run_shoal_ppo", fake(8.0))
+    monkeypatch.setattr(atari, "run_sb3_ppo", fake(6.0))
+    monkeypatch.setattr(atari, "machine", lambda *names: {})  # (importing SB3 and EnvPool for versions: slow)
+    monkeypatch.setattr(atari, "plot_curves", lambda *a, **k: None)
+    out = tmp_path / "atari.json"
+    before = {"env": "ALE/Breakout-v5", "frames": 4000}  # a report from before --curve-seeds: seed 1
+    before |= {"shoal": {"fps": 50.0, "curve": [(1000, 4.0)]}, "sb3": {"fps": 50.0, "curve": [(1000, 5.0)]}}
+    out.write_text(json.dumps({"curve": before}))
+    argv = ["--part", "curve", "--curve-frames", "4000", "--curve-seeds", "2", "--out", str(out)]
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["curve"]["runs"]
+    assert list(runs) == ["1", "2"] and runs["1"]["shoal"]["fps"] == 50.0 and runs["2"]["sb3"]["fps"] == 100.0
+    table = out.with_suffix(".md").read_text()
+    assert "seeds 1, 2" in table and "| 6.0 (4.0, 8.0) | 5.5 (5.0, 6.0) |" in table
+    # another env or budget starts over
+    assert main([*argv[:3], "8000", *argv[4:]]) == 0
+    assert list(json.loads(out.read_text())["curve"]["runs"]) == ["2"]

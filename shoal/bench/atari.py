@@ -520,16 +520,43 @@ def ceiling_lines(env_id: str, cell: dict[str, Any], gemm: float | None, threads
 # -- curve -----------------------------------------------------------------------------------
 
 
-def part_curve(args: argparse.Namespace, work: Path, png: Path) -> dict[str, Any]:
+def part_curve(
+    args: argparse.Namespace, work: Path, png: Path, before: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Each of ``--curve-seeds``, shoal then SB3; the seeds an earlier run measured on the same
+    env and budget are kept (one run per seed and side), so seeds can be added one at a time."""
     env_id, steps = args.curve_env, args.curve_frames // FRAME_SKIP
-    s = run_shoal_ppo(env_id, 1, steps, work / "curve-shoal", args.torch_threads, args.num_steps, curve=True)
-    print(f"  curve shoal: {s['fps']:,.0f} frames/s", flush=True)
-    b = run_sb3_ppo(env_id, 1, steps, args.torch_threads, True, args.sb3_vec, args.num_steps, curve=True)
-    print(f"  curve sb3: {b['fps']:,.0f} frames/s", flush=True)
-    res = {"env": env_id, "frames": args.curve_frames, "shoal": s, "sb3": b}
+    runs = (
+        dict(curve_runs(before))
+        if before and (before["env"], before["frames"]) == (env_id, args.curve_frames)
+        else {}
+    )
+    for seed in args.curve_seeds:
+        s = run_shoal_ppo(
+            env_id, seed, steps, work / "curve-shoal", args.torch_threads, args.num_steps, curve=True
+        )
+        print(f"  curve seed {seed} shoal: {s['fps']:,.0f} frames/s", flush=True)
+        b = run_sb3_ppo(
+            env_id, seed, steps, args.torch_threads, True, args.sb3_vec, args.num_steps, curve=True
+        )
+        print(f"  curve seed {seed} sb3: {b['fps']:,.0f} frames/s", flush=True)
+        runs[str(seed)] = {"shoal": s, "sb3": b, "date": dt.datetime.now(dt.timezone.utc).date().isoformat()}
+    res = {
+        "env": env_id,
+        "frames": args.curve_frames,
+        "runs": dict(sorted(runs.items(), key=lambda kv: int(kv[0]))),
+    }
     title = f"PPO on {env_id}, {args.curve_frames:,} frames"
-    plot_curves({title: {"shoal": [s["curve"]], "sb3": [b["curve"]]}}, png, "game score (mean per log row)")
+    sides = {side: [r[side]["curve"] for r in res["runs"].values()] for side in ("shoal", "sb3")}
+    plot_curves({title: sides}, png, "game score (mean per log row)")
     return res
+
+
+def curve_runs(curve: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The curve part's runs by seed (a report from before ``--curve-seeds`` held seed 1 alone)."""
+    if "runs" in curve:
+        return curve["runs"]
+    return {"1": {"shoal": curve["shoal"], "sb3": curve["sb3"]}}
 
 
 def late_score(curve: list, steps: int) -> float | None:
@@ -542,16 +569,22 @@ def late_score(curve: list, steps: int) -> float | None:
 
 def curve_lines(curve: dict[str, Any]) -> list[str]:
     steps = curve["frames"] // FRAME_SKIP
+    runs = curve_runs(curve)
+    late = {side: [late_score(r[side]["curve"], steps) for r in runs.values()] for side in ("shoal", "sb3")}
 
-    def late(side: str) -> str:
-        score = late_score(curve[side]["curve"], steps)
-        return "n/a" if score is None else f"{score:.1f}"
+    def cell(scores: list[float | None]) -> str:
+        known = [x for x in scores if x is not None]
+        if not known:
+            return "n/a"
+        each = ", ".join("n/a" if x is None else f"{x:.1f}" for x in scores)
+        return f"{np.mean(known):.1f}" + (f" ({each})" if len(scores) > 1 else "")
 
+    fps = {side: ", ".join(f"{r[side]['fps']:,.0f}" for r in runs.values()) for side in ("shoal", "sb3")}
     return [
-        f"| PPO on {curve['env']}, {curve['frames']:,} frames, 1 seed | shoal | SB3 |",
+        f"| PPO on {curve['env']}, {curve['frames']:,} frames, seeds {', '.join(runs)} | shoal | SB3 |",
         "|---|---|---|",
-        f"| mean game score over the last 10% of frames | {late('shoal')} | {late('sb3')} |",
-        f"| training frames/s | {curve['shoal']['fps']:,.0f} | {curve['sb3']['fps']:,.0f} |",
+        f"| mean game score over the last 10% of frames | {cell(late['shoal'])} | {cell(late['sb3'])} |",
+        f"| training frames/s | {fps['shoal']} | {fps['sb3']} |",
     ]
 
 
@@ -585,6 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--curve-env", default="ALE/Breakout-v5")
     parser.add_argument("--curve-frames", type=int, default=1_000_000, help="curve: frames per library")
+    parser.add_argument(
+        "--curve-seeds",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="curve: seeds to run (seeds an earlier run of the same env and budget measured are kept)",
+    )
     parser.add_argument("--out", default="benchmarks/results/atari.json", help="JSON output (and .md, .png)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -608,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         report["train"] = part_train(args, work)
     if "curve" in args.part:
         print("curve ...", flush=True)
-        report["curve"] = part_curve(args, work, out.with_name(out.stem + "_curve.png"))
+        report["curve"] = part_curve(args, work, out.with_name(out.stem + "_curve.png"), report.get("curve"))
     if "envs" in report:
         lines += [envs_table(report["envs"]["results"]), ""]
         lines += [f"- {r['what']}: {r['ratio']:.2f}x" for r in report["envs"]["ratios"]] + [""]
