@@ -394,6 +394,8 @@ def tables(report: dict[str, Any]) -> str:
         out.append("")
     if "decoupled" in report:
         out += decoupled.table(report["decoupled"])
+    if "decoupled-solve" in report:
+        out += decoupled.solve_table(report["decoupled-solve"])
     return "\n".join(out)
 
 
@@ -425,6 +427,7 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if "decoupled" in report:
         found += decoupled.claims(report["decoupled"])
+    found += decoupled.solve_claims(report.get("decoupled-solve", {}))
     for r in report.get("solve", {}).get("runs", []):
         if r["compress"] == "topk":
             found.append(
@@ -522,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         "--part",
         nargs="+",
         default=["throughput", "bytes", "solve", "decoupled"],
-        choices=["throughput", "bytes", "solve", "decoupled"],
+        choices=["throughput", "bytes", "solve", "decoupled", "decoupled-solve"],
+        help="decoupled-solve: the CartPole time-to-475 runs of decoupled alone",
     )
     parser.add_argument(
         "--algo", default="ppo", choices=list(ALGORITHMS), help="throughput, bytes: algorithm"
@@ -583,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         help="decoupled: seeds of the CartPole time-to-475 runs (none: skip them)",
     )
     parser.add_argument("--solve-every", type=int, default=5_000, help="decoupled: env steps between evals")
+    parser.add_argument(
+        "--solve-repeats", type=int, default=1, help="decoupled: runs of every time-to-475 seed, each side"
+    )
     parser.add_argument("--solve-budget", type=int, default=100_000, help="decoupled: most env steps per run")
     parser.add_argument(
         "--shared-ray",
@@ -625,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": part_bytes,
         "solve": part_solve,
         "decoupled": decoupled.part_decoupled,
+        "decoupled-solve": decoupled.part_solve_time,
     }
     with tempfile.TemporaryDirectory(prefix="shoal-bench-scaling-") as tmp:
         for part in args.part:
