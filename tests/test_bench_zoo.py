@@ -121,3 +121,12 @@ def test_kept_best_scores_the_best_curve_policy_on_the_final_episodes(monkeypatc
     )
     shoal_side = zoo.run_shoal("ppo", config)
     assert len(shoal_side["curve"]) == 4 and isinstance(shoal_side["kept_best"], float)
+
+
+def test_a_run_of_one_side_alone_prints_its_table_without_a_comparison():
+    """``--sides sb3`` into a fresh JSON: one side, nothing to compare it with (it crashed)."""
+    part = {"algo": "PPO", "rows": {"RL-Zoo, HalfCheetah-v5": _row(300, sb3=[(1, 3522.8), (2, 4152.2)])}}
+    text = table("ppo", part)
+    assert (
+        "| budget | sb3 |\n|---|---|---|\n| RL-Zoo, HalfCheetah-v5 | 300 | 3837.5 +- 314.7 (2) |" in text
+    ), text
