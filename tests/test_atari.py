@@ -252,14 +252,14 @@ def test_dqn_on_frames_resumes_exactly_from_a_compact_replay(tmp_path):
 
     small = dict(
         num_envs=2,
-        total_steps=600,
-        checkpoint_every=200,
+        total_steps=400,
+        checkpoint_every=130,
         learning_starts=100,
         train_freq=20,
         gradient_steps=2,
         batch_size=8,
         n_step=3,
-        buffer_size=250,  # 600 steps of 2 envs: the ring wraps
+        buffer_size=150,  # 400 steps of 2 envs: the ring wraps before the checkpoint resumed from
         target_update_interval=50,
         eval_episodes=1,
         vectorization="sync",
@@ -271,7 +271,7 @@ def test_dqn_on_frames_resumes_exactly_from_a_compact_replay(tmp_path):
 
     whole = run("whole")
     whole.train()
-    assert isinstance(whole.algo.replay, FrameReplayBuffer) and whole.algo.replay.size == 250
+    assert isinstance(whole.algo.replay, FrameReplayBuffer) and whole.algo.replay.size == 150
     first = run("split")
     first.train(stop_after_checkpoints=2)
     assert first.env_steps < small["total_steps"]
@@ -280,7 +280,7 @@ def test_dqn_on_frames_resumes_exactly_from_a_compact_replay(tmp_path):
     saved = {k.rsplit("/", 1)[1]: v for k, v in load_file(heavy).items() if "/replay/" in k}
     assert sorted(saved) == ["actions", "discounts", "frames", "next_frames", "obs_frames", "returns"]
     size, frames = len(saved["actions"]), saved["frames"]
-    assert size == 250 and frames.shape[1:] == (84, 84) and frames.dtype == np.uint8
+    assert size == 150 and frames.shape[1:] == (84, 84) and frames.dtype == np.uint8
     assert len(frames) < 1.1 * size + 2 * 4 * 4  # about one a transition, not 8
     resumed = run("split")
     resumed.train(resume=checkpoint)
