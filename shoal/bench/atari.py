@@ -35,9 +35,9 @@ FIRE on reset, reward sign) on the v5 emulator (sticky actions 0.25). Parts (``-
     auto); SB3's wrappers are its own (same steps, its ``WarpFrame`` resize is OpenCV's
     INTER_AREA as gymnasium's).
 
-- ``curve``: a Breakout learning curve, shoal against SB3, one seed each, same settings as
-  ``train``, ``--curve-frames`` frames; game scores (raw, whole games) against env steps
-  (x4 for frames); a PNG.
+- ``curve``: a Breakout learning curve, shoal against SB3, ``--curve-seeds`` (seed 1 by
+  default; an earlier run's seeds stay), same settings as ``train``, ``--curve-frames``
+  frames; game scores (raw, whole games) against env steps (x4 for frames); a PNG.
 """
 
 from __future__ import annotations
