@@ -225,10 +225,13 @@ def part_solve_time(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     mine, theirs = out["median_seconds"]["appo"], out["median_seconds"]["sb3 ppo rl-zoo"]
     if mine is not None and theirs and not math.isinf(theirs):  # (inf: appo never solved: inf)
         out["ratio"] = mine / theirs
-        by_repeat = [
-            [[r for r in rs if r["repeat"] == k] for rs in runs.values()] for k in range(args.solve_repeats)
+
+        def median_of(side: str, k: int) -> float | None:
+            return _median_time([r for r in runs[side] if r["repeat"] == k])
+
+        out["repeat_ratios"] = [
+            median_of("appo", k) / median_of("sb3 ppo rl-zoo", k) for k in range(args.solve_repeats)
         ]
-        out["repeat_ratios"] = [_median_time(a) / _median_time(b) for a, b in by_repeat]
     return out
 
 

@@ -582,21 +582,18 @@ def table(name: str, part: dict[str, Any]) -> str:
         # every side any row has (a run of --sides sb3 alone has one: nothing to compare)
         sides = list(dict.fromkeys(side for res in rows.values() for side in res["sides"]))
         compare = len(sides) > 1
-        header = f"| {part['algo']}: final greedy return, mean +- std over seeds | budget | "
-        lines += [header + " | ".join(sides) + (f" | {sides[0]} >= {sides[1]} |" if compare else " |")]
-        lines += ["|---" * (len(sides) + 2 + compare) + "|"]
+        head = [f"{part['algo']}: final greedy return, mean +- std over seeds", "budget", *sides]
+        head += [f"{sides[0]} >= {sides[1]}"] if compare else []
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for row, res in rows.items():
-            cells, means = [], []
+            cells, means = [row, f"{res['budget']:,}"], []
             for side in sides:
                 mean, std, n = _stats(res["sides"].get(side, []))
                 means.append(mean)
                 cells.append(f"{mean:.1f} +- {std:.1f} ({n})")
-            ok = (
-                ("yes" if means[0] >= means[1] else "no" if means[0] < means[1] else "n/a") if compare else ""
-            )
-            lines.append(
-                f"| {row} | {res['budget']:,} | " + " | ".join(cells) + (f" | {ok} |" if compare else " |")
-            )
+            if compare:
+                cells.append("yes" if means[0] >= means[1] else "no" if means[0] < means[1] else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
             if res.get("not_mapped"):
                 why = "; ".join(f"{k} {v}" for k, v in res["not_mapped"].items())
                 notes.append(f"Not mapped onto shoal ({row}): {why}")
