@@ -42,3 +42,32 @@ def test_time_to_solve_repeats_every_seed_and_claims_the_ratio_of_the_medians_ov
 def test_a_run_that_never_solves_counts_as_never():
     runs = [{"solved_at": (5_000, 1.0)}, {"solved_at": None}, {"solved_at": None}]
     assert decoupled._median_time(runs) == float("inf") and decoupled._median_time([]) is None
+
+
+def test_the_decoupled_part_bounds_the_sb3_target_by_twice_what_one_core_steps(monkeypatch, tmp_path):
+    """The envs alone on one core step 1,500/s and SB3 trains at 1,000/s: no training on two
+    cores exceeds 3,000/s, so 3x SB3 is out of reach whatever appo does (printed as such)."""
+    import shoal.bench.scaling as scaling
+
+    raw = {"shoal-process": 2_900.0, "gym-sync": 1_500.0}
+    monkeypatch.setattr(decoupled, "run_raw", lambda *a, impl="shoal-process": {"sps": raw[impl]})
+    monkeypatch.setattr(decoupled, "run_decoupled", lambda *a: {"sps": 2_500.0})
+    monkeypatch.setattr(scaling, "run_one", lambda *a, **k: {"sps": 1_200.0})
+    monkeypatch.setattr(decoupled, "run_sb3_ppo", lambda *a: {"sps": 1_000.0})
+    monkeypatch.setattr(decoupled, "_have_sb3", lambda: True)
+    args = argparse.Namespace(
+        decoupled_env="shoal/HeavyCartPole-v1",
+        actor_envs=8,
+        actor_steps=1_000,
+        sb3_steps=1_000,
+        decoupled_repeats=2,
+        solve_seeds_decoupled=[],
+    )
+    part = decoupled.part_decoupled(args, tmp_path)
+
+    assert part["rows"]["one core"]["sps"] == 1_500.0
+    assert part["ceiling_over"]["sb3 ppo"] == {"ratio": 3.0, "paired": [3.0, 3.0]}
+    assert part["appo_x2_over"]["sb3 ppo"]["ratio"] == 2.5
+    table = "\n".join(decoupled.table(part))
+    assert "| one core | 1,500 |" in table
+    assert "Ceiling over sb3 ppo: 2 x one core / sb3 ppo = 3.00x (3.00, 3.00 paired)" in table

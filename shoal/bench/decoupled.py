@@ -5,7 +5,11 @@ work), side by side in one run, rotated every repeat so that a burst of machine 
 all alike:
 
 - ``raw``: what ``ProcessVectorEnv`` steps with random actions, for the envs of all actors
-  (``actors x num_envs`` envs on ``actors`` env workers): the ceiling of any training loop;
+  (``actors x num_envs`` envs on ``actors`` env workers);
+- ``one core``: what gymnasium's ``SyncVectorEnv`` steps with random actions, the same envs
+  in one process. Twice that is what two cores could step if they did nothing else, so
+  ``2 x one core / sb3 ppo`` bounds what any training on 2 cores can reach over SB3
+  (printed as the ceiling of the ``sb3 ppo`` target);
 - ``appo`` and ``impala`` with 1 and 2 actors (``num_envs`` envs each, their defaults
   otherwise): training env steps/s received by the learner, what the actors produced, the
   share of time the learner spent learning, the policy lag and drops;
@@ -115,11 +119,11 @@ def run_sb3_ppo(env: str, num_envs: int, steps: int) -> dict:
     return {"sps": model.num_timesteps / seconds, "run_seconds": seconds, "num_steps": config.num_steps}
 
 
-def run_raw(env: str, num_envs: int, workers: int) -> dict:
+def run_raw(env: str, num_envs: int, workers: int, impl: str = "shoal-process") -> dict:
     from shoal.bench.vector_envs import measure_cell
 
-    cell = measure_cell(env, num_envs, ["shoal-process"], repeats=3, seconds=2.0, workers=workers)
-    return {"sps": cell["shoal-process"]["median"], "runs": cell["shoal-process"]["runs"]}
+    cell = measure_cell(env, num_envs, [impl], repeats=3, seconds=2.0, workers=workers)
+    return {"sps": cell[impl]["median"], "runs": cell[impl]["runs"]}
 
 
 def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -129,6 +133,7 @@ def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     env, n, steps = args.decoupled_env, args.actor_envs, args.actor_steps
     cells: dict[str, Any] = {
         "raw": lambda: run_raw(env, 2 * n, 2),
+        "one core": lambda: run_raw(env, 2 * n, 1, impl="gym-sync"),
         "appo x1": lambda: run_decoupled(work, "appo", env, 1, steps, n),
         "appo x2": lambda: run_decoupled(work, "appo", env, 2, steps, n),
         "impala x1": lambda: run_decoupled(work, "impala", env, 1, steps, n),
@@ -166,8 +171,13 @@ def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "paired": paired,
                 "target": TARGETS[other],
             }
+    ceiling = {}
+    if "one core" in runs and "sb3 ppo" in runs:  # no training on 2 cores steps more than 2 x one core
+        paired = [2 * a["sps"] / b["sps"] for a, b in zip(runs["one core"], runs["sb3 ppo"])]
+        ceiling["sb3 ppo"] = {"ratio": 2 * rows["one core"]["sps"] / rows["sb3 ppo"]["sps"], "paired": paired}
     solve = part_solve_time(args, work) if args.solve_seeds_decoupled else {}
     return {
+        "ceiling_over": ceiling,
         "solve": solve,
         "env": env,
         "actor_envs": n,
@@ -275,6 +285,13 @@ def table(part: dict[str, Any]) -> list[str]:
             + (f"{100 * row['queue_fill']:.0f}%" if "queue_fill" in row else "-")
             + f" | {lag} | {row.get('dropped', '-')} |"
         )
+    for other, c in part.get("ceiling_over", {}).items():
+        out += [
+            "",
+            f"Ceiling over {other}: 2 x one core / {other} = {c['ratio']:.2f}x"
+            f" ({', '.join(f'{p:.2f}' for p in c['paired'])} paired): the most any training on"
+            " 2 cores reaches over it, with no cost for acting or learning",
+        ]
     out.append("")
     if part.get("solve"):
         out += solve_table(part["solve"])
