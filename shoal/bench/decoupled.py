@@ -7,9 +7,10 @@ all alike:
 - ``raw``: what ``ProcessVectorEnv`` steps with random actions, for the envs of all actors
   (``actors x num_envs`` envs on ``actors`` env workers);
 - ``one core``: what gymnasium's ``SyncVectorEnv`` steps with random actions, the same envs
-  in one process. Twice that is what two cores could step if they did nothing else, so
-  ``2 x one core / sb3 ppo`` bounds what any training on 2 cores can reach over SB3
-  (printed as the ceiling of the ``sb3 ppo`` target);
+  in one process, measured right after each SB3 run (this machine's speed drifts by 1.5x
+  over minutes, so only the minutes next to SB3's can bound it). Twice that is what two
+  cores could step if they did nothing else, so ``2 x one core / sb3 ppo`` bounds what any
+  training on 2 cores can reach over SB3 (printed as the ceiling of the ``sb3 ppo`` target);
 - ``appo`` and ``impala`` with 1 and 2 actors (``num_envs`` envs each, their defaults
   otherwise): training env steps/s received by the learner, what the actors produced, the
   share of time the learner spent learning, the policy lag and drops;
@@ -119,6 +120,13 @@ def run_sb3_ppo(env: str, num_envs: int, steps: int) -> dict:
     return {"sps": model.num_timesteps / seconds, "run_seconds": seconds, "num_steps": config.num_steps}
 
 
+def run_sb3_then_one_core(env: str, num_envs: int, steps: int) -> dict:
+    """SB3's row, and the one-core row right after it, in the same minutes of machine speed."""
+    res = run_sb3_ppo(env, num_envs, steps)
+    res["one_core"] = run_raw(env, num_envs, 1, impl="gym-sync")["sps"]
+    return res
+
+
 def run_raw(env: str, num_envs: int, workers: int, impl: str = "shoal-process") -> dict:
     from shoal.bench.vector_envs import measure_cell
 
@@ -133,13 +141,12 @@ def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     env, n, steps = args.decoupled_env, args.actor_envs, args.actor_steps
     cells: dict[str, Any] = {
         "raw": lambda: run_raw(env, 2 * n, 2),
-        "one core": lambda: run_raw(env, 2 * n, 1, impl="gym-sync"),
         "appo x1": lambda: run_decoupled(work, "appo", env, 1, steps, n),
         "appo x2": lambda: run_decoupled(work, "appo", env, 2, steps, n),
         "impala x1": lambda: run_decoupled(work, "impala", env, 1, steps, n),
         "impala x2": lambda: run_decoupled(work, "impala", env, 2, steps, n),
         "ppo sync x2": lambda: run_one(work, "ppo", env, "mp", "sync", 2, steps, num_envs=n),
-        "sb3 ppo": lambda: run_sb3_ppo(env, 2 * n, args.sb3_steps),
+        "sb3 ppo": lambda: run_sb3_then_one_core(env, 2 * n, args.sb3_steps),
     }
     names = [c for c in cells if not (c == "sb3 ppo" and not _have_sb3())]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in names}
@@ -150,6 +157,13 @@ def part_decoupled(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             res.pop("config", None)
             runs[name].append(res)
             print(f"  {env} {name} (repeat {r}): {res['sps']:,.0f} env steps/s", flush=True)
+            if "one_core" in res:
+                print(f"  {env} one core (repeat {r}): {res['one_core']:,.0f} env steps/s", flush=True)
+    if "sb3 ppo" in runs:  # the one-core row, after raw
+        one_core = [{"sps": r.pop("one_core")} for r in runs["sb3 ppo"]]
+        order = list(runs)
+        order.insert(order.index("raw") + 1, "one core")
+        runs = {name: one_core if name == "one core" else runs[name] for name in order}
     rows = {}
     for name, rs in runs.items():
         row: dict[str, Any] = {"sps": statistics.median(x["sps"] for x in rs), "runs": rs}
