@@ -498,6 +498,15 @@ class DecoupledConfig(TrainConfig):
         ge=1,
         le=64,
     )
+    actor_nice: int = opt(
+        10,
+        "backend mp: niceness added to each actor process, so that the learner, which every actor"
+        " waits on, is not preempted by them (0: none)",
+        group=DISTRIBUTION,
+        ge=0,
+        le=19,
+        only_with=(lambda c: c.backend == "mp", "--backend mp"),
+    )
     ray_cpus_per_worker: float = opt(
         1.0,
         "backend ray: CPUs each actor reserves",

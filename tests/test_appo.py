@@ -107,6 +107,25 @@ def test_a_last_batch_bigger_than_the_slots_ends_past_total_steps_and_its_checkp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nice", [10, 0])
+def test_actors_run_below_the_learner(tmp_path, nice):
+    """--actor-nice (10 by default): the actor processes run at that much lower priority, so
+    the learner every actor waits on is not preempted by them. On 2 cores it made APPO's
+    updates on CartPole ~20% faster, and APPO x2 on HeavyCartPole 10-19% faster."""
+    from shoal.agent import make_config
+    from shoal.algos import APPO
+    from shoal.training.decoupled import DecoupledTrainer
+
+    settings = dict(SMALL, total_steps=1024, actor_nice=nice, run_dir=str(tmp_path / "appo"))
+    trainer = DecoupledTrainer(APPO, make_config("appo", "CartPole-v1", settings), progress=False)
+    seen = []
+    trainer.train(
+        on_update=lambda t: seen.extend(os.getpriority(os.PRIO_PROCESS, p.pid) for p in t.actors.procs)
+    )
+    assert seen and set(seen) == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)}
+
+
+@pytest.mark.slow
 def test_impala_continuous_actions_drops_stale_trajectories(tmp_path):
     """Box actions, normalised observations and rewards, and --max-policy-lag 0: every
     trajectory acted by an older policy than the learner's is dropped, and counted."""

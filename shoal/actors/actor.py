@@ -123,6 +123,8 @@ def actor_main(job: ActorJob, conn: Connection) -> None:
 
         ctypes.CDLL(None).prctl(15, f"shoal-actor-{job.actor}".encode()[:15], 0, 0, 0)  # PR_SET_NAME
     threading.Thread(target=_orphan_watch, args=(job.parent_pid,), daemon=True).start()
+    with contextlib.suppress(OSError):  # below the learner: it is the one everybody waits on
+        os.nice(job.config.actor_nice)
     code = 1
     try:
         run_actor(job, conn)
