@@ -296,7 +296,11 @@ def test_worker_killed_on_the_send_recv_path_is_restarted(when):
 
 
 def test_idle_envs_of_a_worker_restarted_during_recv_come_back_at_their_next_send():
-    env = ProcessVectorEnv(fns(4), num_workers=2, on_failure="restart", batch_size=2)
+    # Worker 0's envs take 30 s a step, so the kill lands inside env 0's step: with instant
+    # steps, env 0's result was sometimes back before the kill, and no restart was seen yet.
+    env = ProcessVectorEnv(
+        fns(2, step_sleep=30.0) + fns(2), num_workers=2, on_failure="restart", batch_size=2
+    )
     try:
         env.async_reset(seed=0)
         env.recv(batch_size=4)
